@@ -1,0 +1,84 @@
+"""Shared pieces of the benchmarks: real passages, timing statistics, the machine, and the results table."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from bge.console import console
+
+SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact"
+
+
+def scifact_passages(n: int, words: tuple[int, int] = (150, 250), path: Path = SCIFACT) -> list[str]:
+    """The first n SciFact documents (title + ' ' + text) whose length falls in the word range."""
+    out = []
+    with open(path / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            text = (d.get("title", "") + " " + d["text"]).strip()
+            if words[0] <= len(text.split()) <= words[1]:
+                out.append(text)
+                if len(out) == n:
+                    return out
+    raise SystemExit(f"only {len(out)} SciFact passages of {words} words in {path}")
+
+
+def machine() -> str:
+    """CPU model (or GPU name), core count and torch version, for the table's caption."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} · torch {torch.__version__}"
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} · {os.cpu_count()} cores · {torch.get_num_threads()} threads · torch {torch.__version__}"
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of `repeats` calls of fn after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def rate(work: float, times: list[float]) -> dict:
+    """work/s as median, min and max over the timed runs."""
+    rates = sorted(work / t for t in times)
+    return {"median": statistics.median(rates), "min": rates[0], "max": rates[-1], "runs": len(rates)}
+
+
+def fmt(r: dict) -> str:
+    return f"{r['median']:.1f} ({r['min']:.1f}–{r['max']:.1f})"
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title, caption=machine())
+    for c in columns:
+        table.add_column(c, justify="right" if c != columns[0] else "left")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+        console.print(f"wrote {path}")

@@ -1,0 +1,98 @@
+"""The inference API: `bge.load(name)` returns an Embedder whose `encode(texts)` gives (n, d) embeddings."""
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bge.console import progress
+from bge.hub import resolve_model
+from bge.model import Encoder
+from bge.tokenizer import Tokenizer
+from bge import weights
+
+SHOW_PROGRESS_FROM = 1000  # inputs; shorter jobs finish before a bar is worth drawing
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, cpu_bf16: bool = False):
+    """bf16 autocast on CUDA where supported (fp16 otherwise); on CPU only when asked, since fp32 is the reference."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if cpu_bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Embedder:
+    """A model and its tokenizer, on one device."""
+
+    def __init__(self, model: Encoder, tokenizer: Tokenizer, name: str = "", device: str | torch.device | None = None):
+        self.device = torch.device(device) if device else default_device()
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.name = name
+
+    @classmethod
+    def load(cls, name: str = "auto", *, device: str | torch.device | None = None, max_length: int | None = None,
+             query_prompt: str | None = None, cache_dir: str | Path = "checkpoints/hub") -> "Embedder":
+        """A local folder, `all-MiniLM-L6-v2` (bundled), a hub id (`BAAI/bge-small-en-v1.5`), or `auto`."""
+        folder = resolve_model(name, cache_dir=cache_dir)
+        label = name if name != "auto" else str(folder)
+        model, tokenizer = weights.load_model(folder, name=label, max_length=max_length, query_prompt=query_prompt)
+        return cls(model, tokenizer, name=label, device=device)
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    def save(self, folder: str | Path) -> Path:
+        """Export a folder that transformers and sentence-transformers load unchanged."""
+        return weights.save(self.model, self.tokenizer, folder)
+
+    def fingerprint(self) -> str:
+        """A hash of the weights, configuration and tokenizer: two Embedders with the same one embed identically."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps(self.model.cfg.to_dict(), sort_keys=True).encode())
+        h.update(self.tokenizer.tk.to_str().encode())
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], *, batch_size: int = 64, max_length: int | None = None, is_query: bool = False,
+               prompt: str | None = None, as_numpy: bool = True, show_progress: bool | None = None,
+               cpu_bf16: bool = False, description: str = "encoding") -> np.ndarray | torch.Tensor:
+        """(n, d) float32 embeddings, in input order. Batches are built from length-sorted texts so each
+        pads little; queries get the instruction prefix (the tokenizer's, or `prompt`)."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts; wrap a single string in a list")
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # longest first: a too-big batch fails at once
+        out = torch.empty(len(texts), self.dim, dtype=torch.float32)
+        was_training = self.model.training
+        self.model.eval()
+        show = len(texts) >= SHOW_PROGRESS_FROM if show_progress is None else show_progress
+        with progress(transient=True, disable=not show) as bar, autocast(self.device, cpu_bf16):
+            task = bar.add_task(description, total=len(texts))
+            for start in range(0, len(texts), batch_size):
+                idx = order[start : start + batch_size]
+                ids, mask = self.tokenizer([texts[i] for i in idx], max_length=max_length, is_query=is_query, prompt=prompt)
+                emb = self.model.embed(ids.to(self.device), mask.to(self.device))
+                out[idx] = emb.float().cpu()
+                bar.advance(task, len(idx))
+        self.model.train(was_training)
+        return out.numpy() if as_numpy else out
+
+
+def load(name: str = "auto", **kw) -> Embedder:
+    """Shorthand for Embedder.load."""
+    return Embedder.load(name, **kw)

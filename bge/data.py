@@ -243,12 +243,16 @@ def load_beir(folder: str | Path, split: str = "test", use_title: bool = True) -
         _id, text, title = _beir_id(f), f.text("text"), obj.get("title") or ""
         if f.ok:
             corpus[_id] = (title + " " + text).strip() if use_title else text
+    if not corpus and not problems:  # before the qrels, whose every line would otherwise name a missing document
+        raise UserError(f"{folder / 'corpus.jsonl'}: the corpus is empty")
     queries = {}
     for n, obj in read_json_objects(folder / "queries.jsonl", problems):
         f = _Fields(obj, f"{folder / 'queries.jsonl'}:{n}", problems)
         _id, text = _beir_id(f), f.text("text")
         if f.ok:
             queries[_id] = text
+    if problems:  # a bad corpus or query line would make every qrels line naming it look bad too
+        raise DataError(folder, problems)
     qrels: dict[str, dict[str, int]] = {}
     path = folder / "qrels" / f"{split}.tsv"
     for n, text in read_lines(path):
@@ -270,8 +274,6 @@ def load_beir(folder: str | Path, split: str = "test", use_title: bool = True) -
             qrels.setdefault(q, {})[d] = int(score)
     if problems:
         raise DataError(folder, problems)
-    if not corpus:
-        raise UserError(f"{folder / 'corpus.jsonl'}: the corpus is empty")
     if not qrels:
         raise UserError(f"{path}: no relevance judgements")
     return RetrievalData({q: queries[q] for q in qrels}, corpus, qrels, name=f"{folder.name}/{split}")
@@ -291,6 +293,12 @@ class STSData:
     sentence2: list[str]
     scores: list[float]
     name: str = ""
+
+    def fingerprint(self) -> str:
+        """A hash of the content (pairs and scores), for results files."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps([self.sentence1, self.sentence2, self.scores], ensure_ascii=False).encode())
+        return h.hexdigest()
 
 
 def load_sts(path: str | Path) -> STSData:

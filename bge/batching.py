@@ -1,0 +1,169 @@
+"""From examples to training batches: the held-out split, the deterministic sampler and batch assembly.
+
+Everything random here is a pure function of (seed, epoch, example index), so a run resumed at micro-step m
+sees exactly the batches an uninterrupted run would: the sampler's whole state is one integer.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from bge.data import Example
+
+
+def normalise(text: str) -> str:
+    """Text as compared for identity: case-folded, whitespace collapsed."""
+    return " ".join(text.split()).casefold()
+
+
+def text_hash(text: str) -> int:
+    """A stable non-negative 63-bit hash of the normalised text (the same across processes and runs)."""
+    return int.from_bytes(hashlib.blake2b(normalise(text).encode(), digest_size=8).digest(), "little") >> 1
+
+
+# ---- the held-out split ------------------------------------------------------------------------------
+def split_queries(examples: list[Example], val_ratio: float, test_ratio: float, seed: int) -> dict[str, list[int]]:
+    """Indices of examples for train/val/test, drawn by seed. Queries that share a positive passage (or the
+    same query text) form one group and stay in one split, so no test positive is ever trained on as a positive."""
+    if val_ratio < 0 or test_ratio < 0 or val_ratio + test_ratio >= 1:
+        raise ValueError(f"val_ratio + test_ratio must be in [0, 1), got {val_ratio} + {test_ratio}")
+    parent = list(range(len(examples)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_seen: dict[int, int] = {}
+    for i, ex in enumerate(examples):
+        for h in {text_hash(t) for t in ex.pos} | {~text_hash(ex.query)}:  # ~ keeps query and passage keys apart
+            parent[find(i)] = find(first_seen.setdefault(h, i))
+    groups = defaultdict(list)
+    for i in range(len(examples)):
+        groups[find(i)].append(i)
+    order = sorted(groups.values())
+    random.Random(seed).shuffle(order)
+    n = len(examples)
+    want = {"test": round(test_ratio * n), "val": round(val_ratio * n)}
+    out = {"train": [], "val": [], "test": []}
+    for g in order:
+        name = next((s for s in ("test", "val") if len(out[s]) < want[s]), "train")
+        out[name] += g
+    return {k: sorted(v) for k, v in out.items()}
+
+
+# ---- the sampler -------------------------------------------------------------------------------------
+class Sampler:
+    """Batches of example indices: a fresh shuffle each epoch, and never the same query twice in a batch."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int):
+        self.batch_size, self.seed = batch_size, seed
+        self.query_hash = [text_hash(ex.query) for ex in examples]
+        self._epoch, self._batches = -1, []
+        self._lengths: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        """Batches in the first epoch (later ones differ only when repeated queries force an extra batch)."""
+        return self.epoch_length(0)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All batches of one epoch, in order. A query whose text is already in the open batch waits and
+        goes into the next batch that does not hold it yet."""
+        if epoch == self._epoch:
+            return self._batches
+        order = list(range(len(self.query_hash)))
+        random.Random(f"{self.seed}/epoch/{epoch}").shuffle(order)
+        batches, batch, seen, waiting = [], [], set(), []
+        for i in order + [None]:  # None: the end, after which only waiting queries are left
+            if i is not None and self.query_hash[i] in seen:
+                waiting.append(i)
+            elif i is not None:
+                batch.append(i)
+                seen.add(self.query_hash[i])
+            while len(batch) == self.batch_size or (i is None and (batch or waiting)):
+                batches.append(batch)
+                batch, seen, still = [], set(), []
+                for w in waiting:  # waiting queries go first into the next batch
+                    if len(batch) < self.batch_size and self.query_hash[w] not in seen:
+                        batch.append(w)
+                        seen.add(self.query_hash[w])
+                    else:
+                        still.append(w)
+                waiting = still
+                if i is None and not waiting:
+                    break
+        if batch:
+            batches.append(batch)
+        self._epoch, self._batches = epoch, batches
+        self._lengths[epoch] = len(batches)
+        return batches
+
+    def epoch_length(self, epoch: int) -> int:
+        if epoch not in self._lengths:
+            self.epoch_batches(epoch)
+        return self._lengths[epoch]
+
+    def batch(self, micro_step: int) -> tuple[int, list[int]]:
+        """(epoch, example indices) of the micro_step-th batch of the run."""
+        epoch = 0
+        while micro_step >= self.epoch_length(epoch):
+            micro_step -= self.epoch_length(epoch)
+            epoch += 1
+        return epoch, self.epoch_batches(epoch)[micro_step]
+
+
+# ---- batch assembly ----------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """B queries and the P passages they brought, in the layout bge.loss expects."""
+
+    queries: list[str]
+    prompts: list[str | None]  # per-line instruction, None = the model's default
+    passages: list[str]
+    pos_index: torch.Tensor  # (B,) each query's positive among the passages
+    owner: torch.Tensor  # (P,) which query brought each passage
+    passage_hashes: torch.Tensor  # (P,) text hashes, for the false-negative mask
+    query_pos_hashes: torch.Tensor  # (B, K) hashes of each query's positives, padded with -1
+    teacher_scores: torch.Tensor | None = None  # (P,) teacher scores when every line has them
+
+    def query_texts(self, default_prompt: str) -> list[str]:
+        """Queries with their instruction prefixed."""
+        return [(default_prompt if p is None else p) + q for q, p in zip(self.queries, self.prompts)]
+
+
+def make_batch(examples: list[Example], indices: list[int], *, group_size: int, seed: int, epoch: int) -> Batch:
+    """For each example: one positive drawn from `pos` and group_size-1 negatives drawn from `neg` (repeated
+    when there are too few, as FlagEmbedding does; none when the line has none: in-batch negatives only)."""
+    queries, prompts, passages, pos_index, owner, scores = [], [], [], [], [], []
+    pos_hashes = []
+    for b, i in enumerate(indices):
+        ex = examples[i]
+        rng = random.Random(f"{seed}/{epoch}/{i}")
+        j = rng.randrange(len(ex.pos))
+        negs = []
+        if ex.neg and group_size > 1:
+            pool = list(range(len(ex.neg))) * math.ceil((group_size - 1) / len(ex.neg))
+            negs = rng.sample(pool, group_size - 1)
+        queries.append(ex.query)
+        prompts.append(ex.prompt)
+        pos_index.append(len(passages))
+        passages += [ex.pos[j]] + [ex.neg[k] for k in negs]
+        owner += [b] * (1 + len(negs))
+        if ex.pos_scores is not None and ex.neg_scores is not None:
+            scores += [ex.pos_scores[j]] + [ex.neg_scores[k] for k in negs]
+        pos_hashes.append(sorted({text_hash(t) for t in ex.pos}))
+    width = max(len(h) for h in pos_hashes)
+    return Batch(
+        queries, prompts, passages,
+        pos_index=torch.tensor(pos_index),
+        owner=torch.tensor(owner),
+        passage_hashes=torch.tensor([text_hash(t) for t in passages]),
+        query_pos_hashes=torch.tensor([h + [-1] * (width - len(h)) for h in pos_hashes]),
+        teacher_scores=torch.tensor(scores) if len(scores) == len(passages) else None,
+    )

@@ -1,0 +1,161 @@
+"""TrainConfig: every knob of a run, each one a typed --flag; `--config preset.toml` overrides the defaults.
+
+Precedence: dataclass defaults < preset TOML < command-line flags. A TOML file may use flat keys or
+[section] tables named after each field's section (so `loss.temperature` and `temperature` are the same key).
+Unknown keys and flags are errors, never silently ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bge.errors import UserError
+
+
+def opt(default, help: str, section: str, choices: tuple | None = None):
+    """A config field with its help text and section."""
+    return field(default=default, metadata={"help": help, "section": section, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = opt("", "training data: a FlagEmbedding-format JSONL, or a BEIR folder (with --split)", "data")
+    split: str = opt("train", "qrels split to train on when --data is a BEIR folder", "data")
+    val: str = opt("", "validation set (JSONL or BEIR folder); default: carved from --data", "data")
+    test: str = opt("", "test set (JSONL or BEIR folder); default: carved from --data", "data")
+    val_ratio: float = opt(0.15, "share of queries carved out for validation", "data")
+    test_ratio: float = opt(0.15, "share of queries carved out for the final test", "data")
+    skip_bad_lines: bool = opt(False, "drop malformed lines (and say how many) instead of stopping", "data")
+    title: bool = opt(True, "BEIR corpora: passage = title + ' ' + text (--no-title: text only)", "data")
+    # model
+    model: str = opt("auto", "base model: a folder, a hub id, all-MiniLM-L6-v2, or auto", "model")
+    query_prompt: str = opt("auto", "query instruction; 'auto' = the model's own, '' = none", "model")
+    max_query_length: int = opt(64, "query truncation length in tokens", "model")
+    max_passage_length: int = opt(256, "passage truncation length in tokens", "model")
+    # batch and loss
+    batch_size: int = opt(32, "queries per optimiser micro-step (each brings group_size passages)", "loss")
+    group_size: int = opt(4, "passages per query: 1 positive + group_size-1 hard negatives", "loss")
+    temperature: float = opt(0.02, "softmax temperature on cosine scores (BGE: 0.02)", "loss")
+    in_batch_negatives: bool = opt(True, "use the other queries' passages as negatives", "loss")
+    symmetric: bool = opt(False, "add the passage-to-query InfoNCE term", "loss")
+    # optimisation
+    lr: float = opt(0.0, "peak learning rate; 0 = by model size (3e-5 small, 2e-5 base, 1e-5 large)", "optim")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorms)", "optim")
+    warmup_ratio: float = opt(0.1, "share of steps spent warming up linearly", "optim")
+    schedule: str = opt("linear", "decay after warmup", "optim", ("linear", "cosine", "constant"))
+    epochs: int = opt(3, "passes over the training queries", "optim")
+    max_steps: int = opt(0, "stop after this many optimiser steps (0 = epochs decide)", "optim")
+    grad_accum: int = opt(1, "micro-batches per optimiser step", "optim")
+    clip_grad: float = opt(1.0, "max gradient norm (0 = no clipping)", "optim")
+    # loop
+    eval_every: int = opt(0, "validate every N optimiser steps (0 = once per epoch)", "loop")
+    save_every: int = opt(0, "write resumable trainer state every N steps (0 = at each validation)", "loop")
+    patience: int = opt(0, "stop after N validations without improvement (0 = never)", "loop")
+    max_bad_steps: int = opt(5, "stop when the loss is NaN/inf this many steps in a row", "loop")
+    seed: int = opt(42, "seed for the split, the sampler, dropout and initialisation", "loop")
+    precision: str = opt("auto", "auto = bf16 autocast on CUDA (fp16 if unsupported), fp32 on CPU", "loop",
+                         ("auto", "fp32", "bf16", "fp16"))
+    compile: bool = opt(False, "torch.compile the encoder", "loop")
+    device: str = opt("auto", "cpu, cuda, cuda:1, or auto", "loop")
+    eval_batch_size: int = opt(128, "batch size for encoding during evaluation", "loop")
+    # run
+    out_dir: str = opt("checkpoints", "where run folders go", "run")
+    run_name: str = opt("", "run folder name (default: data name + time)", "run")
+    resume: str = opt("", "continue the run in this folder from its last saved state", "run")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(TrainConfig)
+    t = hints[f.name]
+    if isinstance(t, types.UnionType):  # `float | None` style: take the concrete type
+        t = next(a for a in t.__args__ if a is not type(None))
+    return t
+
+
+def _convert(f: dataclasses.Field, value, where: str):
+    """A TOML/CLI value as the field's declared type, with a clear error."""
+    t = _field_type(f)
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{where}: {f.name} must be true or false, got {value!r}")
+    try:
+        v = t(value) if not (t is int and isinstance(value, float) and not value.is_integer()) else None
+    except (TypeError, ValueError):
+        v = None
+    if v is None or (t is int and isinstance(value, bool)):
+        raise UserError(f"{where}: {f.name} must be {t.__name__}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and v not in choices:
+        raise UserError(f"{where}: {f.name} must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def resolve_key(key: str, where: str) -> dataclasses.Field:
+    """`temperature` or `loss.temperature` -> the field; anything else is an error."""
+    section, _, name = key.rpartition(".")
+    f = FIELDS.get(name.replace("-", "_"))
+    if f is None or (section and section != f.metadata["section"]):
+        raise UserError(f"{where}: unknown setting {key!r}")
+    return f
+
+
+def load_toml(path: str | Path) -> dict:
+    """A preset's settings as {field: value}, sections flattened, every key and type checked."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"{path}: cannot read preset ({e})") from None
+    out = {}
+    for key, value in raw.items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            f = resolve_key(f"{key}.{sub}" if sub else key, str(path))
+            out[f.name] = _convert(f, v, str(path))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Fine-tune a BGE embedding model contrastively on a domain file.",
+                                allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="a preset TOML file whose settings override the defaults")
+    groups = {}
+    for f in dataclasses.fields(TrainConfig):
+        section = f.metadata["section"]
+        g = groups.setdefault(section, p.add_argument_group(section))
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata['help']} (default: {f.default!r})"
+        if _field_type(f) is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            g.add_argument(flag, dest=f.name, metavar=_field_type(f).__name__.upper(), help=help_)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    """The run's config and the names of the fields set explicitly (by preset or flag)."""
+    ns = vars(build_parser().parse_args(argv))  # an unknown flag: argparse prints usage and exits 2
+    values = load_toml(ns.pop("config")) if "config" in ns else {}
+    for name, v in ns.items():
+        values[name] = _convert(FIELDS[name], v, "--" + name.replace("_", "-"))
+    return TrainConfig(**values), set(values)
+
+
+def config_from_dict(d: dict, where: str) -> TrainConfig:
+    """A TrainConfig from a run folder's config.json, checked like a preset."""
+    return TrainConfig(**{resolve_key(k, where).name: _convert(resolve_key(k, where), v, where) for k, v in d.items()})

@@ -1,0 +1,289 @@
+"""Retrieval and STS evaluation: corpus embeddings cached on disk, exact dense search, trec_eval metrics.
+
+evaluate.py and train.py's validation both call these. The pieces, in the order a retrieval evaluation runs:
+    encode_corpus   passages -> embeddings, read from / written to `{cache_dir}/{key}.safetensors`
+    encode_queries  queries -> embeddings, each with its instruction (per-query, given, or the model's)
+    rank            exact top-k by cosine similarity (bge.search.topk_search: chunked, bounded memory)
+    search          the three above on a RetrievalData, with timings
+    evaluate_retrieval / evaluate_sts   search or pair similarity, then bge.metrics
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from bge.data import (DataError, RetrievalData, STSData, load_beir, load_examples, load_sts, read_json_objects,
+                      retrieval_from_examples)
+from bge.embedder import Embedder, default_device
+from bge.errors import UserError
+from bge.metrics import RetrievalResult, retrieval_metrics, sts_correlations
+from bge.search import topk_search
+
+DEFAULT_KS = (1, 3, 5, 10, 100)
+CACHE_FORMAT = 1  # bump when the file layout or what the key covers changes
+
+
+# ---- corpus embeddings and their cache ------------------------------------------------------------------
+@dataclass
+class CorpusEmbeddings:
+    """Corpus embeddings in `ids` order, and how they were obtained."""
+
+    ids: list[str]
+    emb: torch.Tensor  # (n, dim) float32 on CPU
+    n_encoded: int  # passages run through the model
+    n_cached: int  # passages read from the cache
+    seconds: float
+    cache_file: Path | None = None
+
+
+def effective_max_length(embedder: Embedder, max_length: int | None) -> int:
+    """The truncation length encode() will use: `max_length`, else the model's, capped by its position table."""
+    tok = embedder.tokenizer
+    return min(max_length or tok.max_length, tok.position_limit)
+
+
+def encode_precision(embedder: Embedder, cpu_bf16: bool) -> str:
+    """The arithmetic encode() runs in: embeddings differ slightly between fp32 and bf16, so the cache keys on it."""
+    if embedder.device.type == "cuda":
+        return "cuda-bf16" if torch.cuda.is_bf16_supported() else "cuda-fp16"
+    return f"{embedder.device.type}-{'bf16' if cpu_bf16 and embedder.device.type == 'cpu' else 'fp32'}"
+
+
+def corpus_hash(ids: Sequence[str], texts: Sequence[str]) -> str:
+    """A hash of the ids and texts, in order."""
+    h = hashlib.blake2b(digest_size=16)
+    for i, t in zip(ids, texts):
+        h.update(f"{len(i)}:{i}{len(t)}:{t}".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def cache_key(model: str, max_length: int, precision: str, corpus: str) -> str:
+    """The cache file's name stem: a hash of the model fingerprint, max length, precision and corpus hash."""
+    parts = {"format": CACHE_FORMAT, "model": model, "max_length": max_length, "precision": precision, "corpus": corpus}
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _read_cache(path: Path, ids: list[str], dim: int) -> torch.Tensor | None:
+    """The cached embeddings if `path` holds them for exactly these ids; None (re-encode) if absent or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        tensors = load_file(str(path))
+        cached_ids = json.loads(bytes(tensors["ids"].numpy()).decode("utf-8"))
+        emb = tensors["embeddings"]
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None  # a truncated or foreign file: encoding again overwrites it
+    if cached_ids != ids or tuple(emb.shape) != (len(ids), dim) or emb.dtype != torch.float32:
+        return None
+    return emb
+
+
+def _write_cache(path: Path, ids: list[str], emb: torch.Tensor, metadata: dict[str, str]) -> None:
+    """Write atomically (tmp file + rename), so a reader never sees half a file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    blob = bytearray(json.dumps(ids, ensure_ascii=False).encode("utf-8"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"embeddings": emb.contiguous(), "ids": torch.frombuffer(blob, dtype=torch.uint8)}, str(tmp),
+                  metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write the embedding cache {path} ({e.strerror}); pass --no-cache or another "
+                        f"--cache-dir") from None
+
+
+def encode_corpus(embedder: Embedder, corpus: dict[str, str], *, batch_size: int = 64, max_length: int | None = None,
+                  cache_dir: str | Path | None = None, cpu_bf16: bool = False,
+                  show_progress: bool | None = None) -> CorpusEmbeddings:
+    """Embeddings of every passage (no instruction), in `corpus` order.
+
+    With `cache_dir`, looks in `{cache_dir}/{key}.safetensors`, the key hashing the model fingerprint, the effective
+    max length, the precision and the corpus (ids and texts); on a miss it encodes and writes that file. Without
+    `cache_dir` nothing is hashed: pass None when the model changes between calls (validation during training)."""
+    ids = list(corpus)
+    if not ids:
+        raise UserError("the corpus is empty")
+    texts = [corpus[i] for i in ids]
+    length = effective_max_length(embedder, max_length)
+    start = time.perf_counter()
+    path = None
+    if cache_dir is not None:
+        key = {"model": embedder.fingerprint(), "max_length": length,
+               "precision": encode_precision(embedder, cpu_bf16), "corpus": corpus_hash(ids, texts)}
+        path = Path(cache_dir) / f"{cache_key(**key)}.safetensors"
+        emb = _read_cache(path, ids, embedder.dim)
+        if emb is not None:
+            return CorpusEmbeddings(ids, emb, 0, len(ids), time.perf_counter() - start, path)
+    emb = embedder.encode(texts, batch_size=batch_size, max_length=length, as_numpy=False, cpu_bf16=cpu_bf16,
+                          show_progress=show_progress, description="encoding corpus")
+    if path is not None:
+        meta = {k: str(v) for k, v in key.items()} | {"format": str(CACHE_FORMAT), "model_name": embedder.name}
+        _write_cache(path, ids, emb, meta)
+    return CorpusEmbeddings(ids, emb, len(ids), 0, time.perf_counter() - start, path)
+
+
+# ---- queries and search ---------------------------------------------------------------------------------
+def encode_queries(embedder: Embedder, queries: dict[str, str], prompts: dict[str, str] | None = None, *,
+                   query_prompt: str | None = None, batch_size: int = 64, max_length: int | None = None,
+                   cpu_bf16: bool = False, show_progress: bool | None = None) -> tuple[list[str], torch.Tensor]:
+    """(ids, (n, dim) embeddings) of the queries. Each gets its own instruction from `prompts` if it has one, else
+    `query_prompt` if given, else the model's; queries sharing an instruction are encoded together."""
+    ids = list(queries)
+    groups: dict[str | None, list[int]] = {}
+    for i, qid in enumerate(ids):
+        groups.setdefault((prompts or {}).get(qid, query_prompt), []).append(i)
+    emb = torch.empty(len(ids), embedder.dim)
+    for prompt, rows in groups.items():
+        emb[rows] = embedder.encode([queries[ids[i]] for i in rows], batch_size=batch_size, max_length=max_length,
+                                    is_query=True, prompt=prompt, as_numpy=False, cpu_bf16=cpu_bf16,
+                                    show_progress=show_progress, description="encoding queries")
+    return ids, emb
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """x with unit rows; normalising models' output passes through without a copy."""
+    x = x.float()
+    return x if len(x) == 0 or (x.norm(dim=1) - 1).abs().max() <= 1e-4 else F.normalize(x, dim=1)
+
+
+def rank(query_ids: list[str], query_emb: torch.Tensor, corpus_ids: list[str], corpus_emb: torch.Tensor, k: int, *,
+         ignore_identical_ids: bool = False, device: str | torch.device | None = None) -> dict[str, list[tuple[str, float]]]:
+    """The k most cosine-similar corpus entries of each query, best first, as (doc id, score); ties go to the
+    earlier corpus entry. With `ignore_identical_ids` a document whose id is the query's is skipped (MTEB does so for
+    ArguAna), retrieving k + 1 so that k remain."""
+    depth = k + 1 if ignore_identical_ids else k
+    scores, idx = topk_search(_unit(query_emb), _unit(corpus_emb), depth, device=device or default_device())
+    ranked = {}
+    for qid, s_row, i_row in zip(query_ids, scores.tolist(), idx.tolist()):
+        hits = [(corpus_ids[j], s) for j, s in zip(i_row, s_row)]
+        if ignore_identical_ids:
+            hits = [h for h in hits if h[0] != qid]
+        ranked[qid] = hits[:k]
+    return ranked
+
+
+@dataclass
+class Ranking:
+    """What search() returns: ranked lists, timings and where the corpus embeddings came from."""
+
+    ranked: dict[str, list[tuple[str, float]]]  # qid -> [(doc id, cosine)], best first
+    seconds: dict[str, float]  # encode_corpus, encode_queries, search
+    n_encoded: int  # passages run through the model
+    n_cached: int  # passages read from the embedding cache
+    cache_file: Path | None = None
+
+
+def search(embedder: Embedder, data: RetrievalData, *, k: int = 100, batch_size: int = 64,
+           max_length: int | None = None, query_prompt: str | None = None, cache_dir: str | Path | None = None,
+           device: str | torch.device | None = None, ignore_identical_ids: bool = False, cpu_bf16: bool = False,
+           show_progress: bool | None = None) -> Ranking:
+    """Exact dense retrieval of the top k passages for every query of `data` (see encode_corpus, encode_queries and
+    rank for the caching, the instructions and the order). `device` runs the search (default: CUDA if present)."""
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    corpus = encode_corpus(embedder, data.corpus, batch_size=batch_size, max_length=max_length, cache_dir=cache_dir,
+                           cpu_bf16=cpu_bf16, show_progress=show_progress)
+    start = time.perf_counter()
+    qids, q_emb = encode_queries(embedder, data.queries, data.prompts, query_prompt=query_prompt,
+                                 batch_size=batch_size, max_length=max_length, cpu_bf16=cpu_bf16,
+                                 show_progress=show_progress)
+    encoded = time.perf_counter()
+    ranked = rank(qids, q_emb, corpus.ids, corpus.emb, k, ignore_identical_ids=ignore_identical_ids, device=device)
+    seconds = {"encode_corpus": corpus.seconds, "encode_queries": encoded - start,
+               "search": time.perf_counter() - encoded}
+    return Ranking(ranked, seconds, corpus.n_encoded, corpus.n_cached, corpus.cache_file)
+
+
+# ---- evaluations ----------------------------------------------------------------------------------------
+@dataclass
+class RetrievalEval:
+    """Metrics (summary and per query) and the ranking they were computed from."""
+
+    metrics: RetrievalResult
+    ranking: Ranking
+    ks: list[int] = field(default_factory=list)
+
+
+def evaluate_retrieval(embedder: Embedder, data: RetrievalData, *, ks: Sequence[int] = DEFAULT_KS,
+                       batch_size: int = 64, max_length: int | None = None, query_prompt: str | None = None,
+                       cache_dir: str | Path | None = None, device: str | torch.device | None = None,
+                       ignore_identical_ids: bool = False, cpu_bf16: bool = False,
+                       show_progress: bool | None = None) -> RetrievalEval:
+    """nDCG, MRR, recall, MAP and precision at each k (bge.metrics.retrieval_metrics, trec_eval's definitions) of
+    `embedder` on `data`. Queries without a relevant document are dropped and counted, not scored as zero."""
+    ks = sorted(set(ks))
+    if not ks or ks[0] < 1:
+        raise UserError(f"ks must be positive integers, got {ks}")
+    if not any(g > 0 for rels in data.qrels.values() for g in rels.values()):
+        raise UserError(f"{data.name or 'the data'}: no query has a relevant document (a qrels score above 0)")
+    ranking = search(embedder, data, k=ks[-1], batch_size=batch_size, max_length=max_length,
+                     query_prompt=query_prompt, cache_dir=cache_dir, device=device,
+                     ignore_identical_ids=ignore_identical_ids, cpu_bf16=cpu_bf16, show_progress=show_progress)
+    ranked = {q: [d for d, _ in hits] for q, hits in ranking.ranked.items()}
+    metrics = retrieval_metrics(data.qrels, ranked, ks, ignore_identical_ids=ignore_identical_ids)
+    return RetrievalEval(metrics, ranking, ks)
+
+
+def evaluate_sts(embedder: Embedder, sts: STSData, *, batch_size: int = 64, max_length: int | None = None,
+                 cpu_bf16: bool = False, show_progress: bool | None = None) -> dict[str, float]:
+    """Spearman and Pearson correlation of each pair's cosine similarity with the gold scores, as
+    sentence-transformers' EmbeddingSimilarityEvaluator computes them. STS is symmetric: no instruction. Each
+    distinct sentence is encoded once; also returns n_pairs, n_encoded and seconds."""
+    start = time.perf_counter()
+    unique = list(dict.fromkeys(sts.sentence1 + sts.sentence2))
+    row = {s: i for i, s in enumerate(unique)}
+    emb = _unit(embedder.encode(unique, batch_size=batch_size, max_length=max_length, as_numpy=False,
+                                cpu_bf16=cpu_bf16, show_progress=show_progress, description="encoding sentences"))
+    a = emb[[row[s] for s in sts.sentence1]]
+    b = emb[[row[s] for s in sts.sentence2]]
+    cosine = (a * b).sum(1)
+    try:
+        out = sts_correlations(cosine.numpy(), sts.scores)
+    except ValueError as e:
+        raise UserError(f"{sts.name}: {e}") from None
+    return {**out, "n_pairs": len(sts.scores), "n_encoded": len(unique), "seconds": time.perf_counter() - start}
+
+
+# ---- reading evaluation data ----------------------------------------------------------------------------
+def load_eval_data(path: str | Path, split: str = "test", use_title: bool = True) -> RetrievalData | STSData:
+    """A BEIR folder (-> RetrievalData of `split`), a training-format JSONL (-> RetrievalData: each query's positives
+    are its relevant documents), or an STS file: TSV with a score/sentence1/sentence2 header, or such JSONL."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "corpus.jsonl").exists():
+            raise UserError(f"{path}: not a BEIR folder (no corpus.jsonl)")
+        qrels = path / "qrels"
+        if not (qrels / f"{split}.tsv").exists():
+            splits = sorted(p.stem for p in qrels.glob("*.tsv")) if qrels.is_dir() else []
+            have = f"it has {', '.join(splits)}; pass --split" if splits else "it has no qrels/*.tsv"
+            raise UserError(f"{path}: no split {split!r} (qrels/{split}.tsv); {have}")
+        return load_beir(path, split, use_title=use_title)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.suffix in (".tsv", ".csv", ".txt"):
+        return load_sts(path)
+    if path.suffix != ".jsonl":
+        raise UserError(f"{path}: expected a BEIR folder, a .jsonl file or an STS .tsv file")
+    problems: list[str] = []
+    first = next(read_json_objects(path, problems), None)  # the first valid line tells which format it is
+    if first is None:
+        raise DataError(path, problems) if problems else UserError(f"{path}: the file is empty")
+    n, obj = first
+    if "sentence1" in obj or "score" in obj:
+        return load_sts(path)
+    if "query" in obj or "anchor" in obj:
+        examples, _ = load_examples(path)
+        return retrieval_from_examples(examples, name=path.name)
+    raise UserError(f"{path}:{n}: neither a training line (query, pos, neg) nor an STS pair "
+                    f"(score, sentence1, sentence2); fields are {', '.join(sorted(obj)) or 'none'}")

@@ -1,0 +1,48 @@
+"""AdamW with BERT's weight-decay exclusions, and the learning-rate schedule as one pure function."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+# BGE's recipe: a smaller model takes a larger step.
+DEFAULT_LR_BY_HIDDEN = ((512, 3e-5), (768, 2e-5), (10**9, 1e-5))  # hidden size up to -> lr (small/base/large)
+
+
+def default_lr(hidden_size: int) -> float:
+    """3e-5 for small models (hidden <= 512), 2e-5 for base (768), 1e-5 for large (1024)."""
+    return next(lr for limit, lr in DEFAULT_LR_BY_HIDDEN if hidden_size <= limit)
+
+
+def get_lr(step: int, *, lr: float, warmup_steps: int, total_steps: int, schedule: str = "linear",
+           min_lr_ratio: float = 0.0) -> float:
+    """Linear warmup from 0 to lr over warmup_steps, then linear or cosine decay to min_lr_ratio * lr at
+    total_steps (or constant). `step` counts optimiser steps from 0."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        decay = 1.0 - progress
+    elif schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r} (linear, cosine, constant)")
+    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * decay)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay the matrices; leave biases, LayerNorm and other 1-d parameters alone (BERT's exclusions)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+                   eps: float = 1e-8, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the fused kernel (one launch for all tensors) where torch has it."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)

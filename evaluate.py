@@ -1,0 +1,158 @@
+"""Evaluate embedding models on retrieval (a BEIR folder or a training JSONL) or STS (a score/sentence1/sentence2 TSV).
+
+    python evaluate.py --model BAAI/bge-small-en-v1.5 --data ../shared/data/scifact --split train
+    python evaluate.py --model all-MiniLM-L6-v2 --model checkpoints/run/best --data ../shared/data/stsb/sts-dev.tsv
+
+Several --model values are evaluated on the same data and shown side by side, best per column in bold. Every number,
+the model fingerprints and the dataset hash go to a JSON file (--out). Corpus embeddings are cached under
+--cache-dir, keyed by model fingerprint, max length and corpus content, so evaluating the same model again
+re-encodes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import rich.markup
+from rich.console import Console
+from rich.table import Table
+
+from bge import Embedder
+from bge.checkpoint import atomic_write_text
+from bge.console import console, run_cli
+from bge.data import RetrievalData
+from bge.evaluation import DEFAULT_KS, effective_max_length, evaluate_retrieval, evaluate_sts, load_eval_data
+from bge.hub import resolve_model
+
+COLUMNS = (("ndcg", "nDCG"), ("mrr", "MRR"), ("recall", "Recall"), ("recall", "Recall"), ("map", "MAP"),
+           ("precision", "P"))
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return ks
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", help="model folder, hub id, all-MiniLM-L6-v2 or auto (repeatable; "
+                   "default auto)")
+    p.add_argument("--data", required=True, help="BEIR folder, training-format .jsonl, or STS .tsv/.jsonl")
+    p.add_argument("--split", default="test", help="BEIR qrels split (qrels/<split>.tsv)")
+    p.add_argument("--ks", type=parse_ks, default=list(DEFAULT_KS), help="cut-offs, e.g. 1,3,5,10,100")
+    p.add_argument("--batch-size", type=positive, default=64)
+    p.add_argument("--max-length", type=positive, default=None, help="truncation length (default: the model's)")
+    p.add_argument("--query-prompt", default=None, help="query instruction, overriding the model's (not the "
+                   "per-line prompts of a training JSONL); '' for none")
+    p.add_argument("--no-title", action="store_true", help="BEIR: embed the text alone, not title + ' ' + text")
+    p.add_argument("--ignore-identical-ids", action="store_true", help="skip a document whose id is the query's "
+                   "(as MTEB does for ArguAna)")
+    p.add_argument("--cache-dir", default="checkpoints/cache", help="corpus embedding cache")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast when encoding on CPU (faster, not exact)")
+    p.add_argument("--out", default=None, help="results JSON (default checkpoints/eval/<dataset>-<time>.json)")
+    a = p.parse_args()
+    a.model = a.model or ["auto"]
+    return a
+
+
+def labels(names: list[str]) -> list[str]:
+    """Short row labels: a folder's last part, unless two models would then look alike."""
+    short = [Path(n).name or n for n in names]
+    return short if len(set(short)) == len(short) else names
+
+
+def results_table(title: str, rows: list[dict], columns: list[tuple[str, str]], caption: str) -> Table:
+    """One row per model, metrics x100, the best of each column in bold."""
+    table = Table(title=title, caption=caption)
+    table.add_column("model")
+    for _, header in columns:
+        table.add_column(header, justify="right")
+    table.add_column("encoded", justify="right")
+    table.add_column("time", justify="right")
+    best = {key: max(round(100 * r["metrics"][key], 2) for r in rows) for key, _ in columns}
+    for r in rows:
+        cells = []
+        for key, _ in columns:
+            v = round(100 * r["metrics"][key], 2)
+            cells.append(f"[bold]{v:.2f}[/]" if v == best[key] and len(rows) > 1 else f"{v:.2f}")
+        table.add_row(rich.markup.escape(r["label"]), *cells, r["encoded"], f"{r['seconds']['total']:.1f} s")
+    return table
+
+
+def main() -> None:
+    a = parse_args()
+    data = load_eval_data(a.data, a.split, use_title=not a.no_title)  # bad files fail before any model loads
+    retrieval = isinstance(data, RetrievalData)
+    cache_dir = None if a.no_cache else Path(a.cache_dir)
+    folders = [resolve_model(name) for name in a.model]  # a missing model fails before the first one runs
+    results = []
+    for name, folder, label in zip(a.model, folders, labels(a.model)):
+        start = time.perf_counter()
+        embedder = Embedder.load(str(folder), device=a.device)
+        loaded = time.perf_counter()
+        row = {"model": name, "folder": str(folder), "label": label, "fingerprint": embedder.fingerprint(),
+               "max_length": effective_max_length(embedder, a.max_length)}
+        if retrieval:
+            res = evaluate_retrieval(embedder, data, ks=a.ks, batch_size=a.batch_size, max_length=a.max_length,
+                                     query_prompt=a.query_prompt, cache_dir=cache_dir, device=a.device,
+                                     ignore_identical_ids=a.ignore_identical_ids, cpu_bf16=a.cpu_bf16)
+            m, rk = res.metrics, res.ranking
+            row |= {"metrics": m.summary, "n_scored": m.n_scored, "n_dropped": m.n_dropped,
+                    "n_encoded": rk.n_encoded, "n_cached": rk.n_cached, "seconds": dict(rk.seconds),
+                    "query_prompt": a.query_prompt if a.query_prompt is not None else embedder.tokenizer.query_prompt,
+                    "cache_file": str(rk.cache_file) if rk.cache_file else None}
+            row["encoded"] = f"{rk.n_encoded:,}" if rk.n_encoded or cache_dir is None else "cached"
+        else:
+            sts = evaluate_sts(embedder, data, batch_size=a.batch_size, max_length=a.max_length, cpu_bf16=a.cpu_bf16)
+            row |= {"metrics": {"spearman": sts["spearman"], "pearson": sts["pearson"]},
+                    "n_encoded": sts["n_encoded"], "seconds": {"encode": sts["seconds"]}}
+            row["encoded"] = f"{sts['n_encoded']:,}"
+        row["seconds"] |= {"load": loaded - start, "total": time.perf_counter() - loaded}
+        results.append(row)
+        del embedder
+
+    if retrieval:
+        main_k = 10 if 10 in a.ks else a.ks[-1]
+        cuts = (main_k, main_k, main_k, a.ks[-1], a.ks[-1], main_k)
+        columns = list(dict.fromkeys((f"{m}@{k}", f"{h}@{k}") for (m, h), k in zip(COLUMNS, cuts)))
+        r0 = results[0]
+        caption = (f"x100 · {r0['n_scored']:,} queries scored, {r0['n_dropped']:,} dropped (no relevant document) · "
+                   f"{len(data.corpus):,} passages")
+    else:
+        columns = [("spearman", "Spearman"), ("pearson", "Pearson")]
+        caption = f"x100, of cosine similarity · {len(data.scores):,} pairs"
+    out = Console() if sys.stdout.isatty() else Console(width=200)  # a pipe gets whole lines, not 80 columns
+    out.print(results_table(f"{data.name} · {'retrieval' if retrieval else 'STS'}", results, columns, caption))
+
+    slug = re.sub(r"[^\w.-]+", "-", re.sub(r"\.(tsv|jsonl|csv|txt)$", "", data.name)).strip("-") or "data"
+    path = Path(a.out or f"checkpoints/eval/{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    dataset = {"path": str(a.data), "name": data.name, "fingerprint": data.fingerprint(),
+               "kind": "retrieval" if retrieval else "sts"}
+    dataset |= ({"split": a.split, "n_queries": len(data.queries), "n_corpus": len(data.corpus)} if retrieval
+                else {"n_pairs": len(data.scores)})
+    payload = {"dataset": dataset, "args": vars(a), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "models": [{k: v for k, v in r.items() if k not in ("label", "encoded")} for r in results]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    console.print(f"wrote {path}", markup=False, highlight=False)
+
+
+if __name__ == "__main__":
+    run_cli(main)

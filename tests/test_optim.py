@@ -1,0 +1,47 @@
+import math
+
+import pytest
+import torch
+
+from bge.model import Encoder, ModelConfig
+from bge.optim import default_lr, get_lr, make_optimizer, param_groups
+
+
+def test_warmup_then_linear_decay():
+    kw = dict(lr=1.0, warmup_steps=10, total_steps=110)
+    assert get_lr(0, **kw) == pytest.approx(0.1)
+    assert get_lr(9, **kw) == pytest.approx(1.0)
+    assert get_lr(10, **kw) == pytest.approx(1.0)
+    assert get_lr(60, **kw) == pytest.approx(0.5)
+    assert get_lr(110, **kw) == pytest.approx(0.0)
+    assert get_lr(500, **kw) == pytest.approx(0.0)  # past the end stays at the floor
+    lrs = [get_lr(s, **kw) for s in range(110)]
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_cosine_constant_and_floor():
+    kw = dict(lr=2.0, warmup_steps=0, total_steps=100)
+    assert get_lr(0, schedule="cosine", **kw) == pytest.approx(2.0)
+    assert get_lr(50, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert get_lr(25, schedule="cosine", **kw) == pytest.approx(1.0 + math.cos(math.pi / 4))
+    assert get_lr(100, schedule="cosine", min_lr_ratio=0.1, **kw) == pytest.approx(0.2)
+    assert get_lr(73, schedule="constant", **kw) == 2.0
+    with pytest.raises(ValueError):
+        get_lr(50, schedule="step", **kw)
+
+
+def test_default_lr_by_model_size():
+    assert default_lr(384) == 3e-5 and default_lr(768) == 2e-5 and default_lr(1024) == 1e-5
+
+
+def test_no_decay_on_biases_and_layernorms():
+    model = Encoder(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, vocab_size=50))
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(n.endswith("weight") and "ln" not in n for n in map(names.get, map(id, decay["params"])))
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
+    assert any("ln" in names[id(p)] for p in no_decay["params"]) and any("bias" in names[id(p)] for p in no_decay["params"])
+    model.emb.word.weight.requires_grad_(False)  # frozen parameters are left out of the optimiser
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.01)
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())

@@ -1,0 +1,164 @@
+"""train.py end to end on a tiny random model: the run folder, exact resume after SIGKILL, atomic state,
+and bad input that never shows a traceback."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from bge import checkpoint
+from bge.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "bike_repair.jsonl"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The first 60 lines of the example file: 42 train / 9 val / 9 test queries."""
+    path = tmp_path_factory.mktemp("data") / "bikes.jsonl"
+    path.write_text("".join(EXAMPLE.read_text().splitlines(keepends=True)[:60]))
+    return path
+
+
+def args(data, model, out, *extra):
+    return ["--data", str(data), "--model", str(model), "--out-dir", str(out), "--batch-size", "8",
+            "--group-size", "2", "--max-passage-length", "48", "--max-query-length", "16", "--eval-batch-size", "64",
+            "--lr", "1e-3", *extra]
+
+
+def run_cli(*argv, **kw):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, capture_output=True, text=True, **kw)
+
+
+def test_run_folder_holds_everything(data, tiny_model_dir, tmp_path):
+    train.main(args(data, tiny_model_dir, tmp_path, "--run-name", "r", "--epochs", "2"))
+    run = tmp_path / "r"
+    for f in ("config.json", "command.txt", "git.txt", "split.json", "metrics.jsonl", "results.json",
+              "best/model.safetensors", "best/modules.json", "final/model.safetensors", "state/latest.json"):
+        assert (run / f).exists(), f
+    split = json.loads((run / "split.json").read_text())
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (42, 9, 9)
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 12 and results["train_queries"] == 42  # 6 batches of 8 per epoch
+    assert set(results["base"]) == set(results["fine_tuned"]) and "ndcg@10" in results["change"]
+    assert results["test_queries"] == 9
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "loss" in l] == list(range(1, 13))
+    assert [l["step"] for l in lines if "val/ndcg@10" in l] == [0, 6, 12]
+    assert json.loads((run / "config.json").read_text())["batch_size"] == 8
+
+
+def test_killed_run_resumes_to_identical_weights(data, tiny_model_dir, tmp_path):
+    common = args(data, tiny_model_dir, tmp_path, "--max-steps", "24", "--save-every", "1", "--eval-every", "12")
+    whole = run_cli(*common, "--run-name", "whole")
+    assert whole.returncode == 0, whole.stderr
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *common, "--run-name", "killed"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / "state" / "latest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= 5:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert 5 <= killed_at < 24
+    resumed = run_cli("--resume", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {killed_at}" in resumed.stderr
+    a = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == list(range(1, 25))  # nothing logged twice, nothing lost
+
+
+def test_crash_while_writing_state_leaves_the_previous_state_readable(tmp_path, monkeypatch):
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    checkpoint.save_state(tmp_path, 1, model, opt, {"step": 1})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    real_save = checkpoint.save_file
+
+    def torn_write(tensors, filename, metadata=None):  # killed halfway through the optimizer file
+        if "optimizer" in filename:
+            Path(filename).write_bytes(b"\x00" * 10)
+            raise KeyboardInterrupt("killed")
+        real_save(tensors, filename, metadata)
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    monkeypatch.setattr(checkpoint, "save_file", torn_write)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_state(tmp_path, 2, model, opt, {"step": 2})
+    monkeypatch.undo()
+    state = checkpoint.latest_state(tmp_path)
+    assert state.name == "step-00000001"
+    fresh = torch.nn.Linear(4, 4)
+    trainer = checkpoint.load_state(state, fresh, torch.optim.AdamW(fresh.parameters()))
+    assert trainer["step"] == 1 and all(torch.equal(fresh.state_dict()[k], before[k]) for k in before)
+    checkpoint.save_state(tmp_path, 3, model, opt, {"step": 3})  # the next save cleans up the torn folder
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["latest.json", "step-00000003"]
+
+
+def test_optimizer_state_round_trips_exactly(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    for _ in range(3):
+        model(torch.randn(5, 4)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    checkpoint.save_state(tmp_path, 3, model, opt, {"step": 3})
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2, fused=True)
+    checkpoint.load_state(checkpoint.latest_state(tmp_path), twin, twin_opt)
+    x = torch.randn(5, 4)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        m(x).pow(2).sum().backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"query": "q", "pos": ["p"]}\n{"query": "q2"}\n', ":2: missing field 'pos'"),
+    ('{"query": "q", "pos": ["p"]}\nnot json\n', ":2: invalid JSON"),
+    ('{"query": "", "pos": ["p"]}\n', ":1: field 'query' is empty"),
+])
+def test_bad_input_is_an_error_line_not_a_traceback(tmp_path, tiny_model_dir, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    r = run_cli(*args(bad, tiny_model_dir, tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"error: {bad}{message}" in r.stderr.replace("\n", "")
+
+
+def test_cli_usage_errors(tmp_path, tiny_model_dir):
+    r = run_cli("--data", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("--learning-rate", "1")
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+    r = run_cli("--resume", str(tmp_path))
+    assert r.returncode == 2 and "not a run folder" in r.stderr
+
+
+def test_repeated_nan_loss_stops_with_a_clear_message(data, tiny_model_dir, tmp_path, monkeypatch):
+    real = train.info_nce
+    monkeypatch.setattr(train, "info_nce", lambda *a, **k: (real(*a, **k)[0] * float("nan"), torch.tensor(0.0)))
+    with pytest.raises(UserError, match="NaN/inf for 3 steps in a row"):
+        train.main(args(data, tiny_model_dir, tmp_path, "--max-bad-steps", "3", "--run-name", "nan"))
+    lines = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    assert [l["skipped"] for l in lines] == [True, True]  # the third one raised before it was logged

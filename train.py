@@ -34,6 +34,7 @@ from bge.errors import UserError
 from bge.evaluation import evaluate_retrieval, load_eval_data
 from bge.loss import false_negative_mask, info_nce
 from bge.optim import default_lr, get_lr, make_optimizer
+from bge.step import forward_backward
 
 REPO = Path(__file__).resolve().parent
 VAL_KS = (1, 10, 100)
@@ -151,9 +152,15 @@ def main(argv: list[str] | None = None) -> None:
     # model
     embedder = Embedder.load(cfg.model, device=device, query_prompt=None if cfg.query_prompt == "auto" else cfg.query_prompt)
     model, tokenizer = embedder.model, embedder.tokenizer
-    embed = torch.compile(model.embed) if cfg.compile else model.embed  # the raw module is what we save
     amp_dtype, scaler = precision(cfg, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    model_embed = torch.compile(model.embed) if cfg.compile else model.embed  # the raw module is what we save
+
+    def embed(ids: list[list[int]]) -> torch.Tensor:
+        """Token id lists -> float32 embeddings, padded per call (per GradCache chunk)."""
+        input_ids, mask = tokenizer.pad(ids)
+        with autocast:
+            return model_embed(input_ids.to(device), mask.to(device)).float()
     cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16  # evaluate in the arithmetic we train in
 
     # optimisation
@@ -217,21 +224,23 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(cfg.grad_accum):
                 epoch, indices = sampler.batch(trainer["micro_step"])
                 batch = make_batch(train_examples, indices, group_size=group_size, seed=cfg.seed, epoch=epoch)
-                q_ids, q_mask = tokenizer(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length)
-                p_ids, p_mask = tokenizer(batch.passages, max_length=cfg.max_passage_length)
-                tokens += int(q_mask.sum() + p_mask.sum())
-                with autocast:
-                    q = embed(q_ids.to(device), q_mask.to(device))
-                    p = embed(p_ids.to(device), p_mask.to(device))
+                inputs = {"q": tokenizer.tokenize(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length),
+                          "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length)}
+                tokens += sum(len(x) for ids in inputs.values() for x in ids)
                 mask = false_negative_mask(batch.passage_hashes, batch.query_pos_hashes, batch.pos_index).to(device)
-                loss, acc = info_nce(q.float(), p.float(), batch.pos_index.to(device), cfg.temperature, mask=mask,
-                                     owner=batch.owner.to(device), in_batch=cfg.in_batch_negatives,
-                                     symmetric=cfg.symmetric)
+
+                def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+                    loss, acc = info_nce(emb["q"], emb["p"], batch.pos_index.to(device), cfg.temperature, mask=mask,
+                                         owner=batch.owner.to(device), in_batch=cfg.in_batch_negatives,
+                                         symmetric=cfg.symmetric)
+                    return loss, {"acc": acc}
+
+                scale = (scaler.get_scale() if scaler else 1.0) / cfg.grad_accum
+                loss, stats = forward_backward(embed, inputs, loss_fn, chunk_size=cfg.grad_cache, loss_scale=scale,
+                                               device=device)
                 finite &= bool(torch.isfinite(loss))
-                if finite:
-                    (scaler.scale(loss / cfg.grad_accum) if scaler else loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
-                step_acc += acc.item() / cfg.grad_accum
+                step_acc += stats["acc"].item() / cfg.grad_accum
                 trainer["micro_step"] += 1
 
             lr_now = get_lr(trainer["step"], lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, schedule=cfg.schedule)

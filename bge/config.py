@@ -61,7 +61,9 @@ class TrainConfig:
     seed: int = opt(42, "seed for the split, the sampler, dropout and initialisation", "loop")
     precision: str = opt("auto", "auto = bf16 autocast on CUDA (fp16 if unsupported), fp32 on CPU", "loop",
                          ("auto", "fp32", "bf16", "fp16"))
-    compile: bool = opt(False, "torch.compile the encoder", "loop")
+    compile: bool = opt(False, "torch.compile the encoder", "speed")
+    grad_cache: int = opt(0, "GradCache chunk size in texts: big batches in fixed memory, same gradients (0 = off)",
+                          "speed")
     device: str = opt("auto", "cpu, cuda, cuda:1, or auto", "loop")
     eval_batch_size: int = opt(128, "batch size for encoding during evaluation", "loop")
     # run

@@ -1,0 +1,73 @@
+"""One micro-batch's forward and backward, plain or with GradCache.
+
+A contrastive loss is a function of embeddings only, so a step is: embed every group of texts (queries,
+passages, ...), compute the loss on the embeddings, backpropagate. GradCache (Gao et al., 2021) splits the
+middle so a batch of thousands of texts fits in memory with the full batch's gradient:
+  1. embed every chunk without autograd (remembering each chunk's RNG state, so dropout can be replayed);
+  2. compute the loss on those embeddings as leaves, and backpropagate into them only;
+  3. re-embed each chunk with autograd (same RNG state) and backpropagate the cached embedding gradient.
+Peak memory is one chunk's activations plus the embeddings, whatever the batch size.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+Embed = Callable[[list[list[int]]], torch.Tensor]  # token id lists -> (n, d) float32 embeddings
+LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextmanager
+def _replay(state: tuple, device: torch.device):
+    """Run the body with the RNG as it was in `state`, then put the current RNG back."""
+    now = _rng_state(device)
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(now[0])
+        if now[1] is not None:
+            torch.cuda.set_rng_state(now[1], device)
+
+
+def forward_backward(embed: Embed, inputs: dict[str, list[list[int]]], loss_fn: LossFn, *, chunk_size: int = 0,
+                     loss_scale: float = 1.0, device: torch.device = torch.device("cpu")
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Embed each group of `inputs`, apply loss_fn to the embeddings, and backpropagate loss * loss_scale
+    into the model. chunk_size > 0 uses GradCache with chunks of that many texts. Returns the (unscaled,
+    detached) loss and loss_fn's statistics."""
+    if chunk_size <= 0:
+        loss, stats = loss_fn({name: embed(ids) for name, ids in inputs.items()})
+        if torch.isfinite(loss):
+            (loss * loss_scale).backward()
+        return loss.detach(), stats
+
+    chunks = {name: [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)] for name, ids in inputs.items()}
+    states: dict[tuple[str, int], tuple] = {}
+    cached = {}
+    with torch.no_grad():
+        for name, parts in chunks.items():
+            embs = []
+            for i, part in enumerate(parts):
+                states[name, i] = _rng_state(device)
+                embs.append(embed(part))
+            cached[name] = torch.cat(embs).requires_grad_()
+    loss, stats = loss_fn(cached)
+    if not torch.isfinite(loss):
+        return loss.detach(), stats
+    (loss * loss_scale).backward()
+    for name, parts in chunks.items():
+        grads = cached[name].grad.split(chunk_size)
+        for i, (part, grad) in enumerate(zip(parts, grads)):
+            with _replay(states[name, i], device):
+                e = embed(part)
+            e.backward(grad)
+    return loss.detach(), stats

@@ -16,7 +16,6 @@ import shlex
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from bge.errors import UserError
 from bge.evaluation import evaluate_retrieval, load_eval_data
 from bge.loss import false_negative_mask, info_nce
 from bge.optim import default_lr, get_lr, make_optimizer
-from bge.step import forward_backward
+from bge.step import forward_backward, make_embed
 
 REPO = Path(__file__).resolve().parent
 VAL_KS = (1, 10, 100)
@@ -153,14 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     embedder = Embedder.load(cfg.model, device=device, query_prompt=None if cfg.query_prompt == "auto" else cfg.query_prompt)
     model, tokenizer = embedder.model, embedder.tokenizer
     amp_dtype, scaler = precision(cfg, device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    model_embed = torch.compile(model.embed) if cfg.compile else model.embed  # the raw module is what we save
-
-    def embed(ids: list[list[int]]) -> torch.Tensor:
-        """Token id lists -> float32 embeddings, padded per call (per GradCache chunk)."""
-        input_ids, mask = tokenizer.pad(ids)
-        with autocast:
-            return model_embed(input_ids.to(device), mask.to(device)).float()
+    embed = make_embed(model, tokenizer.pad, device, amp_dtype=amp_dtype, compile=cfg.compile)
     cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16  # evaluate in the arithmetic we train in
 
     # optimisation

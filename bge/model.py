@@ -11,12 +11,14 @@ Two input layouts share the same layers, which never look at the layout:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from bge.errors import UserError
 
@@ -139,6 +141,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         self.grad_checkpointing = False  # recompute each layer in backward: less memory, ~30% more time
         self.passthrough: dict[str, torch.Tensor] = {}  # HF tensors we never use (the pooler), kept for export
+        self.attention = "sdpa"  # packed layout only: "flex" = FlexAttention with a document mask (CUDA)
         self.init_weights()
 
     @property
@@ -173,6 +176,14 @@ class Encoder(nn.Module):
         B, _, L, _ = ctx.shape
         return ctx.transpose(1, 2).reshape(B, L, -1)
 
+    def _attend_flex(self, qkv: torch.Tensor, block_mask) -> torch.Tensor:
+        """Packed (T, 3H) -> (T, H) as one sequence with a document mask: no FLOP on padding, even in attention.
+        FlexAttention has no dropout on attention probabilities, so this path trains without it."""
+        T = qkv.shape[0]
+        q, k, v = qkv.view(1, T, 3, self.cfg.num_heads, -1).permute(2, 0, 3, 1, 4)
+        ctx = _flex_attention(q.is_cuda)(q, k, v, block_mask=block_mask)
+        return ctx[0].transpose(0, 1).reshape(T, -1)
+
     # ---- forward --------------------------------------------------------------------------------
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """BERT counts positions from 0; XLM-RoBERTa from padding_idx + 1, with padding at padding_idx."""
@@ -201,6 +212,11 @@ class Encoder(nn.Module):
         real = attention_mask.bool()
         flat = real.flatten().nonzero().squeeze(1)  # where each real token sits in the (B*L) grid
         x = self.emb(input_ids[real], self.position_ids(attention_mask)[real], None)
+        if self.attention == "flex":
+            doc = torch.repeat_interleave(torch.arange(B, device=x.device), real.sum(1))  # each token's sequence
+            block_mask = create_block_mask(lambda b, h, q, k: doc[q] == doc[k], None, None, len(doc), len(doc),
+                                           device=x.device)
+            return self._run_layers(x, lambda qkv: self._attend_flex(qkv, block_mask))
         key_mask = real[:, None, None, :]
 
         def attend(qkv: torch.Tensor) -> torch.Tensor:
@@ -218,6 +234,12 @@ class Encoder(nn.Module):
         else:
             pooled = pool(self.forward(input_ids, attention_mask), attention_mask, self.cfg.pooling)
         return F.normalize(pooled, dim=-1) if self.cfg.normalize else pooled
+
+
+@functools.cache
+def _flex_attention(compiled: bool) -> Callable:
+    """FlexAttention is fast only compiled (on CUDA); the eager version is a slow reference, used by CPU tests."""
+    return torch.compile(flex_attention) if compiled else flex_attention
 
 
 def pool(states: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:

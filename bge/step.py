@@ -19,6 +19,20 @@ Embed = Callable[[list[list[int]]], torch.Tensor]  # token id lists -> (n, d) fl
 LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
+def make_embed(model: torch.nn.Module, pad: Callable, device: torch.device, *, amp_dtype: torch.dtype | None = None,
+               compile: bool = False, packed: bool = False) -> Embed:
+    """The function a step embeds texts with: pad the token ids (per call, so per GradCache chunk), run the
+    model under autocast (bf16/fp16) or in fp32, and return float32 embeddings."""
+    fn = torch.compile(model.embed, dynamic=True) if compile else model.embed  # the raw module is what we save
+
+    def embed(ids: list[list[int]]) -> torch.Tensor:
+        input_ids, mask = pad(ids)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return fn(input_ids.to(device), mask.to(device), packed=packed).float()
+
+    return embed
+
+
 def _rng_state(device: torch.device) -> tuple:
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 

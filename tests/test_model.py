@@ -222,3 +222,24 @@ def test_encode_keeps_input_order_and_batch_size_does_not_matter(minilm_dir):
     assert abs(single[0] - one[2]).max() < 1e-5
     with pytest.raises(TypeError):
         emb.encode("a string, not a list")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # eager FlexAttention warns that it is the slow reference
+def test_packed_paths_equal_padded_outputs_and_gradients(minilm):
+    model, tok = minilm
+    model.eval()
+    texts = TEXTS + ["a much shorter one", "x"]
+    ids, mask = tok(texts, max_length=64)
+    real = mask.bool()
+    with torch.no_grad():
+        ref = model(ids, mask)[real]
+        for attention in ("sdpa", "flex"):  # flex: one document-masked sequence (the CUDA path), eager here
+            model.attention = attention
+            assert (model.forward_packed(ids, mask) - ref).abs().max() <= 1e-5, attention
+    model.attention = "sdpa"
+    grads = []
+    for packed in (False, True):
+        model.zero_grad()
+        model.embed(ids, mask, packed=packed).pow(2).sum(0)[:7].sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) <= 1e-5

@@ -1,0 +1,264 @@
+"""Training throughput: bge's training step against sentence-transformers' (MultipleNegativesRankingLoss), same
+model, same batches, same temperature, in one run; each configuration in a fresh process for a clean peak RSS.
+
+    python benchmarks/train.py --vs sentence-transformers --variants fp32,bf16,bf16+packed+compile
+
+Batches are SciFact train (query, relevant abstract) pairs with their real token lengths (or --lengths 24,128 for
+fixed synthetic lengths), tokenised once up front for both sides: the step is what is timed. Reported per
+configuration: samples/s and real (non-padding) tokens/s (median of --repeats processes, min-max), seconds per
+step, peak memory (RSS on CPU, max allocated on CUDA), and model FLOP utilisation against this device's own
+matmul peak measured in the same process. --check-loss compares the fp32 loss trajectories with dropout off.
+
+Variants are `+`-joined switches: fp32 | bf16 | fp16, packed, compile, gradcache=N, ckpt (gradient checkpointing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks.common import SCIFACT, machine, print_table, write_json
+from bge.hub import resolve_model
+
+
+# ---- the batches ---------------------------------------------------------------------------------------
+def make_batches(tokenizer, a) -> list[dict[str, list[list[int]]]]:
+    """Deterministic batches of token ids: {"q": B queries, "p": B*group passages (positive first per query)}."""
+    rng = random.Random(a.seed)
+    if a.lengths == "scifact":
+        corpus = {}
+        for line in open(SCIFACT / "corpus.jsonl", encoding="utf-8"):
+            d = json.loads(line)
+            corpus[d["_id"]] = (d.get("title", "") + " " + d["text"]).strip()
+        queries = {json.loads(l)["_id"]: json.loads(l)["text"] for l in open(SCIFACT / "queries.jsonl", encoding="utf-8")}
+        pairs = [l.split("\t")[:2] for l in open(SCIFACT / "qrels" / "train.tsv").read().splitlines()[1:]]
+        pairs = [(queries[q], corpus[d]) for q, d in pairs]
+        rng.shuffle(pairs)
+        docs = list(corpus.values())
+        q_ids = tokenizer.tokenize([q for q, _ in pairs], max_length=a.max_query_length)
+        p_ids = tokenizer.tokenize([p for _, p in pairs], max_length=a.max_passage_length)
+        n_ids = tokenizer.tokenize(rng.sample(docs, min(len(docs), len(pairs) * (a.group_size - 1) or 1)),
+                                   max_length=a.max_passage_length)
+    else:  # fixed synthetic lengths "q,p": random ids between [CLS] and [SEP]
+        ql, pl = (int(x) for x in a.lengths.split(","))
+        n = a.batch_size * (a.steps + a.warmup)
+        rand = lambda L: [101] + [rng.randrange(1000, 29000) for _ in range(L - 2)] + [102]
+        q_ids, p_ids, n_ids = [rand(ql) for _ in range(n)], [rand(pl) for _ in range(n)], [rand(pl) for _ in range(n * a.group_size)]
+    batches, ni = [], 0
+    for s in range(a.steps + a.warmup):
+        lo = (s * a.batch_size) % (len(q_ids) - a.batch_size)
+        q, p = [], []
+        for i in range(lo, lo + a.batch_size):
+            q.append(q_ids[i])
+            p.append(p_ids[i])
+            for _ in range(a.group_size - 1):
+                p.append(n_ids[ni % len(n_ids)])
+                ni += 1
+        batches.append({"q": q, "p": p})
+    return batches
+
+
+def train_flops(n_linear_params: int, hidden: int, layers: int, batch: dict) -> float:
+    """Forward + backward FLOPs on the real tokens: 3 x (2 x linear params x tokens + 4 x hidden x L^2 per layer)."""
+    lengths = [len(x) for ids in batch.values() for x in ids]
+    return 3 * (2 * n_linear_params * sum(lengths) + 4 * hidden * layers * sum(L * L for L in lengths))
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    """FLOP/s of a large square matmul in this dtype on this device: the denominator of MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps = 5 if device.type == "cpu" else 50
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+# ---- one configuration, in its own process --------------------------------------------------------------
+def worker(a) -> dict:
+    torch.manual_seed(a.seed)
+    device = torch.device(a.device)
+    switches = set(a.variant.split("+"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(next((s for s in switches if s in ("bf16", "fp16")), ""), None)
+    gradcache = next((int(s.split("=")[1]) for s in switches if s.startswith("gradcache=")), 0)
+    folder = resolve_model(a.model)
+    from bge.weights import load_model
+    model, tokenizer = load_model(folder)
+    batches = make_batches(tokenizer, a)
+    peak = matmul_peak(device, dtype or torch.float32)
+
+    if a.side == "bge":
+        from bge.loss import info_nce
+        from bge.optim import make_optimizer
+        from bge.step import forward_backward, make_embed
+        if a.no_dropout:
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+            model.cfg.attention_dropout = 0.0
+        model.to(device).train()
+        model.grad_checkpointing = "ckpt" in switches
+        n_linear = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.ndim == 2)
+        hidden, layers = model.cfg.hidden_size, model.cfg.num_layers
+        opt = make_optimizer(model, lr=a.lr, weight_decay=0.01, fused=device.type in ("cpu", "cuda"))
+        embed = make_embed(model, tokenizer.pad, device, amp_dtype=dtype, compile="compile" in switches,
+                           packed="packed" in switches)
+        labels = torch.arange(a.batch_size, device=device) * a.group_size
+
+        def step(batch):
+            loss, _ = forward_backward(embed, batch, lambda e: (info_nce(e["q"], e["p"], labels, a.temperature)[0], {}),
+                                       chunk_size=gradcache, device=device)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+    else:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+        st = SentenceTransformer(str(folder), device=str(device))
+        if a.no_dropout:
+            for m in st.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+            st[0].auto_model.config.attention_probs_dropout_prob = 0.0
+        st.train()
+        bert = st[0].auto_model
+        n_linear = sum(p.numel() for n, p in bert.named_parameters() if ".layer." in n and p.ndim == 2)
+        hidden, layers = bert.config.hidden_size, bert.config.num_hidden_layers
+        loss_model = MultipleNegativesRankingLoss(st, scale=1.0 / a.temperature)
+        decay = [p for p in st.parameters() if p.ndim >= 2]
+        no_decay = [p for p in st.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=a.lr, fused=device.type in ("cpu", "cuda"))
+
+        def features(ids):
+            input_ids, mask = tokenizer.pad(ids)
+            return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+                    "token_type_ids": torch.zeros_like(input_ids).to(device)}
+
+        def step(batch):
+            # MNRL's layout: anchors, then each column of candidates (positives, then each negative)
+            g = a.group_size
+            cols = [batch["p"][k::g] for k in range(g)]
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = loss_model([features(batch["q"])] + [features(c) for c in cols], labels=None)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for i, batch in enumerate(batches):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        losses.append(step(batch))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t)
+    timed = batches[a.warmup:]
+    tokens = sum(len(x) for b in timed for ids in b.values() for x in ids)
+    flops = sum(train_flops(n_linear, hidden, layers, b) for b in timed)
+    seconds = sum(times)
+    memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"samples_per_s": a.batch_size * len(timed) / seconds, "tokens_per_s": tokens / seconds,
+            "s_per_step": statistics.median(times), "peak_memory_gb": memory / 1e9, "mfu": flops / seconds / peak,
+            "matmul_peak_tflops": peak / 1e12, "losses": losses}
+
+
+# ---- the orchestrator ------------------------------------------------------------------------------------
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="all-MiniLM-L6-v2")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--group-size", type=int, default=1, help="passages per query (1 = pairs, in-batch negatives)")
+    p.add_argument("--max-query-length", type=int, default=64)
+    p.add_argument("--max-passage-length", type=int, default=256)
+    p.add_argument("--lengths", default="scifact", help="'scifact' (real lengths) or fixed 'query,passage' tokens")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation happens here)")
+    p.add_argument("--repeats", type=int, default=3, help="processes per configuration")
+    p.add_argument("--variants", default="fp32,bf16", help="comma-separated bge variants, e.g. bf16+packed+compile")
+    p.add_argument("--vs", choices=["sentence-transformers"], default=None)
+    p.add_argument("--vs-variants", default="fp32", help="sentence-transformers variants (fp32, bf16)")
+    p.add_argument("--check-loss", action="store_true", help="also compare fp32 loss trajectories, dropout off")
+    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--side", default="bge", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--no-dropout", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a)))
+        return
+
+    def run(side: str, variant: str, no_dropout: bool = False) -> dict:
+        argv = [sys.executable, __file__, "--worker", "--side", side, "--variant", variant]
+        for k in ("model", "batch_size", "group_size", "max_query_length", "max_passage_length", "lengths", "steps",
+                  "warmup", "temperature", "lr", "seed", "device"):
+            argv += ["--" + k.replace("_", "-"), str(getattr(a, k))]
+        out = subprocess.run(argv + (["--no-dropout"] if no_dropout else []), capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"{side} {variant} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    configs = [("bge", v) for v in a.variants.split(",")]
+    if a.vs:
+        configs += [("st", v) for v in a.vs_variants.split(",")]
+    results: dict[str, list[dict]] = {f"{s} {v}": [] for s, v in configs}
+    for _ in range(a.repeats):  # interleaved, so drifting machine load hits every configuration alike
+        for side, variant in configs:
+            results[f"{side} {variant}"].append(run(side, variant))
+
+    def med(name, key):
+        return statistics.median(r[key] for r in results[name])
+
+    def span(name, key, fmt):
+        vals = sorted(r[key] for r in results[name])
+        return f"{fmt.format(statistics.median(vals))} ({fmt.format(vals[0])}–{fmt.format(vals[-1])})"
+
+    ref = f"st {a.vs_variants.split(',')[0]}" if a.vs else None
+    rows = []
+    for name in results:
+        ratio = f"{med(name, 'samples_per_s') / med(ref, 'samples_per_s'):.2f}x" if ref else ""
+        rows.append([name.replace("st ", "sentence-transformers "), span(name, "samples_per_s", "{:.1f}"),
+                     span(name, "tokens_per_s", "{:,.0f}"), f"{med(name, 's_per_step'):.2f}",
+                     f"{med(name, 'peak_memory_gb'):.2f}", f"{100 * med(name, 'mfu'):.1f}%", ratio])
+    summary = {"args": {k: v for k, v in vars(a).items() if k not in ("worker", "side", "variant", "no_dropout")},
+               "results": results}
+    if a.check_loss and a.vs:
+        ours, theirs = run("bge", "fp32", no_dropout=True)["losses"], run("st", "fp32", no_dropout=True)["losses"]
+        diff = max(abs(x - y) for x, y in zip(ours, theirs))
+        summary["loss_check"] = {"bge": ours, "sentence-transformers": theirs, "max_abs_diff": diff}
+        print(f"fp32 loss trajectories, dropout off, {len(ours)} steps: max |bge - sentence-transformers| = {diff:.2e}")
+    print_table(f"training step · {Path(str(resolve_model(a.model))).name} · batch {a.batch_size} x group "
+                f"{a.group_size} · max len {a.max_query_length}/{a.max_passage_length} · lengths {a.lengths}",
+                ["", "samples/s", "real tokens/s", "s/step", "peak GB", "MFU", "vs ST"], rows)
+    write_json(a.json, summary)
+
+
+if __name__ == "__main__":
+    main()

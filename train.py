@@ -23,7 +23,7 @@ import torch
 from rich.progress import TextColumn
 from rich.table import Table
 
-from bge.batching import Sampler, make_batch, split_queries
+from bge.batching import Batch, Prefetcher, Sampler, make_batch, split_queries
 from bge.checkpoint import atomic_write_text, latest_state, load_state, save_state
 from bge.config import TrainConfig, config_from_dict, parse_args
 from bge.console import console, progress, run_cli
@@ -203,7 +203,15 @@ def main(argv: list[str] | None = None) -> None:
     if trainer["step"] == 0 and trainer["best"] is None:
         evaluate_and_keep_best(0)  # the base model is the first candidate for best/
 
+    def build(micro_step: int) -> tuple[int, Batch, dict[str, list[list[int]]]]:
+        """Micro-batch number micro_step, tokenised: a pure function of it, so it can be built ahead."""
+        epoch, indices = sampler.batch(micro_step)
+        batch = make_batch(train_examples, indices, group_size=group_size, seed=cfg.seed, epoch=epoch)
+        return epoch, batch, {"q": tokenizer.tokenize(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length),
+                              "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length)}
+
     # ---- the loop ----------------------------------------------------------------------------------
+    batches = Prefetcher(build, trainer["micro_step"])  # tokenisation off the critical path
     model.train()
     stats = TextColumn("loss {task.fields[loss]:.4f} · acc {task.fields[acc]:.2f} · lr {task.fields[lr]:.2e} · "
                        "{task.fields[tps]:,.0f} tok/s")
@@ -214,10 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             step_loss, step_acc, tokens, finite = 0.0, 0.0, 0, True
             for _ in range(cfg.grad_accum):
-                epoch, indices = sampler.batch(trainer["micro_step"])
-                batch = make_batch(train_examples, indices, group_size=group_size, seed=cfg.seed, epoch=epoch)
-                inputs = {"q": tokenizer.tokenize(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length),
-                          "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length)}
+                epoch, batch, inputs = batches.get(trainer["micro_step"])
                 tokens += sum(len(x) for ids in inputs.values() for x in ids)
                 mask = false_negative_mask(batch.passage_hashes, batch.query_pos_hashes, batch.pos_index).to(device)
 

@@ -13,7 +13,8 @@ from rich.table import Table
 
 from bge.console import console
 
-SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact"
+# where SciFact lives: ../shared/data beside the checkout, or $BGE_SCIFACT (a device machine gets a carried copy)
+SCIFACT = Path(os.environ.get("BGE_SCIFACT") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact")
 
 
 def scifact_passages(n: int, words: tuple[int, int] = (150, 250), path: Path = SCIFACT) -> list[str]:

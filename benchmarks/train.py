@@ -117,7 +117,7 @@ def worker(a) -> dict:
         n_linear = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.ndim == 2)
         hidden, layers = model.cfg.hidden_size, model.cfg.num_layers
         opt = make_optimizer(model, lr=a.lr, weight_decay=0.01, fused=device.type in ("cpu", "cuda"))
-        embed = make_embed(model, tokenizer.pad, device, amp_dtype=dtype, compile="compile" in switches,
+        embed = make_embed(model.embed, tokenizer.pad, device, amp_dtype=dtype, compile="compile" in switches,
                            packed="packed" in switches)
         labels = torch.arange(a.batch_size, device=device) * a.group_size
 

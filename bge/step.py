@@ -10,7 +10,7 @@ Peak memory is one chunk's activations plus the embeddings, whatever the batch s
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -19,11 +19,12 @@ Embed = Callable[[list[list[int]]], torch.Tensor]  # token id lists -> (n, d) fl
 LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def make_embed(model: torch.nn.Module, pad: Callable, device: torch.device, *, amp_dtype: torch.dtype | None = None,
+def make_embed(fn: Callable, pad: Callable, device: torch.device, *, amp_dtype: torch.dtype | None = None,
                compile: bool = False, packed: bool = False) -> Embed:
-    """The function a step embeds texts with: pad the token ids (per call, so per GradCache chunk), run the
-    model under autocast (bf16/fp16) or in fp32, and return float32 embeddings."""
-    fn = torch.compile(model.embed, dynamic=True) if compile else model.embed  # the raw module is what we save
+    """The function a step embeds texts with: pad the token ids (per call, so per GradCache chunk), run
+    fn(input_ids, mask, packed=...) (model.embed, or its DDP wrapper) under autocast (bf16/fp16) or in fp32,
+    and return float32 embeddings."""
+    fn = torch.compile(fn, dynamic=True) if compile else fn  # compiles a view: the raw module is what we save
 
     def embed(ids: list[list[int]]) -> torch.Tensor:
         input_ids, mask = pad(ids)
@@ -53,35 +54,45 @@ def _replay(state: tuple, device: torch.device):
 
 
 def forward_backward(embed: Embed, inputs: dict[str, list[list[int]]], loss_fn: LossFn, *, chunk_size: int = 0,
-                     loss_scale: float = 1.0, device: torch.device = torch.device("cpu")
+                     loss_scale: float = 1.0, device: torch.device = torch.device("cpu"),
+                     no_sync: Callable[[], AbstractContextManager] | None = None, sync: bool = True
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Embed each group of `inputs`, apply loss_fn to the embeddings, and backpropagate loss * loss_scale
     into the model. chunk_size > 0 uses GradCache with chunks of that many texts. Returns the (unscaled,
-    detached) loss and loss_fn's statistics."""
+    detached) loss and loss_fn's statistics.
+
+    Under DDP pass its `no_sync`: then every forward is followed by its own backward (all groups go through
+    one forward), and only the last backward syncs gradients, or none when sync=False (gradient accumulation)."""
+    names = list(inputs)
+    sizes = [len(inputs[n]) for n in names]
+    quiet = no_sync or nullcontext  # the context for backward passes that must not all-reduce yet
+
     if chunk_size <= 0:
-        loss, stats = loss_fn({name: embed(ids) for name, ids in inputs.items()})
-        if torch.isfinite(loss):
-            (loss * loss_scale).backward()
+        with nullcontext() if sync else quiet():
+            if no_sync is None:  # one forward per group: each pads to its own longest text
+                emb = {name: embed(ids) for name, ids in inputs.items()}
+            else:  # DDP wants one forward per backward
+                emb = dict(zip(names, embed([x for n in names for x in inputs[n]]).split(sizes)))
+            loss, stats = loss_fn(emb)
+            if torch.isfinite(loss):
+                (loss * loss_scale).backward()
         return loss.detach(), stats
 
-    chunks = {name: [ids[i : i + chunk_size] for i in range(0, len(ids), chunk_size)] for name, ids in inputs.items()}
-    states: dict[tuple[str, int], tuple] = {}
-    cached = {}
+    texts = [x for n in names for x in inputs[n]]  # chunks may straddle groups: the loss sees whole groups
+    chunks = [texts[i : i + chunk_size] for i in range(0, len(texts), chunk_size)]
+    states = []
     with torch.no_grad():
-        for name, parts in chunks.items():
-            embs = []
-            for i, part in enumerate(parts):
-                states[name, i] = _rng_state(device)
-                embs.append(embed(part))
-            cached[name] = torch.cat(embs).requires_grad_()
-    loss, stats = loss_fn(cached)
+        parts = []
+        for part in chunks:
+            states.append(_rng_state(device))
+            parts.append(embed(part))
+        cached = torch.cat(parts).requires_grad_()
+    loss, stats = loss_fn(dict(zip(names, cached.split(sizes))))
     if not torch.isfinite(loss):
         return loss.detach(), stats
-    (loss * loss_scale).backward()
-    for name, parts in chunks.items():
-        grads = cached[name].grad.split(chunk_size)
-        for i, (part, grad) in enumerate(zip(parts, grads)):
-            with _replay(states[name, i], device):
-                e = embed(part)
-            e.backward(grad)
+    (loss * loss_scale).backward()  # into the cached embeddings only: no parameter is touched yet
+    for i, (part, grad) in enumerate(zip(chunks, cached.grad.split(chunk_size))):
+        last = sync and i == len(chunks) - 1
+        with _replay(states[i], device), nullcontext() if last else quiet():
+            embed(part).backward(grad)
     return loss.detach(), stats

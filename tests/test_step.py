@@ -1,4 +1,6 @@
 """GradCache gives the gradients of the plain full-batch step."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -29,10 +31,10 @@ def setup(dropout: float, minilm_dir, dtype=torch.float32):
     return model, embed, inputs, loss_fn
 
 
-def grads(model, embed, inputs, loss_fn, chunk, seed=1):
+def grads(model, embed, inputs, loss_fn, chunk, seed=1, **kw):
     model.zero_grad()
     torch.manual_seed(seed)
-    loss, _ = forward_backward(embed, inputs, loss_fn, chunk_size=chunk)
+    loss, _ = forward_backward(embed, inputs, loss_fn, chunk_size=chunk, **kw)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -49,10 +51,10 @@ def test_gradcache_equals_full_batch_gradients(minilm_dir, chunk, dtype, tol):
 
 
 def test_dropout_is_replayed_in_the_second_forward(minilm_dir):
-    # one chunk per group consumes the RNG exactly as the plain step does, so even with dropout the two agree;
-    # if the re-forward drew fresh dropout masks, the gradients would not match the loss
+    # a single chunk consumes the RNG exactly as the one-forward (DDP-style) plain step does, so even with
+    # dropout the two agree; if the re-forward drew fresh dropout masks, the gradients would not match the loss
     model, embed, inputs, loss_fn = setup(0.1, minilm_dir)
-    full_loss, full = grads(model, embed, inputs, loss_fn, 0)
+    full_loss, full = grads(model, embed, inputs, loss_fn, 0, no_sync=nullcontext)
     loss, cached = grads(model, embed, inputs, loss_fn, 100)
     assert torch.allclose(loss, full_loss, atol=1e-6)
     assert max((cached[n] - full[n]).abs().max().item() for n in full) <= 1e-5

@@ -28,7 +28,8 @@ from bge.checkpoint import atomic_write_text, latest_state, load_state, save_sta
 from bge.config import TrainConfig, config_from_dict, parse_args
 from bge.console import console, progress, run_cli
 from bge.data import RetrievalData, examples_from_beir, load_beir, load_examples, retrieval_from_examples
-from bge.embedder import Embedder, default_device
+from bge import distributed
+from bge.embedder import Embedder
 from bge.errors import UserError
 from bge.evaluation import evaluate_retrieval, load_eval_data
 from bge.loss import false_negative_mask, info_nce
@@ -44,7 +45,7 @@ RESUMABLE_OVERRIDES = {"epochs", "max_steps", "patience", "eval_every", "save_ev
 
 
 # ---- set-up helpers ----------------------------------------------------------------------------------
-def load_data(cfg: TrainConfig, run_dir: Path) -> tuple[list, RetrievalData | None, RetrievalData | None, dict]:
+def load_data(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[list, RetrievalData | None, RetrievalData | None, dict]:
     """Training examples, validation and test sets. Without --val/--test files, queries are carved out of
     --data by seed (a query's positives never cross splits) and the split is written to the run folder."""
     path = Path(cfg.data)
@@ -65,7 +66,8 @@ def load_data(cfg: TrainConfig, run_dir: Path) -> tuple[list, RetrievalData | No
         parts = split_queries(examples, val_ratio, test_ratio, cfg.seed)
         split = {"seed": cfg.seed, "val_ratio": val_ratio, "test_ratio": test_ratio,
                  **{name: [examples[i].qid for i in idx] for name, idx in parts.items()}}
-        atomic_write_text(split_file, json.dumps(split) + "\n")
+        if write:  # under torchrun every rank computes the same split; rank 0 writes it
+            atomic_write_text(split_file, json.dumps(split) + "\n")
     train_ids = set(split["train"])
     train = [ex for ex in examples if ex.qid in train_ids]
     val = load_eval_data(cfg.val, "dev", cfg.title) if cfg.val else full.subset(split["val"])
@@ -104,6 +106,21 @@ def validate(embedder: Embedder, data: RetrievalData, cfg: TrainConfig, cpu_bf16
     return ev.metrics.summary
 
 
+def retrieval_loss(emb: dict[str, torch.Tensor], batch: Batch, cfg: TrainConfig,
+                   info: distributed.DistInfo | None = None) -> tuple[torch.Tensor, dict]:
+    """InfoNCE of a batch's queries over its passages, false negatives masked; with `info`, over every
+    rank's passages (cross-device negatives, weighted so DDP's average is the global mean)."""
+    q, p, pos, owner, hashes = emb["q"], emb["p"], batch.pos_index, batch.owner, batch.passage_hashes
+    offset, weight = 0, 1.0
+    if info is not None:
+        p, pos, owner, hashes, offset, weight = distributed.cross_device_batch(q, p, batch, info)
+    dev = q.device
+    mask = false_negative_mask(hashes.to(dev), batch.query_pos_hashes.to(dev), pos.to(dev))
+    loss, acc = info_nce(q, p, pos.to(dev), cfg.temperature, mask=mask, owner=owner.to(dev),
+                         in_batch=cfg.in_batch_negatives, symmetric=cfg.symmetric, query_offset=offset)
+    return loss * weight, {"acc": acc}
+
+
 def results_table(title: str, base: dict, tuned: dict) -> Table:
     table = Table(title=title)
     for col in ("metric", "base", "fine-tuned", "change"):
@@ -118,6 +135,8 @@ def results_table(title: str, base: dict, tuned: dict) -> Table:
 # ---- the run -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     cfg, explicit = parse_args(argv)
+    info = distributed.init(cfg.device)  # one process per device under torchrun; else a single one
+    console.quiet = not info.main  # rank 0 speaks for all
     if cfg.resume:
         run_dir = Path(cfg.resume)
         if not (run_dir / "config.json").exists():
@@ -132,19 +151,25 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("--data is required (a FlagEmbedding-format JSONL or a BEIR folder)")
         if not Path(cfg.data).exists():
             raise UserError(f"--data {cfg.data}: no such file or folder")
-        name = cfg.run_name or f"{Path(cfg.data).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+        name = distributed.broadcast(cfg.run_name or f"{Path(cfg.data).stem}-{datetime.now():%Y%m%d-%H%M%S}", info)
         run_dir = Path(cfg.out_dir) / name
         if (run_dir / "state").exists():
             raise UserError(f"{run_dir} already holds a run; pass --resume {run_dir} or another --run-name")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-        atomic_write_text(run_dir / "command.txt", shlex.join([sys.executable, *sys.argv]) + "\n")
-        atomic_write_text(run_dir / "git.txt", git_commit() + "\n")
-    device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
+        distributed.barrier(info)  # every rank has looked before rank 0 creates it
+        if info.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+            atomic_write_text(run_dir / "command.txt", shlex.join([sys.executable, *sys.argv]) + "\n")
+            atomic_write_text(run_dir / "git.txt", git_commit() + "\n")
+        distributed.barrier(info)
+    device = info.device
+    torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout masks
+    cross_device = info.enabled and cfg.cross_device_negatives
+    if cross_device and cfg.symmetric:
+        raise UserError("--symmetric is not supported with cross-device negatives; pass --no-cross-device-negatives")
 
     # data
-    train_examples, val_data, test_data, split = load_data(cfg, run_dir)
+    train_examples, val_data, test_data, split = load_data(cfg, run_dir, write=info.main)
     console.print(f"run {run_dir}: {len(train_examples)} training queries, "
                   f"{len(val_data.queries) if val_data else 0} validation, {len(test_data.queries) if test_data else 0} test")
 
@@ -152,12 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     embedder = Embedder.load(cfg.model, device=device, query_prompt=None if cfg.query_prompt == "auto" else cfg.query_prompt)
     model, tokenizer = embedder.model, embedder.tokenizer
     amp_dtype, scaler = precision(cfg, device)
-    embed = make_embed(model.embed, tokenizer.pad, device, amp_dtype=amp_dtype, compile=cfg.compile)
+    net = distributed.wrap(model, info)  # DDP under torchrun: gradients averaged over ranks
+    embed = make_embed(net or model.embed, tokenizer.pad, device, amp_dtype=amp_dtype, compile=cfg.compile)
     cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16  # evaluate in the arithmetic we train in
 
     # optimisation
     lr = cfg.lr or default_lr(model.cfg.hidden_size)
-    sampler = Sampler(train_examples, cfg.batch_size, cfg.seed)
+    sampler = Sampler(train_examples, cfg.batch_size * info.world, cfg.seed, min_size=info.world)  # global batches
     steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
@@ -173,22 +199,25 @@ def main(argv: list[str] | None = None) -> None:
                "bad_steps_total": 0, "train_seconds": 0.0, "tokens": 0}
     state = latest_state(run_dir) if cfg.resume else None
     if state is not None:
-        trainer.update(load_state(state, model, optimizer))
+        trainer.update(load_state(state, model, optimizer, rank=info.rank))
         console.print(f"resumed from {state} at step {trainer['step']}")
     metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists():  # forget what was logged after the state we resume from
+    if metrics_path.exists() and info.main:  # forget what was logged after the state we resume from
         kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= trainer["step"]]
         atomic_write_text(metrics_path, "".join(l + "\n" for l in kept))
-    log = open(metrics_path, "a", encoding="utf-8")
+    log = open(metrics_path, "a", encoding="utf-8") if info.main else None
 
     def log_line(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
 
     def evaluate_and_keep_best(step: int) -> bool:
-        """Validate; export best/ when nDCG@10 improves; True when patience has run out."""
+        """Validate (rank 0; the others wait); export best/ when nDCG@10 improves; True when patience has run out."""
         if val_data is None:
             return False
+        if not info.main:
+            return distributed.broadcast(False, info)
         scores = validate(embedder, val_data, cfg, cpu_bf16)
         log_line({"step": step, **{f"val/{k}": v for k, v in scores.items()}})
         score = scores["ndcg@10"]
@@ -198,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             trainer["stale_evals"] += 1
         console.print(f"step {step}: val nDCG@10 {score:.4f} (best {trainer['best']:.4f} at step {trainer['best_step']})")
-        return cfg.patience > 0 and trainer["stale_evals"] >= cfg.patience
+        return distributed.broadcast(cfg.patience > 0 and trainer["stale_evals"] >= cfg.patience, info)
 
     if trainer["step"] == 0 and trainer["best"] is None:
         evaluate_and_keep_best(0)  # the base model is the first candidate for best/
@@ -206,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     def build(micro_step: int) -> tuple[int, Batch, dict[str, list[list[int]]]]:
         """Micro-batch number micro_step, tokenised: a pure function of it, so it can be built ahead."""
         epoch, indices = sampler.batch(micro_step)
-        batch = make_batch(train_examples, indices, group_size=group_size, seed=cfg.seed, epoch=epoch)
+        batch = make_batch(train_examples, distributed.shard(indices, info), group_size=group_size, seed=cfg.seed, epoch=epoch)
         return epoch, batch, {"q": tokenizer.tokenize(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length),
                               "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length)}
 
@@ -221,24 +250,22 @@ def main(argv: list[str] | None = None) -> None:
         while trainer["step"] < total_steps and not stop:
             t0 = time.perf_counter()
             step_loss, step_acc, tokens, finite = 0.0, 0.0, 0, True
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 epoch, batch, inputs = batches.get(trainer["micro_step"])
                 tokens += sum(len(x) for ids in inputs.values() for x in ids)
-                mask = false_negative_mask(batch.passage_hashes, batch.query_pos_hashes, batch.pos_index).to(device)
 
                 def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-                    loss, acc = info_nce(emb["q"], emb["p"], batch.pos_index.to(device), cfg.temperature, mask=mask,
-                                         owner=batch.owner.to(device), in_batch=cfg.in_batch_negatives,
-                                         symmetric=cfg.symmetric)
-                    return loss, {"acc": acc}
+                    return retrieval_loss(emb, batch, cfg, info if cross_device else None)
 
                 scale = (scaler.get_scale() if scaler else 1.0) / cfg.grad_accum
                 loss, stats = forward_backward(embed, inputs, loss_fn, chunk_size=cfg.grad_cache, loss_scale=scale,
-                                               device=device)
+                                               device=device, no_sync=net.no_sync if net else None,
+                                               sync=micro == cfg.grad_accum - 1)
                 finite &= bool(torch.isfinite(loss))
-                step_loss += loss.item() / cfg.grad_accum
-                step_acc += stats["acc"].item() / cfg.grad_accum
+                step_loss += distributed.mean(loss.item(), info) / cfg.grad_accum
+                step_acc += distributed.mean(stats["acc"].item(), info) / cfg.grad_accum
                 trainer["micro_step"] += 1
+            finite = distributed.all_true(finite, info)
 
             lr_now = get_lr(trainer["step"], lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, schedule=cfg.schedule)
             for group in optimizer.param_groups:
@@ -276,7 +303,13 @@ def main(argv: list[str] | None = None) -> None:
                 if stop:
                     console.print(f"early stop: no improvement in {cfg.patience} validations")
             if step % save_every == 0 or step == total_steps or stop:
-                save_state(run_dir, step, model, optimizer, trainer)
+                rng = distributed.rng_states(info)  # every rank's dropout RNG, for an exact resume
+                if info.main:
+                    save_state(run_dir, step, model, optimizer, trainer, rng=rng)
+                distributed.barrier(info)
+    if not info.main:  # rank 0 exports and evaluates; the others are done
+        distributed.shutdown(info)
+        return
     log.close()
     embedder.save(run_dir / "final")
     if val_data is None:  # nothing to choose by: the last weights are the best we know
@@ -298,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
                        base=b, fine_tuned=t, change={k: t[k] - b[k] for k in b})
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     console.print(f"wrote {run_dir / 'results.json'}; fine-tuned model in {run_dir / 'best'}")
+    distributed.shutdown(info)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ def split_queries(examples: list[Example], val_ratio: float, test_ratio: float, 
 class Sampler:
     """Batches of example indices: a fresh shuffle each epoch, and never the same query twice in a batch."""
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int):
-        self.batch_size, self.seed = batch_size, seed
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, min_size: int = 1):
+        self.batch_size, self.seed, self.min_size = batch_size, seed, min_size  # min_size: one query per rank
         self.query_hash = [text_hash(ex.query) for ex in examples]
         self._epoch, self._batches = -1, []
         self._lengths: dict[int, int] = {}
@@ -103,6 +103,7 @@ class Sampler:
                     break
         if batch:
             batches.append(batch)
+        batches = [b for b in batches if len(b) >= self.min_size]  # only a short tail can be dropped
         self._epoch, self._batches = epoch, batches
         self._lengths[epoch] = len(batches)
         return batches

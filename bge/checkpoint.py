@@ -63,23 +63,23 @@ def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def rng_state() -> dict[str, torch.Tensor]:
-    """Every torch RNG that dropout or sampling could touch."""
-    out = {"rng.cpu": torch.get_rng_state()}
+    """This process's torch RNGs (CPU, and the current CUDA device's): what dropout draws from."""
+    out = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
+        out["cuda"] = torch.cuda.get_rng_state()
     return out
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_state(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict) -> Path:
-    """Write a complete resumable state for `step`, point latest.json at it, and drop older states."""
+def save_state(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict,
+               rng: list[dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write a complete resumable state for `step`, point latest.json at it, and drop older states.
+    `rng` holds every rank's RNG states under torchrun (default: this process's)."""
     root = run_dir / "state"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
@@ -88,7 +88,8 @@ def save_state(run_dir: Path, step: int, model: nn.Module, optimizer: torch.opti
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     tensors, meta = optimizer_tensors(optimizer)
-    save_file({**tensors, **rng_state()}, str(tmp / "optimizer.safetensors"))
+    rngs = {f"rng.{r}.{k}": v for r, state in enumerate(rng or [rng_state()]) for k, v in state.items()}
+    save_file({**tensors, **rngs}, str(tmp / "optimizer.safetensors"))
     (tmp / "trainer.json").write_text(json.dumps({**trainer, "optimizer": meta}, indent=1), encoding="utf-8")
     for f in tmp.iterdir():
         with open(f, "rb+") as fh:
@@ -115,12 +116,13 @@ def latest_state(run_dir: Path) -> Path | None:
     return folder
 
 
-def load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and RNGs from a state folder; returns the trainer dict saved with them."""
+def load_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
+    """Restore model, optimizer and this rank's RNGs from a state folder; returns the trainer dict saved with them."""
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     trainer = json.loads((folder / "trainer.json").read_text(encoding="utf-8"))
     tensors = load_file(str(folder / "optimizer.safetensors"))
-    set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")})
+    own = f"rng.{rank}." if any(k.startswith(f"rng.{rank}.") for k in tensors) else "rng.0."
+    set_rng_state({k.removeprefix(own): v for k, v in tensors.items() if k.startswith(own)})
     opt = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
     optimizer.load_state_dict(optimizer_state(opt, trainer.pop("optimizer")))
     return trainer

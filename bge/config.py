@@ -44,6 +44,8 @@ class TrainConfig:
     temperature: float = opt(0.02, "softmax temperature on cosine scores (BGE: 0.02)", "loss")
     in_batch_negatives: bool = opt(True, "use the other queries' passages as negatives", "loss")
     symmetric: bool = opt(False, "add the passage-to-query InfoNCE term", "loss")
+    cross_device_negatives: bool = opt(True, "under torchrun, every device's passages are negatives for every query",
+                                       "loss")
     # optimisation
     lr: float = opt(0.0, "peak learning rate; 0 = by model size (3e-5 small, 2e-5 base, 1e-5 large)", "optim")
     weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorms)", "optim")

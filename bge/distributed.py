@@ -21,6 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from bge.checkpoint import rng_state
 
 
 @dataclass
@@ -54,6 +57,15 @@ def init(device: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), dev)
 
 
+def broadcast(obj, info: DistInfo):
+    """Rank 0's value of obj, on every rank (a run name with a timestamp, an early-stop decision)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
@@ -75,6 +87,21 @@ class EmbedModule(nn.Module):
         return self.encoder.embed(input_ids, attention_mask, packed=packed)
 
 
+def wrap(model: nn.Module, info: DistInfo) -> DDP | None:
+    """DDP around the encoder's embed, or None in a single process. Every DDP forward is followed by its own
+    backward (bge.step.forward_backward sees to it), and no_sync holds the all-reduce back until the last."""
+    if not info.enabled:
+        return None
+    return DDP(EmbedModule(model), device_ids=[info.device] if info.device.type == "cuda" else None)
+
+
+def shard(indices: list[int], info: DistInfo) -> list[int]:
+    """This rank's contiguous share of a global batch (sizes differ by at most one), so the ranks' shares
+    concatenated in rank order are the global batch a single process would see."""
+    n, w, r = len(indices), info.world, info.rank
+    return indices[r * n // w : (r + 1) * n // w]
+
+
 def gather(x: torch.Tensor, info: DistInfo, grad: bool) -> tuple[torch.Tensor, int]:
     """Concatenate x (n_r, ...) from every rank in rank order; (global tensor, offset of this rank's rows).
     Ranks may hold different n_r: rows are padded to the largest for the collective and stripped after."""
@@ -92,20 +119,41 @@ def gather(x: torch.Tensor, info: DistInfo, grad: bool) -> tuple[torch.Tensor, i
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[: info.rank])
 
 
-def all_sum(value: float, info: DistInfo, device: torch.device) -> float:
-    """Sum a number over ranks (for logging global loss and accuracy)."""
+def cross_device_batch(q: torch.Tensor, p: torch.Tensor, batch, info: DistInfo) -> tuple:
+    """The global view of a sharded contrastive batch, for this rank's queries: all passages (autograd-aware),
+    and in global numbering each local query's positive, each passage's owner and text hash; plus this rank's
+    first global query index and the weight that makes DDP's average the mean over all global queries."""
+    p_all, p_offset = gather(p, info, grad=True)
+    n_all, q_offset = gather(torch.tensor([len(q)], device=q.device), info, grad=False)
+    n_all = int(n_all.sum())
+    owner, _ = gather(batch.owner.to(q.device) + q_offset, info, grad=False)
+    hashes, _ = gather(batch.passage_hashes.to(q.device), info, grad=False)
+    return p_all, batch.pos_index.to(q.device) + p_offset, owner, hashes, q_offset, len(q) * info.world / n_all
+
+
+def all_true(flag: bool, info: DistInfo) -> bool:
+    """True on every rank only if it is true on every rank (skip a step together, never alone)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t)
+
+
+def mean(value: float, info: DistInfo) -> float:
+    """Mean of a number over ranks (for logging the global loss and accuracy)."""
     if not info.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
-    return float(t)
+    return float(t) / info.world
 
 
-def rng_states(info: DistInfo) -> list[torch.Tensor]:
-    """Every rank's CPU RNG state (dropout masks differ per rank), gathered on all ranks."""
-    state = torch.get_rng_state()
+def rng_states(info: DistInfo) -> list[dict[str, torch.Tensor]]:
+    """Every rank's RNG states (dropout masks differ per rank), in rank order, on every rank."""
+    state = rng_state()
     if not info.enabled:
         return [state]
     out = [None] * info.world
-    dist.all_gather_object(out, state)
+    dist.all_gather_object(out, {k: v.cpu() for k, v in state.items()})
     return out

@@ -55,17 +55,20 @@ def _replay(state: tuple, device: torch.device):
 
 def forward_backward(embed: Embed, inputs: dict[str, list[list[int]]], loss_fn: LossFn, *, chunk_size: int = 0,
                      loss_scale: float = 1.0, device: torch.device = torch.device("cpu"),
-                     no_sync: Callable[[], AbstractContextManager] | None = None, sync: bool = True
+                     no_sync: Callable[[], AbstractContextManager] | None = None, sync: bool = True,
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Embed each group of `inputs`, apply loss_fn to the embeddings, and backpropagate loss * loss_scale
     into the model. chunk_size > 0 uses GradCache with chunks of that many texts. Returns the (unscaled,
     detached) loss and loss_fn's statistics.
 
     Under DDP pass its `no_sync`: then every forward is followed by its own backward (all groups go through
-    one forward), and only the last backward syncs gradients, or none when sync=False (gradient accumulation)."""
+    one forward), and only the last backward syncs gradients, or none when sync=False (gradient accumulation).
+    A non-finite loss is not backpropagated, except under DDP, where every rank must run the same collectives
+    (the caller then skips the optimiser step on all ranks together)."""
     names = list(inputs)
     sizes = [len(inputs[n]) for n in names]
     quiet = no_sync or nullcontext  # the context for backward passes that must not all-reduce yet
+    backprop = lambda loss: no_sync is not None or bool(torch.isfinite(loss))
 
     if chunk_size <= 0:
         with nullcontext() if sync else quiet():
@@ -74,7 +77,7 @@ def forward_backward(embed: Embed, inputs: dict[str, list[list[int]]], loss_fn: 
             else:  # DDP wants one forward per backward
                 emb = dict(zip(names, embed([x for n in names for x in inputs[n]]).split(sizes)))
             loss, stats = loss_fn(emb)
-            if torch.isfinite(loss):
+            if backprop(loss):
                 (loss * loss_scale).backward()
         return loss.detach(), stats
 
@@ -88,7 +91,7 @@ def forward_backward(embed: Embed, inputs: dict[str, list[list[int]]], loss_fn: 
             parts.append(embed(part))
         cached = torch.cat(parts).requires_grad_()
     loss, stats = loss_fn(dict(zip(names, cached.split(sizes))))
-    if not torch.isfinite(loss):
+    if not backprop(loss):
         return loss.detach(), stats
     (loss * loss_scale).backward()  # into the cached embeddings only: no parameter is touched yet
     for i, (part, grad) in enumerate(zip(chunks, cached.grad.split(chunk_size))):

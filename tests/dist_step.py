@@ -1,0 +1,68 @@
+"""One training step of train.py's machinery, run by tests/test_distributed.py under torchrun (2 ranks, gloo)
+and in a single process; rank 0 writes the global loss and the updated weights for the test to compare.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_step.py OUT_DIR MODEL_DIR
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from safetensors.torch import save_file
+
+import train
+from bge import distributed
+from bge.batching import make_batch
+from bge.config import TrainConfig
+from bge.data import Example
+from bge.step import forward_backward, make_embed
+from bge.weights import load_model
+
+VARIANTS = [  # (name, group size, GradCache chunk)
+    ("in-batch", 1, 0),
+    ("hard negatives", 3, 0),
+    ("hard negatives + gradcache", 3, 5),
+]
+
+
+def examples() -> list[Example]:
+    """8 queries; query 6 (on rank 1) brings query 0's positive (on rank 0) as a hard negative: a false
+    negative for query 0 that only a mask over the gathered global batch can catch."""
+    out = [Example(f"question {i} about {'spokes ' * i}wheels", [f"answer {i}: " + "true " * (2 + i)],
+                   [f"distractor {i}.{k} " + "noise " * k for k in range(3)]) for i in range(8)]
+    out[6].neg[0] = out[0].pos[0]
+    return out
+
+
+def main() -> None:
+    out_dir, model_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    info = distributed.init("cpu")
+    ex = examples()
+    results = {}
+    for name, group, chunk in VARIANTS:
+        model, tok = load_model(model_dir)
+        model.train()  # dropout is 0 in this model's config: every path computes the same function
+        # plain SGD: Adam's first step is lr * g / (|g| + eps), which turns rounding in near-zero gradients into
+        # visible weight differences; SGD moves the weights by exactly lr * gradient
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        net = distributed.wrap(model, info)
+        embed = make_embed(net or model.embed, tok.pad, info.device)
+        batch = make_batch(ex, distributed.shard(list(range(8)), info), group_size=group, seed=0, epoch=0)
+        inputs = {"q": tok.tokenize(batch.queries), "p": tok.tokenize(batch.passages)}
+        cfg = TrainConfig(temperature=0.05)
+        loss, stats = forward_backward(embed, inputs, lambda e: train.retrieval_loss(e, batch, cfg, info if net else None),
+                                       chunk_size=chunk, device=info.device, no_sync=net.no_sync if net else None)
+        grads = {f"grad.{n}": p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        results[name] = distributed.mean(loss.item(), info)
+        if info.main:
+            save_file({**grads, **{k: v.contiguous() for k, v in model.state_dict().items()}}, str(out_dir / f"{name}.safetensors"))
+    if info.main:
+        (out_dir / "losses.json").write_text(json.dumps(results))
+    distributed.shutdown(info)
+
+
+if __name__ == "__main__":
+    main()

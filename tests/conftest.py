@@ -77,3 +77,25 @@ def make_tiny_model(folder, minilm_dir, *, pooling: str = "cls", seed: int = 0, 
 def tiny_model_dir(tmp_path_factory, minilm_dir):
     """A tiny random BERT folder, shared by the tests that only need something that runs fast."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", minilm_dir)
+
+
+def start_and_kill(argv: list[str], run_dir, at_step: int, **popen) -> int:
+    """Start a training command, SIGKILL its whole process group once it has saved a state at or past
+    `at_step` (mid-run, at no chosen point), and return the step of the last complete state."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **popen)
+    latest = run_dir / "state" / "latest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= at_step:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return json.loads(latest.read_text())["step"]

@@ -2,17 +2,15 @@
 the same weights after a step, the same training run; cross-device negatives with the false-negative mask."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, start_and_kill
 
 REPO = Path(__file__).resolve().parents[1]
 SCIFACT = REPO.parent / "shared" / "data" / "scifact"
@@ -86,18 +84,8 @@ def test_torchrun_train_checkpoints_resumes_and_matches_one_process(tmp_path, no
                             capture_output=True, text=True, env=env())
     assert single.returncode == 0, single.stderr[-3000:]
     # two ranks of 4 = the same global batch of 8; killed mid-run, then resumed
-    proc = subprocess.Popen(torchrun(2, train, *common, "--batch-size", "4", "--run-name", "two"), env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    latest = tmp_path / "two" / "state" / "latest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and json.loads(latest.read_text())["step"] >= 4:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the 2-process run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(latest.read_text())["step"]
+    killed_at = start_and_kill(torchrun(2, train, *common, "--batch-size", "4", "--run-name", "two"),
+                               tmp_path / "two", at_step=4, env=env())
     assert 4 <= killed_at < 12
     resumed = subprocess.run(torchrun(2, train, "--resume", str(tmp_path / "two")), capture_output=True, text=True, env=env())
     assert resumed.returncode == 0, resumed.stderr[-3000:]

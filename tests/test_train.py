@@ -1,11 +1,8 @@
 """train.py end to end on a tiny random model: the run folder, exact resume after SIGKILL, atomic state,
 and bad input that never shows a traceback."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import start_and_kill
 from bge import checkpoint
 from bge.errors import UserError
 
@@ -60,18 +58,8 @@ def test_killed_run_resumes_to_identical_weights(data, tiny_model_dir, tmp_path)
     common = args(data, tiny_model_dir, tmp_path, "--max-steps", "24", "--save-every", "1", "--eval-every", "12")
     whole = run_cli(*common, "--run-name", "whole")
     assert whole.returncode == 0, whole.stderr
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *common, "--run-name", "killed"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = tmp_path / "killed" / "state" / "latest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and json.loads(latest.read_text())["step"] >= 5:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(latest.read_text())["step"]
+    killed_at = start_and_kill([sys.executable, str(REPO / "train.py"), *common, "--run-name", "killed"],
+                               tmp_path / "killed", at_step=5, cwd=REPO)
     assert 5 <= killed_at < 24
     resumed = run_cli("--resume", str(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr

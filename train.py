@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = embedder.model, embedder.tokenizer
     amp_dtype, scaler = precision(cfg, device)
     net = distributed.wrap(model, info)  # DDP under torchrun: gradients averaged over ranks
-    embed = make_embed(net or model.embed, tokenizer.pad, device, amp_dtype=amp_dtype, compile=cfg.compile)
+    if cfg.attention == "flex" and (device.type != "cuda" or not cfg.packed):
+        raise UserError("--attention flex needs CUDA and --packed (FlexAttention has no backward on CPU)")
+    model.attention = cfg.attention
+    embed = make_embed(net or model.embed, tokenizer.pad, device, amp_dtype=amp_dtype, compile=cfg.compile,
+                       packed=cfg.packed)
     cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16  # evaluate in the arithmetic we train in
 
     # optimisation

@@ -64,6 +64,9 @@ class TrainConfig:
     precision: str = opt("auto", "auto = bf16 autocast on CUDA (fp16 if unsupported), fp32 on CPU", "loop",
                          ("auto", "fp32", "bf16", "fp16"))
     compile: bool = opt(False, "torch.compile the encoder", "speed")
+    packed: bool = opt(True, "run projections and feed-forward on real tokens only (no FLOPs on padding)", "speed")
+    attention: str = opt("sdpa", "packed attention: sdpa (padded view) or flex (FlexAttention document mask; "
+                         "CUDA, no attention dropout)", "speed", ("sdpa", "flex"))
     grad_cache: int = opt(0, "GradCache chunk size in texts: big batches in fixed memory, same gradients (0 = off)",
                           "speed")
     device: str = opt("auto", "cpu, cuda, cuda:1, or auto", "loop")

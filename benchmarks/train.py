@@ -254,8 +254,14 @@ def main() -> None:
         diff = max(abs(x - y) for x, y in zip(ours, theirs))
         summary["loss_check"] = {"bge": ours, "sentence-transformers": theirs, "max_abs_diff": diff}
         print(f"fp32 loss trajectories, dropout off, {len(ours)} steps: max |bge - sentence-transformers| = {diff:.2e}")
+    from bge.weights import load_model
+    batches = make_batches(load_model(resolve_model(a.model))[1], a)
+    real = sum(len(x) for b in batches for ids in b.values() for x in ids)
+    padded = sum(len(ids) * -(-max(len(x) for x in ids) // 8) * 8 for b in batches for ids in b.values())
+    summary["padding_share"] = 1 - real / padded  # of the padded layout's tokens; the packed layout has none
     print_table(f"training step · {Path(str(resolve_model(a.model))).name} · batch {a.batch_size} x group "
-                f"{a.group_size} · max len {a.max_query_length}/{a.max_passage_length} · lengths {a.lengths}",
+                f"{a.group_size} · max len {a.max_query_length}/{a.max_passage_length} · lengths {a.lengths} · "
+                f"padding {100 * summary['padding_share']:.0f}% of padded tokens",
                 ["", "samples/s", "real tokens/s", "s/step", "peak GB", "MFU", "vs ST"], rows)
     write_json(a.json, summary)
 

@@ -7,7 +7,8 @@ Embeddings (word + position + token type) -> LayerNorm -> N post-LN transformer 
 Two input layouts share the same layers, which never look at the layout:
   padded: x is (B, L, H) and attention uses a key-padding mask;
   packed: x is (T, H), the T real tokens of the batch back to back, so the projections and the
-          feed-forward (most of the FLOPs) spend nothing on padding; only attention sees a padded view.
+          feed-forward (most of the FLOPs) spend nothing on padding; only attention sees a padded view
+          (or none at all with FlexAttention and a document mask, on CUDA).
 """
 from __future__ import annotations
 

@@ -35,8 +35,8 @@ from bge.embedder import Embedder, default_device
 from bge.errors import UserError
 from bge.loss import l1_penalty
 from bge.optim import decayed, default_lr, get_lr, make_optimizer, param_groups
-from bge.step import forward_backward, make_embed
-from bge.tasks import LossFn, TaskSampler, export, load_tasks, metric_label, validate
+from bge.step import LossFn, forward_backward, make_embed
+from bge.tasks import TaskSampler, export, load_tasks, metric_label, validate
 
 REPO = Path(__file__).resolve().parent
 RESUMABLE_OVERRIDES = {"epochs", "max_steps", "patience", "eval_every", "save_every", "device", "compile",
@@ -252,19 +252,19 @@ def main(argv: list[str] | None = None) -> None:
         base = Embedder.load(cfg.model, device=device, query_prompt=tokenizer.query_prompt)
         tuned = Embedder.load(str(run_dir / "best"), device=device)
         per_task = {}
-        for task in (t for t in tasks.values() if t.test_data is not None):
-            r = task.test(base, tuned, cpu_bf16, run_dir / "best")
+        for job in (t for t in tasks.values() if t.test_data is not None):
+            r = job.test(base, tuned, cpu_bf16, run_dir / "best")
             b, t = r.base, r.fine_tuned
-            console.print(results_table(f"{task.name} · {r.title}", b, t, task.table_metrics))
-            per_task[task.name] = {**r.counts, "base": b, "fine_tuned": t, "change": {k: t[k] - b[k] for k in b}}
+            console.print(results_table(f"{job.name} · {r.title}", b, t, job.table_metrics))
+            per_task[job.name] = {**r.counts, "base": b, "fine_tuned": t, "change": {k: t[k] - b[k] for k in b}}
             if r.comparison is not None:  # why it changed: wins and losses, score scales, a threshold for each
                 console.rule("diagnostics: base vs fine-tuned on the held-out test queries")
-                for renderable in diagnostics.render(r.comparison, task.test_data.corpus):
+                for renderable in diagnostics.render(r.comparison, job.test_data.corpus):
                     console.print(renderable)
                 png = diagnostics.plot_score_distributions(r.comparison.scores, run_dir / "scores.png", r.comparison.thresholds)
                 if png:
                     console.print(f"score distributions plotted in {png}")
-                per_task[task.name]["diagnostics"] = r.comparison.to_dict()
+                per_task[job.name]["diagnostics"] = r.comparison.to_dict()
         results.update(per_task[first.name] if len(tasks) == 1 else {"tasks": per_task})
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     console.print(f"wrote {run_dir / 'results.json'}; fine-tuned model in {run_dir / 'best'}")

@@ -16,7 +16,6 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -31,12 +30,13 @@ from bge.data import (ClassificationData, Example, Labelled, Pair, RetrievalData
 from bge.diagnostics import Comparison, compare
 from bge.embedder import Embedder
 from bge.errors import UserError
-from bge.evaluation import HEAD_FILE, ClassifierHead, evaluate_classification, evaluate_retrieval, evaluate_sts, load_eval_data
+from bge.evaluation import (HEAD_FILE, ClassifierHead, evaluate_classification, evaluate_retrieval, evaluate_sts,
+                            load_eval_data)
 from bge.loss import (cosent, cosine_mse, false_negative_mask, head_cross_entropy, info_nce, label_mask,
                       pair_order_accuracy)
+from bge.step import LossFn
 from bge.tokenizer import Tokenizer
 
-LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 VAL_KS = (1, 10, 100)
 TEST_KS = (1, 3, 5, 10, 100)
 

@@ -33,8 +33,8 @@ def sts_lines(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    """60 STS pairs, 60 classification rows and 60 retrieval lines, interleaved in one file."""
-    lines = [x for trio in zip(sts_lines(60), TICKETS.read_text().splitlines()[:60], REPAIR.read_text().splitlines()[:60])
+    """40 STS pairs, 40 classification rows and 40 retrieval lines, interleaved in one file."""
+    lines = [x for trio in zip(sts_lines(40), TICKETS.read_text().splitlines()[:40], REPAIR.read_text().splitlines()[:40])
              for x in trio]
     path = tmp_path_factory.mktemp("data") / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -89,7 +89,7 @@ def test_mixed_split_is_per_task_and_saved(mixed, tmp_path):
     assert list(tasks) == ["retrieval", "sts", "classification"]
     assert json.loads((tmp_path / "split.json").read_text()) == split
     for t in tasks.values():
-        assert 40 <= len(t.train) <= 44 and t.val is not None and t.test_data is not None
+        assert 26 <= len(t.train) <= 30 and t.val is not None and t.test_data is not None
     val_rows = set(tasks["classification"].val.texts)
     assert not val_rows & {r.text for r in tasks["classification"].train}
     sts = tasks["sts"]
@@ -157,39 +157,37 @@ def test_sts_run_with_a_test_file(tiny_model_dir, tmp_path):
     data.write_text("\n".join(lines[:121]) + "\n")
     test = tmp_path / "dev.jsonl"
     test.write_text("\n".join(sts_lines(200)[140:]) + "\n")
-    train.main(args(data, tiny_model_dir, tmp_path, "--run-name", "sts", "--epochs", "2", "--test", str(test)))
+    train.main(args(data, tiny_model_dir, tmp_path, "--run-name", "sts", "--epochs", "1", "--test", str(test)))
     run = tmp_path / "sts"
     results = json.loads((run / "results.json").read_text())
     assert results["test_pairs"] == 60 and set(results["base"]) == {"spearman", "pearson"}
     assert results["train_sts"] == 102 and "best_val_spearman" in results
     val = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val/spearman" in l]
-    assert [v["step"] for v in val] == [0, 13, 26]
+    assert [v["step"] for v in val] == [0, 13]
     split = json.loads((run / "split.json").read_text())
     assert (len(split["train"]), len(split["val"]), len(split["test"])) == (102, 18, 0)
 
 
 def test_classification_run_with_head_exports_a_loadable_folder_and_resumes(tiny_model_dir, tmp_path):
-    common = args(TICKETS, tiny_model_dir, tmp_path, "--classification-loss", "both", "--max-steps", "6",
-                  "--schedule", "constant", "--warmup-ratio", "0", "--eval-every", "3")
-    train.main([*common, "--run-name", "whole"])
+    def fit(name, steps):  # a constant learning rate, so that 2 steps + 2 resumed are the same as 4
+        train.main(args(TICKETS, tiny_model_dir, tmp_path, "--classification-loss", "both", "--schedule", "constant",
+                        "--warmup-ratio", "0", "--eval-every", "2", "--max-steps", str(steps), "--run-name", name))
+
+    fit("whole", 4)
     run = tmp_path / "whole"
     results = json.loads((run / "results.json").read_text())
     assert results["test_rows"] == 36 and {"knn_macro_f1", "probe_accuracy", "head_accuracy"} <= set(results["fine_tuned"])
     head = ClassifierHead.load(run / "final")
     assert head.labels == sorted({json.loads(l)["label"] for l in TICKETS.read_text().splitlines()})
     assert head.weight.shape == (6, 32) and head.weight.abs().sum() > 0
-    # the exported folder stays a plain model folder for transformers and sentence-transformers
-    import transformers
+    # the exported folder stays a plain model folder: sentence-transformers (transformers' AutoModel inside) loads it
     from sentence_transformers import SentenceTransformer
     ours = Embedder.load(str(run / "final"), device="cpu").encode(["my battery is dead"])
-    hf = transformers.AutoModel.from_pretrained(str(run / "final"))
-    assert hf.config.hidden_size == 32
     st = SentenceTransformer(str(run / "final"), device="cpu").encode(["my battery is dead"])
     assert abs(ours - st).max() < 1e-5
-    # the head is part of the resumable state: two runs of 3 steps give the 6-step run's head and weights
-    train.main([*common[:-8], "--max-steps", "3", "--schedule", "constant", "--warmup-ratio", "0", "--eval-every", "3",
-                "--run-name", "split"])
-    train.main(["--resume", str(tmp_path / "split"), "--max-steps", "6"])
+    # the head is part of the resumable state: 2 steps, then 2 more on resume, give the 4-step run's head and weights
+    fit("split", 2)
+    train.main(["--resume", str(tmp_path / "split"), "--max-steps", "4"])
     a, b = load_file(str(run / "final" / "model.safetensors")), load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert torch.allclose(ClassifierHead.load(tmp_path / "split" / "final").weight, head.weight, atol=1e-6)

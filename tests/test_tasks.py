@@ -16,6 +16,7 @@ from bge.batching import split_by_keys
 from bge.config import parse_args
 from bge.data import Labelled, Pair, load_training_file
 from bge.embedder import Embedder
+from bge.errors import UserError
 from bge.evaluation import ClassifierHead
 from bge.step import forward_backward
 from bge.tasks import ClassificationTask, STSTask, TaskSampler, load_tasks
@@ -274,3 +275,11 @@ def test_evaluate_explain_two_models(tiny_model_dir, tmp_path, minilm_dir):
     assert moves == sorted(moves, reverse=True)
     r = run_eval("--model", tiny_model_dir, "--data", data, "--explain", "3")
     assert r.returncode == 2 and "--explain compares two models" in r.stderr
+
+
+@pytest.mark.parametrize("flag,value,message", [("--threshold-precision", "1.5", "--threshold-precision must be in"),
+                                                ("--l1", "-1", "--l1 must be 0 or more"),
+                                                ("--hidden-dropout", "1.0", "hidden_dropout must be below 1")])
+def test_out_of_range_knobs_fail_before_training(flag, value, message, tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match=message):
+        train.main(args(TICKETS, tiny_model_dir, tmp_path, flag, value))

@@ -223,7 +223,7 @@ def render(c: Comparison, corpus: dict[str, str] | None = None, snippet: int = 4
     from rich.text import Text
 
     b, a = c.names
-    table = Table(title=f"{c.metric}: {c.counts['better']} queries better, {c.counts['worse']} worse, "
+    table = Table(title=f"{c.metric} per query: {c.counts['better']} better, {c.counts['worse']} worse, "
                         f"{c.counts['same']} unchanged · the {len(c.changes)} that changed most")
     for col in ("query", c.metric, "relevant at", f"top 3 · {b}", f"top 3 · {a}"):
         table.add_column(col)

@@ -1,12 +1,18 @@
-"""Evaluate embedding models on retrieval (a BEIR folder or a training JSONL) or STS (a score/sentence1/sentence2 TSV).
+"""Evaluate embedding models on retrieval (a BEIR folder or a training JSONL), STS (a score/sentence1/sentence2 TSV)
+or classification (a JSONL of {text, label} rows).
 
     python evaluate.py --model BAAI/bge-small-en-v1.5 --data ../shared/data/scifact --split train
     python evaluate.py --model all-MiniLM-L6-v2 --model checkpoints/run/best --data ../shared/data/stsb/sts-dev.tsv
+    python evaluate.py --model all-MiniLM-L6-v2 --model checkpoints/run/best --data ../shared/data/scifact \
+        --split train --queries checkpoints/run/split.json --explain 5
+    python evaluate.py --model all-MiniLM-L6-v2 --data examples/bike_tickets.jsonl
 
 Several --model values are evaluated on the same data and shown side by side, best per column in bold. Every number,
 the model fingerprints and the dataset hash go to a JSON file (--out). Corpus embeddings are cached under
 --cache-dir, keyed by model fingerprint, max length and corpus content, so evaluating the same model again
-re-encodes nothing.
+re-encodes nothing. `--explain N` (retrieval, two models) adds diagnostics: the N queries whose nDCG@10 changed most
+between the first model and the second, each model's score distributions, and a threshold at --precision.
+Classification rows are scored by kNN and a linear probe, fitted on --reference rows or by cross-validation.
 """
 from __future__ import annotations
 
@@ -24,12 +30,17 @@ from rich.table import Table
 from bge import Embedder
 from bge.checkpoint import atomic_write_text
 from bge.console import console, run_cli
-from bge.data import RetrievalData
-from bge.evaluation import DEFAULT_KS, effective_max_length, evaluate_retrieval, evaluate_sts, load_eval_data
+from bge import diagnostics
+from bge.data import ClassificationData, RetrievalData, STSData
+from bge.errors import UserError
+from bge.evaluation import (DEFAULT_KS, effective_max_length, evaluate_classification, evaluate_retrieval, evaluate_sts,
+                            load_eval_data)
 from bge.hub import resolve_model
 
 COLUMNS = (("ndcg", "nDCG"), ("mrr", "MRR"), ("recall", "Recall"), ("recall", "Recall"), ("map", "MAP"),
            ("precision", "P"))
+CLASSIFICATION_COLUMNS = [("knn_accuracy", "kNN acc"), ("knn_macro_f1", "kNN macro-F1"),
+                          ("probe_accuracy", "probe acc"), ("probe_macro_f1", "probe macro-F1")]
 
 
 def parse_ks(text: str) -> list[int]:
@@ -67,9 +78,42 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast when encoding on CPU (faster, not exact)")
     p.add_argument("--out", default=None, help="results JSON (default checkpoints/eval/<dataset>-<time>.json)")
+    p.add_argument("--queries", default=None, help="retrieval: evaluate only these queries: a JSON list of query ids, "
+                   "or a train.py split.json (its test queries)")
+    p.add_argument("--explain", type=positive, default=None, metavar="N", help="retrieval, two models: the N queries "
+                   "whose nDCG@10 changed most from the first model to the second, score distributions and thresholds")
+    p.add_argument("--precision", type=float, default=0.9, help="--explain: suggest the similarity threshold that "
+                   "reaches this precision (default 0.9)")
+    p.add_argument("--plot", default=None, help="--explain: also write the score distributions as a PNG here (needs "
+                   "matplotlib, which bge does not require)")
+    p.add_argument("--reference", default=None, help="classification: fit kNN and the linear probe on these {text, "
+                   "label} rows (default: cross-validation over --data)")
+    p.add_argument("--folds", type=positive, default=5, help="classification without --reference: folds (default 5)")
     a = p.parse_args()
     a.model = a.model or ["auto"]
+    if a.explain and len(a.model) != 2:
+        p.error("--explain compares two models: pass --model twice (before, then after)")
+    if not 0 < a.precision <= 1:
+        p.error(f"--precision must be in (0, 1], got {a.precision}")
     return a
+
+
+def query_subset(data: RetrievalData, path: str) -> RetrievalData:
+    """`data` with only the queries listed in `path` (a JSON list of ids, or a train.py split.json: its test ids)."""
+    try:
+        ids = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--queries {path}: cannot read a JSON list of query ids ({e})") from None
+    ids = ids.get("test") if isinstance(ids, dict) else ids
+    if not isinstance(ids, list) or not all(isinstance(i, (str, int)) for i in ids):
+        raise UserError(f"--queries {path}: expected a JSON list of query ids, or a split.json with a 'test' list")
+    ids = [str(i) for i in ids]
+    unknown = [i for i in ids if i not in data.queries]
+    if unknown:
+        raise UserError(f"--queries {path}: {len(unknown)} id(s) not among {data.name}'s queries, e.g. {unknown[0]!r}")
+    sub = data.subset(ids)
+    sub.name = f"{data.name} ({len(sub.queries)} queries of {Path(path).name})"
+    return sub
 
 
 def labels(names: list[str]) -> list[str]:
@@ -100,6 +144,21 @@ def main() -> None:
     a = parse_args()
     data = load_eval_data(a.data, a.split, use_title=not a.no_title)  # bad files fail before any model loads
     retrieval = isinstance(data, RetrievalData)
+    kind = "retrieval" if retrieval else "sts" if isinstance(data, STSData) else "classification"
+    if a.queries:
+        if not retrieval:
+            raise UserError("--queries selects retrieval queries; --data is not a retrieval set")
+        data = query_subset(data, a.queries)
+    if a.explain and not retrieval:
+        raise UserError("--explain explains retrieval results; --data is not a retrieval set")
+    reference = None
+    if a.reference:
+        if kind != "classification":
+            raise UserError("--reference is for classification rows; --data is not a classification set")
+        reference = load_eval_data(a.reference)
+        if not isinstance(reference, ClassificationData):
+            raise UserError(f"--reference {a.reference}: expected {{text, label}} rows")
+    evals = []  # retrieval evaluations, kept for --explain
     cache_dir = None if a.no_cache else Path(a.cache_dir)
     folders = [resolve_model(name) for name in a.model]  # a missing model fails before the first one runs
     results = []
@@ -119,6 +178,13 @@ def main() -> None:
                     "query_prompt": a.query_prompt if a.query_prompt is not None else embedder.tokenizer.query_prompt,
                     "cache_file": str(rk.cache_file) if rk.cache_file else None}
             row["encoded"] = f"{rk.n_encoded:,}" if rk.n_encoded or cache_dir is None else "cached"
+            evals.append(res)
+        elif kind == "classification":
+            c = evaluate_classification(embedder, data, reference, folds=a.folds, batch_size=a.batch_size,
+                                        max_length=a.max_length, cpu_bf16=a.cpu_bf16)
+            row |= {"metrics": {k: c[k] for k, _ in CLASSIFICATION_COLUMNS}, "n_encoded": c["n_rows"],
+                    "seconds": {"encode_and_fit": c["seconds"]}}
+            row["encoded"] = f"{c['n_rows']:,}"
         else:
             sts = evaluate_sts(embedder, data, batch_size=a.batch_size, max_length=a.max_length, cpu_bf16=a.cpu_bf16)
             row |= {"metrics": {"spearman": sts["spearman"], "pearson": sts["pearson"]},
@@ -135,20 +201,41 @@ def main() -> None:
         r0 = results[0]
         caption = (f"x100 · {r0['n_scored']:,} queries scored, {r0['n_dropped']:,} dropped (no relevant document) · "
                    f"{len(data.corpus):,} passages")
+    elif kind == "classification":
+        columns = CLASSIFICATION_COLUMNS
+        how = f"fitted on {reference.name} ({len(reference.texts):,} rows)" if reference else f"{a.folds}-fold cross-validation"
+        caption = f"x100 · {len(data.texts):,} rows, {len(set(data.labels))} labels · kNN (k=5) and linear probe {how}"
     else:
         columns = [("spearman", "Spearman"), ("pearson", "Pearson")]
         caption = f"x100, of cosine similarity · {len(data.scores):,} pairs"
     out = Console() if sys.stdout.isatty() else Console(width=200)  # a pipe gets whole lines, not 80 columns
-    out.print(results_table(f"{data.name} · {'retrieval' if retrieval else 'STS'}", results, columns, caption))
+    out.print(results_table(f"{data.name} · {kind if kind != 'sts' else 'STS'}", results, columns, caption))
+    explained = None
+    if a.explain:
+        names = (results[0]["label"], results[1]["label"])
+        explained = diagnostics.compare(names, tuple(e.metrics.per_query for e in evals),
+                                        tuple(e.ranking.ranked for e in evals), data.qrels, data.queries,
+                                        n=a.explain, precision=a.precision)
+        out.rule(f"why it changed: {names[0]} → {names[1]}")
+        for renderable in diagnostics.render(explained, data.corpus):
+            out.print(renderable)
+        if a.plot:
+            png = diagnostics.plot_score_distributions(explained.scores, a.plot, explained.thresholds)
+            console.print(f"wrote {png}" if png else "--plot needs matplotlib (pip install matplotlib); no PNG written",
+                          markup=False, highlight=False)
 
     slug = re.sub(r"[^\w.-]+", "-", re.sub(r"\.(tsv|jsonl|csv|txt)$", "", data.name)).strip("-") or "data"
     path = Path(a.out or f"checkpoints/eval/{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    dataset = {"path": str(a.data), "name": data.name, "fingerprint": data.fingerprint(),
-               "kind": "retrieval" if retrieval else "sts"}
+    dataset = {"path": str(a.data), "name": data.name, "fingerprint": data.fingerprint(), "kind": kind}
     dataset |= ({"split": a.split, "n_queries": len(data.queries), "n_corpus": len(data.corpus)} if retrieval
-                else {"n_pairs": len(data.scores)})
+                else {"n_pairs": len(data.scores)} if kind == "sts" else {"n_rows": len(data.texts)})
+    if kind == "classification":  # what kNN and the probe were fitted on
+        dataset |= ({"reference": str(a.reference), "n_reference_rows": len(reference.texts),
+                     "reference_fingerprint": reference.fingerprint()} if reference else {"folds": a.folds})
     payload = {"dataset": dataset, "args": vars(a), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "models": [{k: v for k, v in r.items() if k not in ("label", "encoded")} for r in results]}
+    if explained is not None:
+        payload["diagnostics"] = explained.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
     console.print(f"wrote {path}", markup=False, highlight=False)

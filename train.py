@@ -1,12 +1,15 @@
-"""Fine-tune a BGE embedding model contrastively on a domain file, then show how retrieval on held-out
-queries changed.
+"""Fine-tune a BGE embedding model on a domain file (retrieval, STS pairs, classification rows, or a mix), then
+show how the held-out test set changed.
 
     python train.py --data examples/bike_repair.jsonl
     python train.py --data ../shared/data/scifact --split train --model BAAI/bge-small-en-v1.5
+    python train.py --data ../shared/data/stsb/sts-train.tsv --test ../shared/data/stsb/sts-dev.tsv
+    python train.py --data examples/bike_tickets.jsonl
     python train.py --resume checkpoints/<run>
 
 Read top to bottom: set-up, data, model, the loop (step, validate, save), the ending (base vs fine-tuned on
-the held-out test queries). Every knob is a field of bge.config.TrainConfig and a --flag.
+the held-out test set, and diagnostics for retrieval). Every knob is a field of bge.config.TrainConfig and a
+--flag. What differs by task (the micro-batch, its loss, the metrics) lives in bge/tasks.py.
 """
 from __future__ import annotations
 
@@ -23,63 +26,24 @@ import torch
 from rich.progress import TextColumn
 from rich.table import Table
 
-from bge.batching import Batch, Prefetcher, Sampler, make_batch, split_queries
+from bge import diagnostics, distributed
+from bge.batching import Prefetcher
 from bge.checkpoint import atomic_write_text, latest_state, load_state, save_state
 from bge.config import TrainConfig, config_from_dict, parse_args
 from bge.console import console, progress, run_cli
-from bge.data import RetrievalData, examples_from_beir, load_beir, load_examples, retrieval_from_examples
-from bge import distributed
 from bge.embedder import Embedder
 from bge.errors import UserError
-from bge.evaluation import evaluate_retrieval, load_eval_data
-from bge.loss import false_negative_mask, info_nce
-from bge.optim import default_lr, get_lr, make_optimizer
-from bge.step import forward_backward, make_embed
+from bge.loss import l1_penalty
+from bge.optim import decayed, default_lr, get_lr, make_optimizer, param_groups
+from bge.step import LossFn, forward_backward, make_embed
+from bge.tasks import TaskSampler, export, load_tasks, metric_label, validate
 
 REPO = Path(__file__).resolve().parent
-VAL_KS = (1, 10, 100)
-TEST_KS = (1, 3, 5, 10, 100)
-TABLE_METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100")
 RESUMABLE_OVERRIDES = {"epochs", "max_steps", "patience", "eval_every", "save_every", "device", "compile",
-                       "eval_batch_size", "resume"}  # what may change when a run continues
+                       "eval_batch_size", "resume", "explain", "threshold_precision"}  # what may change when a run continues
 
 
 # ---- set-up helpers ----------------------------------------------------------------------------------
-def load_data(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[list, RetrievalData | None, RetrievalData | None, dict]:
-    """Training examples, validation and test sets. Without --val/--test files, queries are carved out of
-    --data by seed (a query's positives never cross splits) and the split is written to the run folder."""
-    path = Path(cfg.data)
-    if path.is_dir():
-        full = load_beir(path, cfg.split, use_title=cfg.title)
-        examples = examples_from_beir(full)
-    else:
-        examples, skipped = load_examples(path, skip_bad_lines=cfg.skip_bad_lines)
-        if skipped:
-            console.print(f"[yellow]skipped {len(skipped)} bad line(s) of {path}[/] (--skip-bad-lines); first: {skipped[0]}")
-        full = retrieval_from_examples(examples, name=path.name)
-    split_file = run_dir / "split.json"
-    if split_file.exists():  # resuming: the split is part of the run
-        split = json.loads(split_file.read_text())
-    else:
-        val_ratio = 0.0 if cfg.val else cfg.val_ratio
-        test_ratio = 0.0 if cfg.test else cfg.test_ratio
-        parts = split_queries(examples, val_ratio, test_ratio, cfg.seed)
-        split = {"seed": cfg.seed, "val_ratio": val_ratio, "test_ratio": test_ratio,
-                 **{name: [examples[i].qid for i in idx] for name, idx in parts.items()}}
-        if write:  # under torchrun every rank computes the same split; rank 0 writes it
-            atomic_write_text(split_file, json.dumps(split) + "\n")
-    train_ids = set(split["train"])
-    train = [ex for ex in examples if ex.qid in train_ids]
-    val = load_eval_data(cfg.val, "dev", cfg.title) if cfg.val else full.subset(split["val"])
-    test = load_eval_data(cfg.test, "test", cfg.title) if cfg.test else full.subset(split["test"])
-    for name, d in (("--val", val), ("--test", test)):
-        if not isinstance(d, RetrievalData):
-            raise UserError(f"{name} must be a retrieval set (BEIR folder or training JSONL), not STS pairs")
-    if not train:
-        raise UserError(f"{cfg.data}: no training queries left after holding out validation and test queries")
-    return train, (val if val.queries else None), (test if test.queries else None), split
-
-
 def precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
     """(autocast dtype or None for fp32, GradScaler for fp16 only)."""
     choice = cfg.precision
@@ -100,32 +64,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def validate(embedder: Embedder, data: RetrievalData, cfg: TrainConfig, cpu_bf16: bool) -> dict[str, float]:
-    ev = evaluate_retrieval(embedder, data, ks=VAL_KS, batch_size=cfg.eval_batch_size,
-                            max_length=cfg.max_passage_length, cpu_bf16=cpu_bf16, show_progress=False)
-    return ev.metrics.summary
-
-
-def retrieval_loss(emb: dict[str, torch.Tensor], batch: Batch, cfg: TrainConfig,
-                   info: distributed.DistInfo | None = None) -> tuple[torch.Tensor, dict]:
-    """InfoNCE of a batch's queries over its passages, false negatives masked; with `info`, over every
-    rank's passages (cross-device negatives, weighted so DDP's average is the global mean)."""
-    q, p, pos, owner, hashes = emb["q"], emb["p"], batch.pos_index, batch.owner, batch.passage_hashes
-    offset, weight = 0, 1.0
-    if info is not None:
-        p, pos, owner, hashes, offset, weight = distributed.cross_device_batch(q, p, batch, info)
-    dev = q.device
-    mask = false_negative_mask(hashes.to(dev), batch.query_pos_hashes.to(dev), pos.to(dev))
-    loss, acc = info_nce(q, p, pos.to(dev), cfg.temperature, mask=mask, owner=owner.to(dev),
-                         in_batch=cfg.in_batch_negatives, symmetric=cfg.symmetric, query_offset=offset)
-    return loss * weight, {"acc": acc}
-
-
-def results_table(title: str, base: dict, tuned: dict) -> Table:
+def results_table(title: str, base: dict, tuned: dict, metrics: tuple[str, ...]) -> Table:
     table = Table(title=title)
     for col in ("metric", "base", "fine-tuned", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for m in TABLE_METRICS:
+    for m in metrics:
+        if math.isnan(base[m]):  # a metric the base model has not got (a trained classification head)
+            table.add_row(m, "-", f"{tuned[m]:.4f}", "")
+            continue
         d = tuned[m] - base[m]
         style = "green" if d > 0 else "red" if d < 0 else ""
         table.add_row(m, f"{base[m]:.4f}", f"{tuned[m]:.4f}", f"[{style}]{d:+.4f}[/]" if style else f"{d:+.4f}")
@@ -148,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config_from_dict({**saved, **{k: getattr(cfg, k) for k in explicit}}, str(run_dir / "config.json"))
     else:
         if not cfg.data:
-            raise UserError("--data is required (a FlagEmbedding-format JSONL or a BEIR folder)")
+            raise UserError("--data is required (a FlagEmbedding-format JSONL, an STS TSV, or a BEIR folder)")
         if not Path(cfg.data).exists():
             raise UserError(f"--data {cfg.data}: no such file or folder")
         name = distributed.broadcast(cfg.run_name or f"{Path(cfg.data).stem}-{datetime.now():%Y%m%d-%H%M%S}", info)
@@ -169,14 +115,21 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--symmetric is not supported with cross-device negatives; pass --no-cross-device-negatives")
 
     # data
-    train_examples, val_data, test_data, split = load_data(cfg, run_dir, write=info.main)
-    console.print(f"run {run_dir}: {len(train_examples)} training queries, "
-                  f"{len(val_data.queries) if val_data else 0} validation, {len(test_data.queries) if test_data else 0} test")
+    tasks, split = load_tasks(cfg, run_dir, write=info.main)
+    console.print(f"run {run_dir}: " + "; ".join(t.describe() for t in tasks.values()))
+    for note in (n for t in tasks.values() for n in t.notes):
+        console.print(note)
 
     # model
     embedder = Embedder.load(cfg.model, device=device, query_prompt=None if cfg.query_prompt == "auto" else cfg.query_prompt)
     model, tokenizer = embedder.model, embedder.tokenizer
+    model.set_dropout(cfg.hidden_dropout, cfg.attention_dropout)
+    head = None  # the linear head of --classification-loss head/both, trained with the encoder
+    if "classification" in tasks and cfg.classification_loss != "contrastive":
+        head = tasks["classification"].make_head(model.dim, device)
     amp_dtype, scaler = precision(cfg, device)
+    if head is not None and info.enabled:
+        raise UserError("--classification-loss head/both is single-process for now; use contrastive under torchrun")
     net = distributed.wrap(model, info)  # DDP under torchrun: gradients averaged over ranks
     if cfg.attention == "flex" and (device.type != "cuda" or not cfg.packed):
         raise UserError("--attention flex needs CUDA and --packed (FlexAttention has no backward on CPU)")
@@ -187,23 +140,23 @@ def main(argv: list[str] | None = None) -> None:
 
     # optimisation
     lr = cfg.lr or default_lr(model.cfg.hidden_size)
-    sampler = Sampler(train_examples, cfg.batch_size * info.world, cfg.seed, min_size=info.world)  # global batches
+    sampler = TaskSampler(tasks, cfg.batch_size * info.world, cfg.seed, min_size=info.world)  # global batches
     steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     eval_every = cfg.eval_every or steps_per_epoch
     save_every = cfg.save_every or eval_every
-    optimizer = make_optimizer(model, lr=lr, weight_decay=cfg.weight_decay)
-    group_size = cfg.group_size if any(ex.neg for ex in train_examples) else 1
-    if group_size != cfg.group_size:
-        console.print("no hard negatives in the data: training with in-batch negatives only")
+    optimizer = make_optimizer(model, lr=lr, weight_decay=cfg.weight_decay,
+                               extra=param_groups(head, cfg.weight_decay, cfg.head_lr / lr) if head else ())
+    l1_params = decayed(model) + (decayed(head) if head else [])
+    trained = model if head is None else torch.nn.ModuleDict({"encoder": model, "head": head})  # what state/ holds
 
     # state: fresh, or restored from the last complete save
     trainer = {"step": 0, "micro_step": 0, "best": None, "best_step": None, "stale_evals": 0, "bad_steps": 0,
                "bad_steps_total": 0, "train_seconds": 0.0, "tokens": 0}
     state = latest_state(run_dir) if cfg.resume else None
     if state is not None:
-        trainer.update(load_state(state, model, optimizer, rank=info.rank))
+        trainer.update(load_state(state, trained, optimizer, rank=info.rank))
         console.print(f"resumed from {state} at step {trainer['step']}")
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.exists() and info.main:  # forget what was logged after the state we resume from
@@ -217,31 +170,32 @@ def main(argv: list[str] | None = None) -> None:
             log.flush()
 
     def evaluate_and_keep_best(step: int) -> bool:
-        """Validate (rank 0; the others wait); export best/ when nDCG@10 improves; True when patience has run out."""
-        if val_data is None:
+        """Validate (rank 0; the others wait); export best/ when the task's metric (bge.tasks.validate) improves;
+        True when patience has run out."""
+        if not any(t.val is not None for t in tasks.values()):
             return False
         if not info.main:
             return distributed.broadcast(False, info)
-        scores = validate(embedder, val_data, cfg, cpu_bf16)
+        scores, score = validate(tasks, embedder, cpu_bf16)
         log_line({"step": step, **{f"val/{k}": v for k, v in scores.items()}})
-        score = scores["ndcg@10"]
         if trainer["best"] is None or score > trainer["best"]:
             trainer.update(best=score, best_step=step, stale_evals=0)
-            embedder.save(run_dir / "best")
+            export(embedder, tasks, run_dir / "best")
         else:
             trainer["stale_evals"] += 1
-        console.print(f"step {step}: val nDCG@10 {score:.4f} (best {trainer['best']:.4f} at step {trainer['best_step']})")
+        console.print(f"step {step}: val {metric_label(tasks)} {score:.4f} (best {trainer['best']:.4f} at step {trainer['best_step']})")
         return distributed.broadcast(cfg.patience > 0 and trainer["stale_evals"] >= cfg.patience, info)
 
     if trainer["step"] == 0 and trainer["best"] is None:
         evaluate_and_keep_best(0)  # the base model is the first candidate for best/
 
-    def build(micro_step: int) -> tuple[int, Batch, dict[str, list[list[int]]]]:
-        """Micro-batch number micro_step, tokenised: a pure function of it, so it can be built ahead."""
-        epoch, indices = sampler.batch(micro_step)
-        batch = make_batch(train_examples, distributed.shard(indices, info), group_size=group_size, seed=cfg.seed, epoch=epoch)
-        return epoch, batch, {"q": tokenizer.tokenize(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length),
-                              "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length)}
+    def build(micro_step: int) -> tuple[int, str, dict[str, list[list[int]]], LossFn]:
+        """Micro-batch number micro_step, tokenised, and its loss: a pure function of it, so it can be built ahead.
+        Its task decides what the batch holds and which loss applies (bge/tasks.py); under torchrun each rank
+        takes its shard of the global batch, and retrieval puts every rank's passages in each softmax."""
+        epoch, task_name, indices = sampler.batch(micro_step)
+        return epoch, task_name, *tasks[task_name].micro_batch(distributed.shard(indices, info), epoch, tokenizer,
+                                                               device, info if cross_device else None)
 
     # ---- the loop ----------------------------------------------------------------------------------
     batches = Prefetcher(build, trainer["micro_step"])  # tokenisation off the critical path
@@ -255,12 +209,8 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             step_loss, step_acc, tokens, finite = 0.0, 0.0, 0, True
             for micro in range(cfg.grad_accum):
-                epoch, batch, inputs = batches.get(trainer["micro_step"])
+                epoch, task_name, inputs, loss_fn = batches.get(trainer["micro_step"])
                 tokens += sum(len(x) for ids in inputs.values() for x in ids)
-
-                def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-                    return retrieval_loss(emb, batch, cfg, info if cross_device else None)
-
                 scale = (scaler.get_scale() if scaler else 1.0) / cfg.grad_accum
                 loss, stats = forward_backward(embed, inputs, loss_fn, chunk_size=cfg.grad_cache, loss_scale=scale,
                                                device=device, no_sync=net.no_sync if net else None,
@@ -273,12 +223,14 @@ def main(argv: list[str] | None = None) -> None:
 
             lr_now = get_lr(trainer["step"], lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, schedule=cfg.schedule)
             for group in optimizer.param_groups:
-                group["lr"] = lr_now
+                group["lr"] = lr_now * group.get("lr_scale", 1.0)
             if finite:
+                if cfg.l1 > 0:  # once per optimiser step, on the scale the loss gradients are on
+                    (l1_penalty(l1_params) * cfg.l1 * (scaler.get_scale() if scaler else 1.0)).backward()
                 if scaler:
                     scaler.unscale_(optimizer)
                 if cfg.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.clip_grad)
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
@@ -298,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds = time.perf_counter() - t0
             trainer["train_seconds"] += seconds
             trainer["tokens"] += tokens
-            log_line({"step": step, "epoch": epoch, "loss": step_loss, "acc": step_acc, "lr": lr_now,
+            log_line({"step": step, "epoch": epoch, "task": task_name, "loss": step_loss, "acc": step_acc, "lr": lr_now,
                       "tokens_per_s": tokens / seconds, "skipped": not finite})
             bar.update(task, completed=step, loss=step_loss, acc=step_acc, lr=lr_now, tps=tokens / seconds)
 
@@ -309,30 +261,40 @@ def main(argv: list[str] | None = None) -> None:
             if step % save_every == 0 or step == total_steps or stop:
                 rng = distributed.rng_states(info)  # every rank's dropout RNG, for an exact resume
                 if info.main:
-                    save_state(run_dir, step, model, optimizer, trainer, rng=rng)
+                    save_state(run_dir, step, trained, optimizer, trainer, rng=rng)
                 distributed.barrier(info)
     if not info.main:  # rank 0 exports and evaluates; the others are done
         distributed.shutdown(info)
         return
     log.close()
-    embedder.save(run_dir / "final")
-    if val_data is None:  # nothing to choose by: the last weights are the best we know
-        embedder.save(run_dir / "best")
+    export(embedder, tasks, run_dir / "final")
+    if trainer["best"] is None:  # nothing to choose by: the last weights are the best we know
+        export(embedder, tasks, run_dir / "best")
 
     # ---- the ending: base vs fine-tuned on the held-out test queries -------------------------------
-    results = {"run": str(run_dir), "config": cfg.to_dict(), "best_step": trainer["best_step"], "best_val_ndcg@10": trainer["best"],
+    first = next(iter(tasks.values()))
+    best_key = first.metric if len(tasks) == 1 else "mean"
+    results = {"run": str(run_dir), "config": cfg.to_dict(), "best_step": trainer["best_step"], f"best_val_{best_key}": trainer["best"],
                "steps": trainer["step"], "train_seconds": trainer["train_seconds"], "skipped_steps": trainer["bad_steps_total"],
-               "train_queries": len(train_examples)}
-    if test_data is not None:
+               **{f"train_{'queries' if t.name == 'retrieval' else t.name}": len(t.train) for t in tasks.values()}}
+    if any(t.test_data is not None for t in tasks.values()):
         base = Embedder.load(cfg.model, device=device, query_prompt=tokenizer.query_prompt)
         tuned = Embedder.load(str(run_dir / "best"), device=device)
-        kw = dict(ks=TEST_KS, batch_size=cfg.eval_batch_size, max_length=cfg.max_passage_length,
-                  cpu_bf16=cpu_bf16, cache_dir=Path(cfg.out_dir) / "cache")
-        scores = {name: evaluate_retrieval(m, test_data, **kw).metrics for name, m in (("base", base), ("fine_tuned", tuned))}
-        b, t = scores["base"].summary, scores["fine_tuned"].summary
-        console.print(results_table(f"held-out test: {len(test_data.queries)} queries, {len(test_data.corpus)} passages", b, t))
-        results.update(test_queries=scores["base"].n_scored, test_corpus=len(test_data.corpus),
-                       base=b, fine_tuned=t, change={k: t[k] - b[k] for k in b})
+        per_task = {}
+        for job in (t for t in tasks.values() if t.test_data is not None):
+            r = job.test(base, tuned, cpu_bf16, run_dir / "best")
+            b, t = r.base, r.fine_tuned
+            console.print(results_table(f"{job.name} · {r.title}", b, t, job.table_metrics))
+            per_task[job.name] = {**r.counts, "base": b, "fine_tuned": t, "change": {k: t[k] - b[k] for k in b}}
+            if r.comparison is not None:  # why it changed: wins and losses, score scales, a threshold for each
+                console.rule("diagnostics: base vs fine-tuned on the held-out test queries")
+                for renderable in diagnostics.render(r.comparison, job.test_data.corpus):
+                    console.print(renderable)
+                png = diagnostics.plot_score_distributions(r.comparison.scores, run_dir / "scores.png", r.comparison.thresholds)
+                if png:
+                    console.print(f"score distributions plotted in {png}")
+                per_task[job.name]["diagnostics"] = r.comparison.to_dict()
+        results.update(per_task[first.name] if len(tasks) == 1 else {"tasks": per_task})
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     console.print(f"wrote {run_dir / 'results.json'}; fine-tuned model in {run_dir / 'best'}")
     distributed.shutdown(info)

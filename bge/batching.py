@@ -33,9 +33,17 @@ def text_hash(text: str) -> int:
 def split_queries(examples: list[Example], val_ratio: float, test_ratio: float, seed: int) -> dict[str, list[int]]:
     """Indices of examples for train/val/test, drawn by seed. Queries that share a positive passage (or the
     same query text) form one group and stay in one split, so no test positive is ever trained on as a positive."""
+    # ~ keeps query and passage keys apart
+    return split_by_keys([{text_hash(t) for t in ex.pos} | {~text_hash(ex.query)} for ex in examples],
+                         val_ratio, test_ratio, seed)
+
+
+def split_by_keys(keys: list[set[int]], val_ratio: float, test_ratio: float, seed: int) -> dict[str, list[int]]:
+    """Indices of items for train/val/test, drawn by seed. Items that share a key (transitively) form one group and
+    stay in one split; groups are shuffled and dealt to test, then val, until each holds its share of the items."""
     if val_ratio < 0 or test_ratio < 0 or val_ratio + test_ratio >= 1:
         raise ValueError(f"val_ratio + test_ratio must be in [0, 1), got {val_ratio} + {test_ratio}")
-    parent = list(range(len(examples)))
+    parent = list(range(len(keys)))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -44,15 +52,15 @@ def split_queries(examples: list[Example], val_ratio: float, test_ratio: float, 
         return i
 
     first_seen: dict[int, int] = {}
-    for i, ex in enumerate(examples):
-        for h in {text_hash(t) for t in ex.pos} | {~text_hash(ex.query)}:  # ~ keeps query and passage keys apart
+    for i, ks in enumerate(keys):
+        for h in ks:
             parent[find(i)] = find(first_seen.setdefault(h, i))
     groups = defaultdict(list)
-    for i in range(len(examples)):
+    for i in range(len(keys)):
         groups[find(i)].append(i)
     order = sorted(groups.values())
     random.Random(seed).shuffle(order)
-    n = len(examples)
+    n = len(keys)
     want = {"test": round(test_ratio * n), "val": round(val_ratio * n)}
     out = {"train": [], "val": [], "test": []}
     for g in order:

@@ -33,6 +33,9 @@ class TrainConfig:
     test_ratio: float = opt(0.15, "share of queries carved out for the final test", "data")
     skip_bad_lines: bool = opt(False, "drop malformed lines (and say how many) instead of stopping", "data")
     title: bool = opt(True, "BEIR corpora: passage = title + ' ' + text (--no-title: text only)", "data")
+    task: str = opt("auto", "task of the lines without a `type` field: auto (by their fields), retrieval, sts "
+                    "(sentence1, sentence2, score) or classification (text, label)", "data",
+                    ("auto", "retrieval", "sts", "classification"))
     # model
     model: str = opt("auto", "base model: a folder, a hub id, all-MiniLM-L6-v2, or auto", "model")
     query_prompt: str = opt("auto", "query instruction; 'auto' = the model's own, '' = none", "model")
@@ -46,6 +49,11 @@ class TrainConfig:
     symmetric: bool = opt(False, "add the passage-to-query InfoNCE term", "loss")
     cross_device_negatives: bool = opt(True, "under torchrun, every device's passages are negatives for every query",
                                        "loss")
+    sts_loss: str = opt("cosent", "STS pairs: CoSENT (ranks pairs by gold score) or cosine_mse (cosine vs gold "
+                        "scaled to [0, 1])", "loss", ("cosent", "cosine_mse"))
+    cosent_scale: float = opt(20.0, "CoSENT's scale on cosine differences (1 / temperature)", "loss")
+    classification_loss: str = opt("contrastive", "classification rows: contrastive (same label = positive), head "
+                                   "(linear head + cross-entropy), or both", "loss", ("contrastive", "head", "both"))
     # optimisation
     lr: float = opt(0.0, "peak learning rate; 0 = by model size (3e-5 small, 2e-5 base, 1e-5 large)", "optim")
     weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorms)", "optim")
@@ -55,6 +63,14 @@ class TrainConfig:
     max_steps: int = opt(0, "stop after this many optimiser steps (0 = epochs decide)", "optim")
     grad_accum: int = opt(1, "micro-batches per optimiser step", "optim")
     clip_grad: float = opt(1.0, "max gradient norm (0 = no clipping)", "optim")
+    head_lr: float = opt(1e-2, "learning rate of the classification head (it starts from zero)", "optim")
+    # regularisation (weight decay is in optim)
+    l1: float = opt(0.0, "L1 penalty lambda * sum |w| on the trainable matrices (weight decay's set: no biases, "
+                    "no LayerNorms)", "regularisation")
+    hidden_dropout: float = opt(-1.0, "dropout on embeddings and layer outputs while fine-tuning (negative = the "
+                                "model's, 0.1 for BERT)", "regularisation")
+    attention_dropout: float = opt(-1.0, "dropout on attention probabilities while fine-tuning (negative = the "
+                                   "model's)", "regularisation")
     # loop
     eval_every: int = opt(0, "validate every N optimiser steps (0 = once per epoch)", "loop")
     save_every: int = opt(0, "write resumable trainer state every N steps (0 = at each validation)", "loop")
@@ -75,6 +91,10 @@ class TrainConfig:
     out_dir: str = opt("checkpoints", "where run folders go", "run")
     run_name: str = opt("", "run folder name (default: data name + time)", "run")
     resume: str = opt("", "continue the run in this folder from its last saved state", "run")
+    explain: int = opt(5, "retrieval diagnostics at the end: the N test queries whose nDCG@10 changed most (0 = off)",
+                       "run")
+    threshold_precision: float = opt(0.9, "the diagnostics suggest the similarity threshold that reaches this "
+                                     "precision", "run")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -3,13 +3,16 @@
 Every reader validates as it goes and collects every bad line (file:line: field: what is wrong) instead of
 stopping at the first; `DataError` carries the short report the CLIs print. The training format is
     {"query": str, "pos": [str, ...], "neg": [str, ...], "prompt"?: str, "pos_scores"?: [float], "neg_scores"?: [float]}
-and rows of {"anchor", "positive", "negative"} are read as query/pos/neg.
+and rows of {"anchor", "positive", "negative"} are read as query/pos/neg. Besides retrieval lines a training file may
+hold STS pairs {"sentence1", "sentence2", "score"} and classification rows {"text", "label"}, mixed freely
+(`load_training_file`; a line's task comes from its `type` field or its fields).
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -293,6 +296,7 @@ class STSData:
     sentence2: list[str]
     scores: list[float]
     name: str = ""
+    lines: list[int] = field(default_factory=list)  # each pair's line in its file
 
     def fingerprint(self) -> str:
         """A hash of the content (pairs and scores), for results files."""
@@ -305,25 +309,20 @@ def load_sts(path: str | Path) -> STSData:
     """A TSV with a header naming score, sentence1 and sentence2 (in any order), or the same as JSONL."""
     path = Path(path)
     problems: list[str] = []
-    s1, s2, gold = [], [], []
+    s1, s2, gold, lines = [], [], [], []
     if path.suffix == ".jsonl":
         rows = ((n, obj) for n, obj in read_json_objects(path, problems))
     else:
         rows = _tsv_rows(path, problems)
     for n, row in rows:
-        f = _Fields(row, f"{path}:{n}", problems)
-        a, b, score = f.text("sentence1"), f.text("sentence2"), row.get("score")
-        try:
-            score = float(score)
-        except (TypeError, ValueError):
-            f.bad("missing field 'score'" if score is None else f"field 'score' is not a number: {score!r}")
-        if f.ok:
-            s1.append(a), s2.append(b), gold.append(score)
+        pair = parse_pair(row, f"{path}:{n}", problems)
+        if pair is not None:
+            s1.append(pair.sentence1), s2.append(pair.sentence2), gold.append(pair.score), lines.append(n)
     if problems:
         raise DataError(path, problems)
     if len(gold) < 2:
         raise UserError(f"{path}: an STS file needs at least 2 scored pairs")
-    return STSData(s1, s2, gold, name=path.name)
+    return STSData(s1, s2, gold, name=path.name, lines=lines)
 
 
 def _tsv_rows(path: Path, problems: list[str]) -> Iterator[tuple[int, dict]]:
@@ -343,3 +342,152 @@ def _tsv_rows(path: Path, problems: list[str]) -> Iterator[tuple[int, dict]]:
             problems.append(f"{path}:{n}: expected {len(header)} tab-separated columns, got {len(cols)}")
             continue
         yield n, dict(zip(header, cols))
+
+
+# ---- STS pairs and classification rows as training data ------------------------------------------------
+@dataclass
+class Pair:
+    """One sentence pair with its gold similarity score (STS / regression)."""
+
+    sentence1: str
+    sentence2: str
+    score: float
+    line: int = 0
+
+
+@dataclass
+class Labelled:
+    """One text with its class label."""
+
+    text: str
+    label: str
+    line: int = 0
+
+
+@dataclass
+class ClassificationData:
+    """Texts with labels: held-out rows to score, or the reference rows a kNN or linear probe is fitted on."""
+
+    texts: list[str]
+    labels: list[str]
+    name: str = ""
+
+    def fingerprint(self) -> str:
+        """A hash of the content (texts and labels), for results files."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps([self.texts, self.labels], ensure_ascii=False).encode())
+        return h.hexdigest()
+
+    @classmethod
+    def of(cls, rows: list[Labelled], name: str = "") -> "ClassificationData":
+        return cls([r.text for r in rows], [r.label for r in rows], name)
+
+
+def parse_pair(obj: dict, where: str, problems: list[str]) -> Pair | None:
+    """One scored pair {sentence1, sentence2, score} (the score may be a numeric string, as TSV cells are), or None."""
+    f = _Fields(obj, where, problems)
+    a, b, score = f.text("sentence1"), f.text("sentence2"), obj.get("score")
+    try:
+        if isinstance(score, bool):
+            raise TypeError
+        score = float(score)
+        if not math.isfinite(score):
+            raise ValueError
+    except (TypeError, ValueError):
+        f.bad("missing field 'score'" if score is None else f"field 'score' is not a number: {score!r}")
+    return Pair(a, b, score) if f.ok else None
+
+
+def parse_labelled(obj: dict, where: str, problems: list[str]) -> Labelled | None:
+    """One classification row {text, label}; an integer label is read as its decimal string."""
+    f = _Fields(obj, where, problems)
+    text, label = f.text("text"), obj.get("label")
+    if isinstance(label, int) and not isinstance(label, bool):
+        label = str(label)
+    elif label is None:
+        f.bad("missing field 'label'")
+    elif not isinstance(label, str):
+        f.bad(f"field 'label' must be a string or an integer, got {type(label).__name__}")
+    elif not label.strip():
+        f.bad("field 'label' is empty")
+    return Labelled(text, label) if f.ok else None
+
+
+TASKS = ("retrieval", "sts", "classification")
+# A line's `type` -> its task. FlagEmbedding's own values (normal, only_1neg, symmetric_sts, symmetric_class,
+# symmetric_clustering) come on query/pos/neg lines that FlagEmbedding trains contrastively, so they do not force a
+# task: the line's fields decide (a query/pos/neg line is retrieval, whatever its FlagEmbedding type).
+TYPE_TASKS = {"retrieval": "retrieval", "sts": "sts", "regression": "sts", "classification": "classification"}
+FLAGEMBEDDING_TYPES = ("normal", "only_1neg", "symmetric_sts", "symmetric_class", "symmetric_clustering")
+SHAPES = {"sts": {"sentence1", "sentence2", "score"}, "classification": {"text", "label"}}
+
+
+def line_task(obj: dict, default: str) -> str | None:
+    """The task of one JSON line: its `type` if that names one of ours, else `default` unless that is 'auto', else
+    its fields (sentence1/sentence2/score: sts; text/label: classification; otherwise retrieval). None: bad type."""
+    kind = obj.get("type")
+    if kind is not None and kind not in TYPE_TASKS and kind not in FLAGEMBEDDING_TYPES:
+        return None
+    if kind in TYPE_TASKS:
+        return TYPE_TASKS[kind]
+    if default != "auto":
+        return default
+    if SHAPES["sts"] & obj.keys():
+        return "sts"
+    if SHAPES["classification"] & obj.keys():
+        return "classification"
+    return "retrieval"
+
+
+@dataclass
+class TrainingData:
+    """A training file's lines by task (a file may mix them)."""
+
+    retrieval: list[Example] = field(default_factory=list)
+    sts: list[Pair] = field(default_factory=list)
+    classification: list[Labelled] = field(default_factory=list)
+
+    def by_task(self) -> dict[str, list]:
+        """The tasks that have lines, in TASKS order."""
+        return {t: getattr(self, t) for t in TASKS if getattr(self, t)}
+
+
+def load_training_file(path: str | Path, task: str = "auto", skip_bad_lines: bool = False) -> tuple[TrainingData, list[str]]:
+    """Training lines of a JSONL file (retrieval, STS and classification lines, mixed) or an STS TSV, and the
+    problems of the lines skipped. `task` is the file's task for lines without a `type` of ours ('auto': by their
+    fields). Without skip_bad_lines any problem raises DataError listing every bad line."""
+    path = Path(path)
+    if task not in ("auto", *TASKS):
+        raise ValueError(f"unknown task {task!r}")
+    if path.suffix in (".tsv", ".csv", ".txt"):
+        if task not in ("auto", "sts"):
+            raise UserError(f"{path}: a TSV file holds STS pairs; it cannot be read as --task {task}")
+        sts = load_sts(path)
+        pairs = [Pair(a, b, s, n) for a, b, s, n in zip(sts.sentence1, sts.sentence2, sts.scores, sts.lines)]
+        return TrainingData(sts=pairs), []
+    problems: list[str] = []
+    out = TrainingData()
+    for n, obj in read_json_objects(path, problems):
+        where = f"{path}:{n}"
+        kind = line_task(obj, task)
+        if kind is None:
+            problems.append(f"{where}: field 'type' must be one of {', '.join([*TYPE_TASKS, *FLAGEMBEDDING_TYPES])}, "
+                            f"got {obj['type']!r}")
+            continue
+        need = SHAPES.get(kind, ())
+        if need and not need & obj.keys():  # told the task by its type or --task, but shaped as another
+            problems.append(f"{where}: {kind} lines need the fields {', '.join(sorted(need))}; this one has "
+                            f"{', '.join(sorted(obj)) or 'none'}")
+            continue
+        item = {"retrieval": parse_example, "sts": parse_pair, "classification": parse_labelled}[kind](obj, where, problems)
+        if item is None:
+            continue
+        if kind == "retrieval":
+            item.qid = str(n)
+        item.line = n
+        getattr(out, kind).append(item)
+    if problems and not skip_bad_lines:
+        raise DataError(path, problems, hint="fix them, or pass --skip-bad-lines to drop them")
+    if not out.by_task():
+        raise UserError(f"{path}: no training examples")
+    return out, problems

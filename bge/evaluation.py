@@ -6,12 +6,14 @@ evaluate.py and train.py's validation both call these. The pieces, in the order 
     rank            exact top-k by cosine similarity (bge.search.topk_search: chunked, bounded memory)
     search          the three above on a RetrievalData, with timings
     evaluate_retrieval / evaluate_sts   search or pair similarity, then bge.metrics
+    evaluate_classification             kNN and linear-probe accuracy / macro-F1 of held-out rows
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +21,19 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from bge.data import (DataError, RetrievalData, STSData, load_beir, load_examples, load_sts, read_json_objects,
-                      retrieval_from_examples)
+from bge.data import (ClassificationData, DataError, RetrievalData, STSData, load_beir, load_examples, load_sts,
+                      load_training_file, read_json_objects, retrieval_from_examples)
 from bge.embedder import Embedder, default_device
 from bge.errors import UserError
-from bge.metrics import RetrievalResult, retrieval_metrics, sts_correlations
+from bge.metrics import (RetrievalResult, classification_scores, knn_predict, linear_probe_predict, retrieval_metrics,
+                         sts_correlations)
 from bge.search import topk_search
 
 DEFAULT_KS = (1, 3, 5, 10, 100)
+KNN_K = 5  # neighbours that vote in kNN classification; fixed so that runs compare
 CACHE_FORMAT = 1  # bump when the file layout or what the key covers changes
 
 
@@ -255,10 +259,105 @@ def evaluate_sts(embedder: Embedder, sts: STSData, *, batch_size: int = 64, max_
     return {**out, "n_pairs": len(sts.scores), "n_encoded": len(unique), "seconds": time.perf_counter() - start}
 
 
+def evaluate_classification(embedder: Embedder, data: ClassificationData, reference: ClassificationData | None = None,
+                            *, folds: int = 5, seed: int = 0, head: ClassifierHead | None = None, batch_size: int = 64,
+                            max_length: int | None = None, cpu_bf16: bool = False,
+                            show_progress: bool | None = None) -> dict[str, float]:
+    """kNN (k = KNN_K, cosine) and linear-probe (logistic regression) accuracy and macro-F1 of `data`'s rows, the
+    classifiers fitted on `reference`'s embeddings; without a reference, by `folds`-fold cross-validation over
+    `data` (rows dealt to folds label by label, by seed). With a trained `head`, its accuracy and macro-F1 too.
+    Texts get no instruction. Also returns n_rows and seconds."""
+    start = time.perf_counter()
+    ref = reference or data
+    names = sorted(set(ref.labels) | set(data.labels))
+    ids = {name: i for i, name in enumerate(names)}
+    texts = list(dict.fromkeys(ref.texts + data.texts))
+    row = {t: i for i, t in enumerate(texts)}
+    emb = embedder.encode(texts, batch_size=batch_size, max_length=max_length, as_numpy=False, cpu_bf16=cpu_bf16,
+                          show_progress=show_progress, description="encoding texts")
+    x_ref, y_ref = emb[[row[t] for t in ref.texts]], [ids[l] for l in ref.labels]
+    x, gold = emb[[row[t] for t in data.texts]], [ids[l] for l in data.labels]
+    if reference is not None:
+        parts = [(list(range(len(ref.texts))), list(range(len(data.texts))))]
+    else:
+        fold = cross_validation_folds(data.labels, folds, seed)
+        parts = [([i for i in range(len(gold)) if fold[i] != f], [i for i in range(len(gold)) if fold[i] == f])
+                 for f in range(folds)]
+    knn, probe = [0] * len(gold), [0] * len(gold)
+    for fit, held in parts:
+        if not held:
+            continue
+        if len({y_ref[i] for i in fit}) < 2:
+            raise UserError(f"{ref.name or 'the reference rows'}: a classifier needs rows of at least 2 labels")
+        xf, yf = x_ref[fit], [y_ref[i] for i in fit]
+        for i, k, p in zip(held, knn_predict(xf, yf, x[held], KNN_K), linear_probe_predict(xf, yf, x[held], len(names))):
+            knn[i], probe[i] = int(k), int(p)
+    out = {f"knn_{k}": v for k, v in classification_scores(knn, gold).items()}
+    out |= {f"probe_{k}": v for k, v in classification_scores(probe, gold).items()}
+    if head is not None:
+        predicted = head.predict(x)
+        out |= {f"head_{k}": v for k, v in classification_scores(predicted, data.labels).items()}
+    return {**out, "n_rows": len(gold), "seconds": time.perf_counter() - start}
+
+
+@dataclass
+class ClassifierHead:
+    """A linear classification head on the pooled embedding: logits = emb @ weight.T + bias, one row per label."""
+
+    weight: torch.Tensor  # (n_labels, dim)
+    bias: torch.Tensor  # (n_labels,)
+    labels: list[str]
+
+    def predict(self, emb: torch.Tensor) -> list[str]:
+        """The label of each row."""
+        idx = (emb.float() @ self.weight.float().cpu().T + self.bias.float().cpu()).argmax(1)
+        return [self.labels[i] for i in idx.tolist()]
+
+    def save(self, folder: str | Path) -> Path:
+        """classifier_head.safetensors (weight, bias; the labels in its metadata) beside an exported model; an
+        extra file that transformers and sentence-transformers ignore."""
+        path = Path(folder) / HEAD_FILE
+        save_file({"weight": self.weight.detach().float().cpu().contiguous(),
+                   "bias": self.bias.detach().float().cpu().contiguous()}, str(path),
+                  metadata={"labels": json.dumps(self.labels, ensure_ascii=False)})
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ClassifierHead":
+        """The head saved in `folder`."""
+        path = Path(folder) / HEAD_FILE
+        with safe_open(str(path), "pt") as f:
+            labels = json.loads(f.metadata()["labels"])
+            return cls(f.get_tensor("weight"), f.get_tensor("bias"), labels)
+
+
+HEAD_FILE = "classifier_head.safetensors"
+
+
+def cross_validation_folds(labels: list[str], folds: int, seed: int) -> list[int]:
+    """The fold of each row: each label's rows shuffled by seed and dealt round-robin, so folds keep the label mix."""
+    if folds < 2:
+        raise UserError(f"cross-validation needs at least 2 folds, got {folds}")
+    fold = [0] * len(labels)
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    offset = 0
+    for label in sorted(by_label):
+        rows = by_label[label]
+        random.Random(f"{seed}/{label}").shuffle(rows)
+        for j, i in enumerate(rows):
+            fold[i] = (offset + j) % folds
+        offset += len(rows)  # the next label starts where this one stopped, so fold sizes stay even
+    return fold
+
+
 # ---- reading evaluation data ----------------------------------------------------------------------------
-def load_eval_data(path: str | Path, split: str = "test", use_title: bool = True) -> RetrievalData | STSData:
+def load_eval_data(path: str | Path, split: str = "test",
+                   use_title: bool = True) -> RetrievalData | STSData | ClassificationData:
     """A BEIR folder (-> RetrievalData of `split`), a training-format JSONL (-> RetrievalData: each query's positives
-    are its relevant documents), or an STS file: TSV with a score/sentence1/sentence2 header, or such JSONL."""
+    are its relevant documents), an STS file (TSV with a score/sentence1/sentence2 header, or such JSONL), or a
+    JSONL of {text, label} rows (-> ClassificationData)."""
     path = Path(path)
     if path.is_dir():
         if not (path / "corpus.jsonl").exists():
@@ -285,5 +384,8 @@ def load_eval_data(path: str | Path, split: str = "test", use_title: bool = True
     if "query" in obj or "anchor" in obj:
         examples, _ = load_examples(path)
         return retrieval_from_examples(examples, name=path.name)
-    raise UserError(f"{path}:{n}: neither a training line (query, pos, neg) nor an STS pair "
-                    f"(score, sentence1, sentence2); fields are {', '.join(sorted(obj)) or 'none'}")
+    if "text" in obj or "label" in obj:
+        rows = load_training_file(path, task="classification")[0].classification
+        return ClassificationData.of(rows, name=path.name)
+    raise UserError(f"{path}:{n}: neither a training line (query, pos, neg), an STS pair (score, sentence1, "
+                    f"sentence2) nor a classification row (text, label); fields are {', '.join(sorted(obj)) or 'none'}")

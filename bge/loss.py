@@ -1,4 +1,8 @@
-"""Contrastive losses on embeddings. Pure functions: no logging, no distributed calls, no state.
+"""Losses on embeddings, one per task type, and the L1 penalty. Pure functions: no logging, no distributed calls,
+no state.
+
+Retrieval (info_nce, false_negative_mask), STS (cosent, cosine_mse), classification (label_mask with info_nce,
+head_cross_entropy); l1_penalty for regularisation.
 
 Batch layout: B queries and P passages. Query i's positive is passages[pos_index[i]]; `owner[j]` is the query
 that brought passage j (its positive or one of its hard negatives). Every other passage in the batch is an
@@ -47,3 +51,50 @@ def info_nce(q: torch.Tensor, p: torch.Tensor, pos_index: torch.Tensor, temperat
             back_drop = back_drop | ~torch.eye(len(q), dtype=torch.bool, device=q.device)
         loss = (loss + F.cross_entropy(back.masked_fill(back_drop, float("-inf")), rows)) / 2
     return loss, accuracy
+
+
+# ---- STS / regression: scored pairs -------------------------------------------------------------------
+def cosent(cos: torch.Tensor, gold: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """CoSENT (Su, 2022): log(1 + sum over pairs (i, j) with gold_i > gold_j of exp(scale * (cos_j - cos_i))).
+    A ranking loss on the pairs' cosine similarities: only the order of the gold scores matters, not their scale.
+    cos and gold are (n,); a batch with no ordered pair gives 0."""
+    diff = scale * (cos[None, :] - cos[:, None])  # [i, j] = scale * (cos_j - cos_i)
+    ordered = gold[:, None] > gold[None, :]
+    terms = torch.cat([diff.new_zeros(1), diff[ordered]])  # the 0 is the "1 +" inside the log
+    return torch.logsumexp(terms, 0)
+
+
+def cosine_mse(cos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the pairs' cosine and a target already scaled to cosine's range
+    (sentence-transformers' CosineSimilarityLoss)."""
+    return F.mse_loss(cos, target.to(cos.dtype))
+
+
+def pair_order_accuracy(cos: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """Share of the pairs with gold_i > gold_j whose cosine is ordered the same way (1.0 when there are none)."""
+    ordered = gold[:, None] > gold[None, :]
+    if not ordered.any():
+        return cos.new_ones(())
+    return (cos[:, None] > cos[None, :])[ordered].float().mean()
+
+
+# ---- classification: labelled texts ------------------------------------------------------------------
+def label_mask(anchor_labels: torch.Tensor, passage_labels: torch.Tensor, pos_index: torch.Tensor) -> torch.Tensor:
+    """(B, P) bool, True where passage j has anchor i's label but is not its positive: another text of the same
+    class is no negative, so info_nce must not push it away. Labels are integer class ids."""
+    same = anchor_labels[:, None] == passage_labels[None, :]
+    same[torch.arange(len(pos_index), device=pos_index.device), pos_index] = False
+    return same
+
+
+def head_cross_entropy(emb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of a linear head (logits = emb @ weight.T + bias) on the pooled embeddings; (loss, accuracy)."""
+    logits = emb @ weight.T + bias
+    return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
+
+
+# ---- regularisation ------------------------------------------------------------------------------------
+def l1_penalty(params: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of absolute values of the given parameters (multiply by lambda and add to the loss)."""
+    return torch.stack([p.abs().sum() for p in params]).sum()

@@ -1,9 +1,12 @@
-"""Evaluation metrics: trec_eval's retrieval metrics (as pytrec_eval computes them) and STS correlations."""
+"""Evaluation metrics: trec_eval's retrieval metrics (as pytrec_eval computes them), STS correlations, and
+classification by embeddings (kNN and a logistic-regression linear probe; accuracy and macro-F1 as scikit-learn
+computes them)."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 METRICS = ("ndcg", "mrr", "recall", "map", "precision")
 
@@ -116,3 +119,64 @@ def sts_correlations(predicted: Sequence[float] | np.ndarray, gold: Sequence[flo
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("scores must be finite (a NaN prediction usually means the model diverged)")
     return {"spearman": _pearson(_average_ranks(x), _average_ranks(y)), "pearson": _pearson(x, y)}
+
+
+# ---- classification by embeddings --------------------------------------------------------------------
+def classification_scores(predicted: Sequence, gold: Sequence) -> dict[str, float]:
+    """Accuracy and macro-F1 (the unweighted mean of per-label F1 over every label in gold or predicted, a label
+    never predicted nor present scoring 0), as sklearn's accuracy_score and f1_score(average='macro')."""
+    pred, true = np.asarray(predicted), np.asarray(gold)
+    if len(pred) != len(true) or len(true) == 0:
+        raise ValueError(f"need as many predictions as gold labels (got {len(pred)} and {len(true)}), at least one")
+    f1 = []
+    for label in np.union1d(pred, true):
+        tp = np.sum((pred == label) & (true == label))
+        denom = np.sum(pred == label) + np.sum(true == label)  # 2tp + fp + fn
+        f1.append(2 * tp / denom if denom else 0.0)
+    return {"accuracy": float(np.mean(pred == true)), "macro_f1": float(np.mean(f1))}
+
+
+def knn_predict(train_emb: torch.Tensor, train_labels: Sequence[int], test_emb: torch.Tensor, k: int = 5) -> np.ndarray:
+    """Majority label among each test row's k most cosine-similar training rows; a tie goes to the smallest label
+    id (sklearn's KNeighborsClassifier(metric='cosine') does the same). Labels are integer ids."""
+    labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    a = torch.nn.functional.normalize(test_emb.double(), dim=1)
+    b = torch.nn.functional.normalize(train_emb.double(), dim=1)
+    nearest = (a @ b.T).topk(min(k, len(b)), dim=1).indices
+    votes = torch.zeros(len(a), int(labels.max()) + 1, dtype=torch.long)
+    votes.scatter_add_(1, labels[nearest], torch.ones_like(nearest))
+    return votes.argmax(1).numpy()  # argmax returns the first maximum: the smallest id among tied labels
+
+
+def fit_logistic_regression(emb: torch.Tensor, labels: Sequence[int], n_classes: int, c: float = 1.0,
+                            max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression minimising c * sum of log-losses + ||W||^2 / 2 (sklearn's
+    LogisticRegression(C=c) objective; the bias is not penalised), by L-BFGS in float64. Returns (W, b)."""
+    x = emb.double()
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    w = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = c * torch.nn.functional.cross_entropy(x @ w.T + b, y, reduction="sum") + 0.5 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of tiny products: handing each to a thread pool costs more than the maths
+    try:
+        with torch.enable_grad():
+            opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
+    return w.detach(), b.detach()
+
+
+def linear_probe_predict(train_emb: torch.Tensor, train_labels: Sequence[int], test_emb: torch.Tensor,
+                         n_classes: int) -> np.ndarray:
+    """Labels that a logistic regression fitted on the training rows' embeddings gives the test rows."""
+    w, b = fit_logistic_regression(train_emb, train_labels, n_classes)
+    return (test_emb.double() @ w.T + b).argmax(1).numpy()

@@ -163,6 +163,18 @@ class Encoder(nn.Module):
         with torch.no_grad():
             self.emb.word.weight[self.cfg.pad_token_id].zero_()
 
+    def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> None:
+        """Override the dropout rates for fine-tuning; None or negative keeps the model's. The config holds the new
+        rates, so an exported folder records what the model was trained with."""
+        for name, rate in (("hidden_dropout", hidden), ("attention_dropout", attention)):
+            if rate is not None and rate >= 0:
+                if rate >= 1:
+                    raise UserError(f"{name} must be below 1, got {rate}")
+                setattr(self.cfg, name, float(rate))
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):  # every nn.Dropout here is hidden dropout; attention's is read from cfg
+                m.p = self.cfg.hidden_dropout
+
     # ---- attention for the two layouts ----------------------------------------------------------
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L, 3H) -> three (B, heads, L, head_dim)."""

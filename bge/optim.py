@@ -33,16 +33,23 @@ def get_lr(step: int, *, lr: float, warmup_steps: int, total_steps: int, schedul
     return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * decay)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay the matrices; leave biases, LayerNorm and other 1-d parameters alone (BERT's exclusions)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def decayed(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable matrices (and embedding tables): what weight decay and the L1 penalty apply to. Biases, LayerNorm
+    and other 1-d parameters are left alone (BERT's exclusions)."""
+    return [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: float = 1.0) -> list[dict]:
+    """Decay the matrices, not the rest (see `decayed`). `lr_scale` multiplies the schedule's rate for this module."""
+    decay = decayed(model)
+    ids = {id(p) for p in decay}
+    no_decay = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return [{"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale}]
 
 
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-                   eps: float = 1e-8, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; the fused kernel (one launch for all tensors) where torch has it."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+                   eps: float = 1e-8, fused: bool = True, extra: list[dict] = ()) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (and the `extra` parameter groups, e.g. a head with its own lr_scale);
+    the fused kernel (one launch for all tensors) where torch has it."""
+    return torch.optim.AdamW(param_groups(model, weight_decay) + list(extra), lr=lr, betas=betas, eps=eps, fused=fused)

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from safetensors.torch import save_file
 
-import train
+from bge.tasks import retrieval_loss
 from bge import distributed
 from bge.batching import make_batch
 from bge.config import TrainConfig
@@ -52,7 +52,7 @@ def main() -> None:
         batch = make_batch(ex, distributed.shard(list(range(8)), info), group_size=group, seed=0, epoch=0)
         inputs = {"q": tok.tokenize(batch.queries), "p": tok.tokenize(batch.passages)}
         cfg = TrainConfig(temperature=0.05)
-        loss, stats = forward_backward(embed, inputs, lambda e: train.retrieval_loss(e, batch, cfg, info if net else None),
+        loss, stats = forward_backward(embed, inputs, lambda e: retrieval_loss(e, batch, cfg, info if net else None),
                                        chunk_size=chunk, device=info.device, no_sync=net.no_sync if net else None)
         grads = {f"grad.{n}": p.grad.clone() for n, p in model.named_parameters()}
         opt.step()

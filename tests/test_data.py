@@ -1,9 +1,11 @@
 """Reading training files: every kind of bad line gets its own clear message; odd but valid files load."""
 import json
+from pathlib import Path
 
 import pytest
 
-from bge.data import DataError, load_examples, retrieval_from_examples
+from bge.data import DataError, load_examples, load_training_file, retrieval_from_examples
+from bge.errors import UserError
 
 GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"]}
 
@@ -84,3 +86,77 @@ def test_retrieval_set_from_examples_dedups_passages_by_text():
     assert len(data.corpus) == 3 and data.queries == {"1": "q1", "2": "q2"}
     docs = {t: d for d, t in data.corpus.items()}
     assert data.qrels == {"1": {docs["a"]: 1, docs["b"]: 1}, "2": {docs["c"]: 1}}
+
+
+# ---- STS pairs, classification rows, mixed files --------------------------------------------------------------
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PAIR = {"sentence1": "a cat sits", "sentence2": "a cat is sitting", "score": 4.5}
+ROW = {"text": "my battery will not charge", "label": "ebike_battery"}
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"sentence1": "a", "sentence2": "b"}', "missing field 'score'"),
+    ('{"sentence1": "a", "sentence2": "b", "score": "high"}', "field 'score' is not a number: 'high'"),
+    ('{"sentence1": "a", "sentence2": "b", "score": true}', "field 'score' is not a number: True"),
+    ('{"sentence1": "a", "sentence2": "b", "score": NaN}', "field 'score' is not a number: nan"),
+    ('{"sentence1": "a", "score": 1}', "missing field 'sentence2'"),
+    ('{"text": "t"}', "missing field 'label'"),
+    ('{"text": "t", "label": ""}', "field 'label' is empty"),
+    ('{"text": "t", "label": [1]}', "field 'label' must be a string or an integer, got list"),
+    ('{"label": "x"}', "missing field 'text'"),
+    ('{"text": "t", "label": "x", "type": "clasification"}', "field 'type' must be one of retrieval, sts"),
+    ('{"query": "q", "pos": ["p"], "type": "sts"}', "sts lines need the fields score, sentence1, sentence2; this one has "
+                                                   "pos, query, type"),
+])
+def test_each_bad_sts_or_classification_line_has_a_one_line_message(tmp_path, line, message):
+    path = write(tmp_path, [json.dumps(PAIR), json.dumps(ROW), line])
+    with pytest.raises(DataError) as e:
+        load_training_file(path)
+    assert str(e.value).startswith(f"{path}:3: {message}"), str(e.value)
+
+
+def test_mixed_file_by_fields_and_type_with_line_numbers(tmp_path):
+    lines = [json.dumps(GOOD), json.dumps(PAIR), json.dumps(ROW), json.dumps({"text": "x", "label": 3}),
+             json.dumps({**GOOD, "type": "symmetric_sts"}), json.dumps({**PAIR, "type": "regression"}),
+             json.dumps({**ROW, "type": "classification"}), json.dumps({**GOOD, "type": "normal"})]
+    data, skipped = load_training_file(write(tmp_path, lines))
+    assert not skipped and list(data.by_task()) == ["retrieval", "sts", "classification"]
+    assert [ex.line for ex in data.retrieval] == [1, 5, 8] and [ex.qid for ex in data.retrieval] == ["1", "5", "8"]
+    assert [(p.line, p.score) for p in data.sts] == [(2, 4.5), (6, 4.5)]
+    assert [(r.line, r.label) for r in data.classification] == [(3, "ebike_battery"), (4, "3"), (7, "ebike_battery")]
+
+
+def test_task_flag_reads_lines_without_a_type_as_that_task(tmp_path):
+    path = write(tmp_path, [json.dumps(ROW), json.dumps({**PAIR, "type": "sts"})])
+    data, _ = load_training_file(path, task="classification")
+    assert len(data.classification) == 1 and len(data.sts) == 1  # a line's own type wins
+    with pytest.raises(DataError, match=":1: sts lines need the fields score, sentence1, sentence2; this one has label"):
+        load_training_file(path, task="sts")
+    with pytest.raises(UserError, match="cannot be read as --task classification"):
+        load_training_file(SHARED / "stsb" / "sts-dev.tsv", task="classification")
+
+
+def test_skip_bad_lines_across_tasks(tmp_path):
+    path = write(tmp_path, [json.dumps(PAIR), '{"text": "t"}', json.dumps(ROW), "{oops"])
+    data, skipped = load_training_file(path, skip_bad_lines=True)
+    assert len(data.sts) == 1 and len(data.classification) == 1 and len(skipped) == 2
+
+
+def test_real_sts_tsv_and_flagembedding_samples_as_training_files():
+    data, _ = load_training_file(SHARED / "stsb" / "sts-train.tsv")
+    assert list(data.by_task()) == ["sts"] and len(data.sts) == 5749
+    assert data.sts[0].line == 2 and 0 <= min(p.score for p in data.sts) and max(p.score for p in data.sts) <= 5
+    for f in sorted((SHARED / "flagembedding_examples").glob("*.jsonl")):
+        # every FlagEmbedding type comes on query/pos/neg lines, trained contrastively as FlagEmbedding does
+        data, skipped = load_training_file(f)
+        assert list(data.by_task()) == ["retrieval"] and len(data.retrieval) == 10 and not skipped
+        assert [(ex.query, ex.pos) for ex in data.retrieval] == [(ex.query, ex.pos) for ex in load_examples(f)[0]]
+
+
+def test_bundled_classification_example():
+    data, _ = load_training_file(Path(__file__).resolve().parents[1] / "examples" / "bike_tickets.jsonl")
+    rows = data.classification
+    assert list(data.by_task()) == ["classification"] and len(rows) == 240
+    assert {r.label: sum(x.label == r.label for x in rows) for r in rows} == {
+        "repair_booking": 40, "warranty_claim": 40, "order_status": 40, "fit_sizing": 40, "ebike_battery": 40,
+        "return_refund": 40}

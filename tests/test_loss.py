@@ -1,11 +1,13 @@
-"""The contrastive loss against a naive per-query loop, including false-negative masking."""
+"""Every loss against a naive reference: InfoNCE with false-negative masking, CoSENT, cosine-MSE, the classification
+label mask, the head's cross-entropy and the L1 penalty."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bge.loss import false_negative_mask, info_nce
+from bge.loss import (cosent, cosine_mse, false_negative_mask, head_cross_entropy, info_nce, l1_penalty, label_mask,
+                      pair_order_accuracy)
 
 
 def naive_info_nce(q, p, pos_index, temperature, excluded, in_batch, owner, symmetric):
@@ -98,3 +100,84 @@ def test_perfect_separation_gives_zero_loss_and_full_accuracy():
     loss, acc = info_nce(q, p, torch.arange(4), 0.01)
     assert loss.item() < 1e-30 or math.isclose(loss.item(), 0.0, abs_tol=1e-30)
     assert acc.item() == 1.0
+
+
+# ---- STS: CoSENT and cosine-MSE ---------------------------------------------------------------------------------
+def naive_cosent(cos, gold, scale):
+    """log(1 + sum over every ordered pair (i, j), gold_i > gold_j, of exp(scale * (cos_j - cos_i))), term by term."""
+    total = torch.tensor(1.0, dtype=torch.float64)
+    for i in range(len(cos)):
+        for j in range(len(cos)):
+            if gold[i] > gold[j]:
+                total = total + torch.exp(scale * (cos[j] - cos[i]).double())
+    return torch.log(total)
+
+
+def test_cosent_equals_naive_with_gradients_and_ties():
+    g = torch.Generator().manual_seed(3)
+    gold = torch.tensor([0.0, 1.5, 1.5, 3.0, 4.2, 5.0, 2.0, 0.0])  # ties: not an ordered pair either way
+    cos = (torch.rand(8, generator=g) * 2 - 1).double()
+    a, b = cos.clone().requires_grad_(), cos.clone().requires_grad_()
+    loss, ref = cosent(a, gold.double(), 20.0), naive_cosent(b, gold, 20.0)
+    assert torch.allclose(loss, ref, rtol=1e-10, atol=1e-10)
+    loss.backward()
+    ref.backward()
+    assert torch.allclose(a.grad, b.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_cosent_sees_only_the_order_of_the_gold_scores():
+    cos = torch.tensor([0.1, 0.7, 0.3, 0.9])
+    gold = torch.tensor([0.0, 2.0, 1.0, 5.0])
+    assert torch.allclose(cosent(cos, gold), cosent(cos, gold ** 3 + 7))  # same order, other scale
+    right_order = cosent(torch.tensor([0.1, 0.5, 0.3, 0.9]), gold)
+    wrong_order = cosent(torch.tensor([0.9, 0.3, 0.5, 0.1]), gold)
+    assert right_order < 0.1 < wrong_order
+    assert cosent(cos, torch.ones(4)).item() == 0.0  # no ordered pair: log(1)
+    assert pair_order_accuracy(torch.tensor([0.1, 0.5, 0.3, 0.9]), gold).item() == 1.0
+    assert pair_order_accuracy(torch.tensor([0.9, 0.3, 0.5, 0.1]), gold).item() == 0.0
+
+
+def test_cosine_mse_equals_mean_of_squares():
+    cos, target = torch.tensor([0.2, 0.9, -0.1]), torch.tensor([0.0, 1.0, 0.5])
+    assert math.isclose(cosine_mse(cos, target).item(), ((0.2 ** 2) + (0.1 ** 2) + (0.6 ** 2)) / 3, rel_tol=1e-6)
+
+
+# ---- classification: the label mask ---------------------------------------------------------------------------
+def test_label_mask_equals_naive_and_masks_same_label_in_batch_negatives():
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    mask = label_mask(labels, labels, torch.arange(6))
+    naive = [[labels[i] == labels[j] and i != j for j in range(6)] for i in range(6)]
+    assert mask.tolist() == naive
+    assert mask[0, 2] and mask[0, 5] and not mask[0, 0] and not mask[0, 1]
+    # in the loss: anchor 0's same-label partners (2 and 5) may be anything; other labels' texts are its negatives
+    g = torch.Generator().manual_seed(1)
+    q, p = F.normalize(torch.randn(6, 8, generator=g), dim=1), F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    one, _ = info_nce(q[:1], p, torch.tensor([0]), 0.05, mask=mask[:1])
+    moved = p.clone()
+    moved[2], moved[5] = q[0], q[0]  # same-label texts made identical to the anchor: not pushed away
+    assert torch.allclose(one, info_nce(q[:1], moved, torch.tensor([0]), 0.05, mask=mask[:1])[0])
+    moved = p.clone()
+    moved[1] = q[0]  # an other-label text made identical to the anchor: a harder negative, a larger loss
+    assert info_nce(q[:1], moved, torch.tensor([0]), 0.05, mask=mask[:1])[0] > one
+
+
+def test_masked_classification_loss_equals_naive_loop():
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    g = torch.Generator().manual_seed(2)
+    q, p = F.normalize(torch.randn(6, 8, generator=g), dim=1), F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    excluded = [[labels[i] == labels[j] and i != j for j in range(6)] for i in range(6)]
+    loss, _ = info_nce(q, p, torch.arange(6), 0.05, mask=label_mask(labels, labels, torch.arange(6)))
+    ref = naive_info_nce(q, p, torch.arange(6), 0.05, excluded, True, list(range(6)), False)
+    assert torch.allclose(loss, ref, atol=1e-5)
+
+
+def test_head_cross_entropy_and_l1():
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    w, b = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.zeros(2)
+    loss, acc = head_cross_entropy(emb, w, b, torch.tensor([0, 1]))
+    assert math.isclose(loss.item(), -math.log(math.exp(2) / (math.exp(2) + 1)), rel_tol=1e-6) and acc.item() == 1.0
+    params = [torch.tensor([[1.0, -2.0]], requires_grad=True), torch.tensor([[-0.5], [3.0]], requires_grad=True)]
+    penalty = l1_penalty(params)
+    assert penalty.item() == 6.5
+    penalty.backward()  # the gradient of lambda * sum |w| is lambda * sign(w)
+    assert params[0].grad.tolist() == [[1.0, -1.0]] and params[1].grad.tolist() == [[-1.0], [1.0]]

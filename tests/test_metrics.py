@@ -3,10 +3,16 @@ import random
 
 import numpy as np
 import pytest
-import pytrec_eval  # the oracle: a missing one must fail, not skip
+import pytrec_eval  # the oracles: a missing one must fail, not skip
 import scipy.stats
+import sklearn.linear_model
+import sklearn.metrics
+import sklearn.neighbors
+import torch
 
-from bge.metrics import retrieval_metrics, sts_correlations
+from bge.evaluation import cross_validation_folds
+from bge.metrics import (classification_scores, fit_logistic_regression, knn_predict, linear_probe_predict,
+                         retrieval_metrics, sts_correlations)
 
 KS = (1, 3, 5, 10, 20)
 TREC = {"ndcg": "ndcg_cut_{}", "map": "map_cut_{}", "recall": "recall_{}", "precision": "P_{}"}
@@ -157,3 +163,57 @@ def test_sts_correlations_bad_input():
     with pytest.raises(ValueError, match="at least 2"):
         sts_correlations([1.0], [1.0])
     assert math.isnan(sts_correlations([1.0, 1.0], [1.0, 2.0])["pearson"])
+
+
+# ---- classification by embeddings, against scikit-learn -------------------------------------------------------
+@pytest.mark.parametrize("seed", range(5))
+def test_accuracy_and_macro_f1_equal_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    gold = rng.integers(0, 5, 60)
+    pred = np.where(rng.random(60) < 0.6, gold, rng.integers(0, 6, 60))  # label 5 is predicted but never gold
+    ours = classification_scores(pred, gold)
+    assert math.isclose(ours["accuracy"], sklearn.metrics.accuracy_score(gold, pred), abs_tol=1e-12)
+    assert math.isclose(ours["macro_f1"], sklearn.metrics.f1_score(gold, pred, average="macro", zero_division=0),
+                        abs_tol=1e-12)
+    names = np.array(list("abcdef"))  # string labels work the same
+    assert classification_scores(names[pred], names[gold]) == ours
+
+
+def clusters(seed, n=90, dim=16, classes=4, spread=0.9):
+    """Noisy points around one random centre per class, as unit-norm float32 embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.nn.functional.normalize(centres[y] + spread * torch.randn(n, dim, generator=g), dim=1)
+    return x, y.numpy()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 4, 5])
+def test_knn_equals_sklearn_cosine_knn_ties_included(seed, k):
+    x, y = clusters(seed)
+    train, test = slice(0, 60), slice(60, None)
+    ours = knn_predict(x[train], y[train], x[test], k)
+    ref = sklearn.neighbors.KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute")
+    ref.fit(x[train].numpy().astype(np.float64), y[train])
+    assert (ours == ref.predict(x[test].numpy().astype(np.float64))).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_logistic_regression_equals_sklearn(seed):
+    x, y = clusters(seed, classes=5, spread=1.5)
+    w, b = fit_logistic_regression(x, y, 5, c=1.0)
+    ref = sklearn.linear_model.LogisticRegression(C=1.0, tol=1e-10, max_iter=2000).fit(x.numpy().astype(np.float64), y)
+    assert np.abs(ref.coef_ - w.numpy()).max() < 1e-4 and np.abs(ref.intercept_ - b.numpy()).max() < 1e-4
+    assert (linear_probe_predict(x[:60], y[:60], x[60:], 5) == sklearn.linear_model.LogisticRegression(C=1.0)
+            .fit(x[:60].numpy().astype(np.float64), y[:60]).predict(x[60:].numpy().astype(np.float64))).all()
+
+
+def test_cross_validation_folds_keep_the_label_mix():
+    labels = ["a"] * 10 + ["b"] * 7 + ["c"] * 3
+    fold = cross_validation_folds(labels, 5, seed=0)
+    assert fold == cross_validation_folds(labels, 5, seed=0) and fold != cross_validation_folds(labels, 5, seed=1)
+    assert sorted(np.bincount(fold).tolist()) == [4, 4, 4, 4, 4]
+    for label, n in (("a", 10), ("b", 7)):
+        per_fold = np.bincount([f for f, l in zip(fold, labels) if l == label], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == n

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bge.model import Encoder, ModelConfig
-from bge.optim import default_lr, get_lr, make_optimizer, param_groups
+from bge.optim import decayed, default_lr, get_lr, make_optimizer, param_groups
 
 
 def test_warmup_then_linear_decay():
@@ -45,3 +45,13 @@ def test_no_decay_on_biases_and_layernorms():
     model.emb.word.weight.requires_grad_(False)  # frozen parameters are left out of the optimiser
     opt = make_optimizer(model, lr=1e-3, weight_decay=0.01)
     assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_l1_applies_to_the_decayed_matrices_only_and_heads_get_their_own_lr():
+    model = Encoder(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, vocab_size=50))
+    decay, _ = param_groups(model, 0.01)
+    assert [id(p) for p in decayed(model)] == [id(p) for p in decay["params"]]  # the same set as weight decay
+    head = torch.nn.Linear(16, 3)
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.01, extra=param_groups(head, 0.01, lr_scale=10.0))
+    scales = [g["lr_scale"] for g in opt.param_groups]
+    assert scales == [1.0, 1.0, 10.0, 10.0] and opt.param_groups[2]["params"] == [head.weight]

@@ -144,8 +144,9 @@ def test_cli_usage_errors(tmp_path, tiny_model_dir):
 
 
 def test_repeated_nan_loss_stops_with_a_clear_message(data, tiny_model_dir, tmp_path, monkeypatch):
-    real = train.info_nce
-    monkeypatch.setattr(train, "info_nce", lambda *a, **k: (real(*a, **k)[0] * float("nan"), torch.tensor(0.0)))
+    import bge.tasks
+    real = bge.tasks.info_nce
+    monkeypatch.setattr(bge.tasks, "info_nce", lambda *a, **k: (real(*a, **k)[0] * float("nan"), torch.tensor(0.0)))
     with pytest.raises(UserError, match="NaN/inf for 3 steps in a row"):
         train.main(args(data, tiny_model_dir, tmp_path, "--max-bad-steps", "3", "--run-name", "nan"))
     lines = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines() if "loss" in l]

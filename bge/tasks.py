@@ -1,0 +1,445 @@
+"""Task types: how a training micro-batch is built and which loss applies, how the task validates, and its test.
+
+    retrieval       query/pos/neg lines: InfoNCE over the positive, hard negatives and in-batch negatives;
+                    validated by nDCG@10 on held-out queries
+    sts             scored pairs: CoSENT (or cosine-MSE) on each pair's cosine; validated by Spearman
+    classification  text/label rows: a row's positive is another row of its label; every text of another label in
+                    the batch is a negative and the other texts of its own label are masked (bge.loss.label_mask);
+                    optionally a linear head with cross-entropy. Validated by kNN and linear-probe accuracy and
+                    macro-F1, fitted on the training rows
+A file may mix them: TaskSampler draws each micro-batch from one task, as FlagEmbedding draws each batch from one
+dataset. train.py runs one loop; per micro-batch it asks the task for (token-id groups, loss function).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bge import distributed
+from bge.batching import Batch, Sampler, make_batch, split_by_keys, split_queries, text_hash
+from bge.checkpoint import atomic_write_text
+from bge.config import TrainConfig
+from bge.console import console
+from bge.data import (ClassificationData, Example, Labelled, Pair, RetrievalData, STSData, examples_from_beir,
+                      load_beir, load_training_file, retrieval_from_examples)
+from bge.diagnostics import Comparison, compare
+from bge.embedder import Embedder
+from bge.errors import UserError
+from bge.evaluation import (HEAD_FILE, ClassifierHead, evaluate_classification, evaluate_retrieval, evaluate_sts,
+                            load_eval_data)
+from bge.loss import (cosent, cosine_mse, false_negative_mask, head_cross_entropy, info_nce, label_mask,
+                      pair_order_accuracy)
+from bge.step import LossFn
+from bge.tokenizer import Tokenizer
+
+VAL_KS = (1, 10, 100)
+TEST_KS = (1, 3, 5, 10, 100)
+
+
+@dataclass
+class TestResult:
+    """A task's test metrics for the base and the fine-tuned model, and (retrieval) the diagnostics comparing them."""
+
+    title: str
+    base: dict[str, float]
+    fine_tuned: dict[str, float]
+    counts: dict[str, int]  # what was scored: test_queries / test_corpus, test_pairs, test_rows
+    comparison: Comparison | None = None
+
+
+class Task:
+    """One task of a run: its training items and held-out sets. Subclasses define the batch, the loss and the metrics."""
+
+    name = ""
+    metric = ""  # the validation metric that chooses best/
+    metric_label = ""
+    table_metrics: tuple[str, ...] = ()  # rows of the ending's table
+
+    def __init__(self, train: list, val, test, cfg: TrainConfig):
+        self.train, self.val, self.test_data, self.cfg = train, val, test, cfg
+        self.notes: list[str] = []  # one-line remarks train.py prints once
+
+    def anchors(self) -> list[str]:
+        """One text per sampled item; the sampler never puts the same one twice in a batch."""
+        raise NotImplementedError
+
+    def micro_batch(self, indices: list[int], epoch: int, tokenizer: Tokenizer, device: torch.device,
+                    info: distributed.DistInfo | None = None) -> tuple[dict[str, list[list[int]]], LossFn]:
+        """The token-id groups of the sampled items (this rank's share of them) and the loss over their embeddings.
+        A pure function of its arguments (train.py builds batches ahead in a thread), so tensors reach `device` only
+        inside the loss. `info` (retrieval under torchrun) puts every rank's passages into each query's softmax."""
+        raise NotImplementedError
+
+    def validate(self, embedder: Embedder, cpu_bf16: bool) -> dict[str, float]:
+        raise NotImplementedError
+
+    def test(self, base: Embedder, tuned: Embedder, cpu_bf16: bool, best_dir: Path) -> TestResult:
+        """Base and fine-tuned (best/, loaded as `tuned`) on the held-out test set."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        n = lambda d: 0 if d is None else self.size(d)
+        return f"{self.name}: {len(self.train)} training, {n(self.val)} validation, {n(self.test_data)} test"
+
+    @staticmethod
+    def size(d) -> int:
+        return len(d.queries) if isinstance(d, RetrievalData) else len(d.scores) if isinstance(d, STSData) else len(d.texts)
+
+
+# ---- retrieval -------------------------------------------------------------------------------------------
+def retrieval_loss(emb: dict[str, torch.Tensor], batch: Batch, cfg: TrainConfig,
+                   info: distributed.DistInfo | None = None) -> tuple[torch.Tensor, dict]:
+    """InfoNCE of a batch's queries over its passages, false negatives masked; with `info`, over every
+    rank's passages (cross-device negatives, weighted so DDP's average is the global mean)."""
+    q, p, pos, owner, hashes = emb["q"], emb["p"], batch.pos_index, batch.owner, batch.passage_hashes
+    offset, weight = 0, 1.0
+    if info is not None:
+        p, pos, owner, hashes, offset, weight = distributed.cross_device_batch(q, p, batch, info)
+    dev = q.device
+    mask = false_negative_mask(hashes.to(dev), batch.query_pos_hashes.to(dev), pos.to(dev))
+    loss, acc = info_nce(q, p, pos.to(dev), cfg.temperature, mask=mask, owner=owner.to(dev),
+                         in_batch=cfg.in_batch_negatives, symmetric=cfg.symmetric, query_offset=offset)
+    return loss * weight, {"acc": acc}
+
+
+class RetrievalTask(Task):
+    name, metric, metric_label = "retrieval", "ndcg@10", "nDCG@10"
+    table_metrics = ("ndcg@10", "mrr@10", "recall@10", "recall@100")
+
+    def __init__(self, train: list[Example], val, test, cfg: TrainConfig):
+        super().__init__(train, val, test, cfg)
+        self.group_size = cfg.group_size if any(ex.neg for ex in train) else 1
+        if self.group_size != cfg.group_size:
+            self.notes.append("no hard negatives in the data: training with in-batch negatives only")
+
+    def anchors(self) -> list[str]:
+        return [ex.query for ex in self.train]
+
+    def micro_batch(self, indices, epoch, tokenizer, device, info=None):
+        cfg = self.cfg
+        batch = make_batch(self.train, indices, group_size=self.group_size, seed=cfg.seed, epoch=epoch)
+        inputs = {"q": tokenizer.tokenize(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length),
+                  "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length)}
+        return inputs, lambda emb: retrieval_loss(emb, batch, cfg, info)
+
+    def validate(self, embedder, cpu_bf16):
+        ev = evaluate_retrieval(embedder, self.val, ks=VAL_KS, batch_size=self.cfg.eval_batch_size,
+                                max_length=self.cfg.max_passage_length, cpu_bf16=cpu_bf16, show_progress=False)
+        return ev.metrics.summary
+
+    def test(self, base, tuned, cpu_bf16, best_dir):
+        kw = dict(ks=TEST_KS, batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_passage_length,
+                  cpu_bf16=cpu_bf16, cache_dir=Path(self.cfg.out_dir) / "cache")
+        b, t = (evaluate_retrieval(m, self.test_data, **kw) for m in (base, tuned))
+        comparison = None
+        if self.cfg.explain > 0:
+            comparison = compare(("base", "fine-tuned"), (b.metrics.per_query, t.metrics.per_query),
+                                 (b.ranking.ranked, t.ranking.ranked), self.test_data.qrels, self.test_data.queries,
+                                 n=self.cfg.explain, precision=self.cfg.threshold_precision)
+        d = self.test_data
+        return TestResult(f"held-out test: {len(d.queries)} queries, {len(d.corpus)} passages", b.metrics.summary,
+                          t.metrics.summary, {"test_queries": b.metrics.n_scored, "test_corpus": len(d.corpus)},
+                          comparison)
+
+
+# ---- STS / regression --------------------------------------------------------------------------------------
+class STSTask(Task):
+    name, metric, metric_label = "sts", "spearman", "Spearman"
+    table_metrics = ("spearman", "pearson")
+
+    def __init__(self, train: list[Pair], val, test, cfg: TrainConfig):
+        super().__init__(train, val, test, cfg)
+        scores = [p.score for p in train]
+        self.lo, self.hi = min(scores), max(scores)  # cosine-MSE maps the gold range onto [0, 1]
+        if cfg.sts_loss == "cosine_mse" and self.hi == self.lo:
+            raise UserError(f"{cfg.data}: every training pair has the score {self.lo}; cosine-MSE needs a range")
+
+    def anchors(self) -> list[str]:
+        return [p.sentence1 + "\t" + p.sentence2 for p in self.train]
+
+    def micro_batch(self, indices, epoch, tokenizer, device, info=None):
+        cfg = self.cfg
+        pairs = [self.train[i] for i in indices]
+        # symmetric task: no instruction on either side, as evaluate_sts encodes
+        inputs = {"a": tokenizer.tokenize([p.sentence1 for p in pairs], max_length=cfg.max_passage_length),
+                  "b": tokenizer.tokenize([p.sentence2 for p in pairs], max_length=cfg.max_passage_length)}
+        scores = torch.tensor([p.score for p in pairs])
+
+        def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+            cos, gold = F.cosine_similarity(emb["a"], emb["b"], dim=-1), scores.to(device)
+            if cfg.sts_loss == "cosent":
+                loss = cosent(cos, gold, cfg.cosent_scale)
+            else:
+                loss = cosine_mse(cos, (gold - self.lo) / (self.hi - self.lo))
+            return loss, {"acc": pair_order_accuracy(cos.detach(), gold)}
+
+        return inputs, loss_fn
+
+    def _sts(self, embedder: Embedder, data: STSData, cpu_bf16: bool) -> dict[str, float]:
+        r = evaluate_sts(embedder, data, batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_passage_length,
+                         cpu_bf16=cpu_bf16, show_progress=False)
+        return {"spearman": r["spearman"], "pearson": r["pearson"]}
+
+    def validate(self, embedder, cpu_bf16):
+        return self._sts(embedder, self.val, cpu_bf16)
+
+    def test(self, base, tuned, cpu_bf16, best_dir):
+        n = len(self.test_data.scores)
+        return TestResult(f"held-out test: {n} pairs", self._sts(base, self.test_data, cpu_bf16),
+                          self._sts(tuned, self.test_data, cpu_bf16), {"test_pairs": n})
+
+
+# ---- classification ----------------------------------------------------------------------------------------
+class ClassificationTask(Task):
+    name, metric, metric_label = "classification", "knn_macro_f1", "kNN macro-F1"
+    table_metrics = ("knn_accuracy", "knn_macro_f1", "probe_accuracy", "probe_macro_f1")
+
+    def __init__(self, train: list[Labelled], val, test, cfg: TrainConfig):
+        super().__init__(train, val, test, cfg)
+        self.labels = sorted({r.label for r in train})
+        self.label_id = {label: i for i, label in enumerate(self.labels)}
+        by_label: dict[str, list[int]] = {}
+        for i, r in enumerate(train):
+            by_label.setdefault(r.label, []).append(i)
+        # a row's possible positives: the other rows of its label with another text
+        self.partners = [[j for j in by_label[r.label] if train[j].text != r.text] for r in train]
+        self.rows = [i for i, p in enumerate(self.partners) if p]  # rows that can anchor a contrastive pair
+        lonely = len(train) - len(self.rows)
+        if lonely:
+            self.notes.append(f"{lonely} classification row(s) have no other row of their label to pair with; "
+                              f"they are not used as anchors")
+        if len(self.labels) < 2:
+            raise UserError(f"{cfg.data}: classification needs at least 2 labels in the training rows, got {self.labels}")
+        if not self.rows and cfg.classification_loss != "head":
+            raise UserError(f"{cfg.data}: no label has two training rows, so contrastive classification has no pairs")
+        self.head: nn.Linear | None = None
+        if cfg.classification_loss != "contrastive":
+            self.table_metrics += ("head_accuracy", "head_macro_f1")
+
+    def make_head(self, dim: int, device: torch.device) -> nn.Linear:
+        """The linear head of --classification-loss head/both: zero-initialised, so it starts from uniform logits."""
+        self.head = nn.Linear(dim, len(self.labels)).to(device)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        return self.head
+
+    def head_snapshot(self) -> ClassifierHead | None:
+        if self.head is None:
+            return None
+        return ClassifierHead(self.head.weight.detach().cpu().clone(), self.head.bias.detach().cpu().clone(), self.labels)
+
+    def anchors(self) -> list[str]:
+        rows = self.rows if self.cfg.classification_loss != "head" else range(len(self.train))
+        return [self.train[i].text for i in rows]
+
+    def micro_batch(self, indices, epoch, tokenizer, device, info=None):
+        cfg = self.cfg
+        contrastive = cfg.classification_loss != "head"
+        anchors = [self.rows[i] if contrastive else i for i in indices]
+        label_ids = torch.tensor([self.label_id[self.train[i].label] for i in anchors])
+        inputs = {"q": tokenizer.tokenize([self.train[i].text for i in anchors], max_length=cfg.max_passage_length)}
+        if contrastive:
+            partner = [random.Random(f"{cfg.seed}/{epoch}/{i}").choice(self.partners[i]) for i in anchors]
+            inputs["p"] = tokenizer.tokenize([self.train[j].text for j in partner], max_length=cfg.max_passage_length)
+            mask = label_mask(label_ids, label_ids, torch.arange(len(anchors)))  # partner j carries anchor j's label
+        head = self.head
+
+        def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+            loss, stats, labels = emb["q"].new_zeros(()), {}, label_ids.to(device)
+            if contrastive:
+                loss, stats["acc"] = info_nce(emb["q"], emb["p"], torch.arange(len(labels), device=device),
+                                              cfg.temperature, mask=mask.to(device), symmetric=cfg.symmetric)
+            if head is not None:
+                texts = torch.cat([emb["q"], emb["p"]]) if contrastive else emb["q"]
+                ce, stats["head_acc"] = head_cross_entropy(texts, head.weight, head.bias,
+                                                           labels.repeat(len(texts) // len(labels)))
+                loss = loss + ce
+                stats.setdefault("acc", stats["head_acc"])
+            return loss, stats
+
+        return inputs, loss_fn
+
+    def _scores(self, embedder: Embedder, data: ClassificationData, head: ClassifierHead | None,
+                cpu_bf16: bool) -> dict[str, float]:
+        r = evaluate_classification(embedder, data, ClassificationData.of(self.train), seed=self.cfg.seed, head=head,
+                                    batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_passage_length,
+                                    cpu_bf16=cpu_bf16, show_progress=False)
+        return {k: v for k, v in r.items() if k not in ("n_rows", "seconds")}
+
+    def validate(self, embedder, cpu_bf16):
+        return self._scores(embedder, self.val, self.head_snapshot(), cpu_bf16)
+
+    def test(self, base, tuned, cpu_bf16, best_dir):
+        head = ClassifierHead.load(best_dir) if (best_dir / HEAD_FILE).exists() else None
+        t = self._scores(tuned, self.test_data, head, cpu_bf16)
+        b = self._scores(base, self.test_data, None, cpu_bf16)
+        b |= {k: float("nan") for k in t if k.startswith("head_")}  # the base model has no head
+        n = len(self.test_data.texts)
+        return TestResult(f"held-out test: {n} rows, {len(self.labels)} labels", b, t, {"test_rows": n})
+
+
+TASK_TYPES: dict[str, type[Task]] = {"retrieval": RetrievalTask, "sts": STSTask, "classification": ClassificationTask}
+
+
+# ---- the sampler over tasks ----------------------------------------------------------------------------------
+class TaskSampler:
+    """Micro-batches of one task at a time. Each task has its own Sampler (one pass over its items per epoch);
+    an epoch's batches of all tasks are interleaved in an order drawn by (seed, epoch), so the whole state is still
+    one integer, the micro-step. With a single task the order is exactly that task's Sampler."""
+
+    def __init__(self, tasks: dict[str, Task], batch_size: int, seed: int, min_size: int = 1):
+        self.seed = seed
+        self.samplers = {name: Sampler([Example(text, []) for text in t.anchors()], batch_size, seed, min_size=min_size)
+                         for name, t in tasks.items()}
+        self._epoch, self._order = -1, []
+
+    def epoch_batches(self, epoch: int) -> list[tuple[str, list[int]]]:
+        """(task, item indices) of every batch of one epoch, in order."""
+        if epoch != self._epoch:
+            order = [(name, b) for name, s in self.samplers.items() for b in s.epoch_batches(epoch)]
+            if len(self.samplers) > 1:
+                random.Random(f"{self.seed}/tasks/{epoch}").shuffle(order)
+            self._epoch, self._order = epoch, order
+        return self._order
+
+    def epoch_length(self, epoch: int) -> int:
+        return sum(s.epoch_length(epoch) for s in self.samplers.values())
+
+    def __len__(self) -> int:
+        return self.epoch_length(0)
+
+    def batch(self, micro_step: int) -> tuple[int, str, list[int]]:
+        """(epoch, task, item indices) of the micro_step-th batch of the run."""
+        epoch = 0
+        while micro_step >= self.epoch_length(epoch):
+            micro_step -= self.epoch_length(epoch)
+            epoch += 1
+        name, indices = self.epoch_batches(epoch)[micro_step]
+        return epoch, name, indices
+
+
+# ---- data: training items, the held-out split, validation and test sets ----------------------------------------
+def item_id(item: Example | Pair | Labelled) -> str:
+    """The id split.json lists: a retrieval line's qid (its line number, or the BEIR query id), else the line number."""
+    return item.qid if isinstance(item, Example) else str(item.line)
+
+
+def split_items(task: str, items: list, val_ratio: float, test_ratio: float, seed: int) -> dict[str, list[int]]:
+    """Held-out split of one task's items. Items that share a text stay in one split: retrieval queries that share a
+    positive (split_queries), STS pairs that share a sentence, classification rows with the same text."""
+    if task == "retrieval":
+        return split_queries(items, val_ratio, test_ratio, seed)
+    texts = [(p.sentence1, p.sentence2) for p in items] if task == "sts" else [(r.text,) for r in items]
+    return split_by_keys([{text_hash(t) for t in ts} for ts in texts], val_ratio, test_ratio, seed)
+
+
+def held_out(task: str, items: list, ids: list[str], full: RetrievalData | None, name: str):
+    """A task's carved validation or test set: the items with these ids, as the task's evaluation data (None if none)."""
+    keep = set(ids)
+    if task == "retrieval":
+        d = full.subset(ids)
+        return d if d.queries else None
+    rows = [it for it in items if item_id(it) in keep]
+    if not rows:
+        return None
+    if task == "sts":
+        return STSData([p.sentence1 for p in rows], [p.sentence2 for p in rows], [p.score for p in rows], name,
+                       [p.line for p in rows])
+    return ClassificationData.of(rows, name)
+
+
+def task_of(data) -> str:
+    return "retrieval" if isinstance(data, RetrievalData) else "sts" if isinstance(data, STSData) else "classification"
+
+
+def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dict[str, Task], dict]:
+    """The run's tasks with their training items, validation and test sets, and the split. Without --val/--test
+    files, items are carved out of --data by seed (per task, no shared text across splits) and the split is written
+    to the run folder. A --val/--test file validates or tests the task of its kind; nothing is carved then."""
+    for name, ok, want in (("threshold_precision", 0 < cfg.threshold_precision <= 1, "in (0, 1]"),
+                           ("l1", cfg.l1 >= 0, "0 or more"), ("head_lr", cfg.head_lr > 0, "positive"),
+                           ("cosent_scale", cfg.cosent_scale > 0, "positive"), ("explain", cfg.explain >= 0, "0 or more")):
+        if not ok:  # checked before any work, not at the end of a run
+            raise UserError(f"--{name.replace('_', '-')} must be {want}, got {getattr(cfg, name)}")
+    path = Path(cfg.data)
+    full = None
+    if path.is_dir():
+        if cfg.task not in ("auto", "retrieval"):
+            raise UserError(f"--data {path} is a BEIR folder (retrieval); it cannot be read as --task {cfg.task}")
+        full = load_beir(path, cfg.split, use_title=cfg.title)
+        items: dict[str, list] = {"retrieval": examples_from_beir(full)}
+    else:
+        data, skipped = load_training_file(path, cfg.task, skip_bad_lines=cfg.skip_bad_lines)
+        if skipped:
+            console.print(f"[yellow]skipped {len(skipped)} bad line(s) of {path}[/] (--skip-bad-lines); first: {skipped[0]}")
+        items = data.by_task()
+        if "retrieval" in items:
+            full = retrieval_from_examples(items["retrieval"], name=path.name)
+    split_file = run_dir / "split.json"
+    if split_file.exists():  # resuming: the split is part of the run
+        split = json.loads(split_file.read_text())
+    else:
+        val_ratio = 0.0 if cfg.val else cfg.val_ratio
+        test_ratio = 0.0 if cfg.test else cfg.test_ratio
+        split = {"seed": cfg.seed, "val_ratio": val_ratio, "test_ratio": test_ratio, "train": [], "val": [], "test": []}
+        for task, rows in items.items():
+            for part, idx in split_items(task, rows, val_ratio, test_ratio, cfg.seed).items():
+                split[part] += [item_id(rows[i]) for i in idx]
+        if write:  # under torchrun every rank computes the same split; rank 0 writes it
+            atomic_write_text(split_file, json.dumps(split) + "\n")
+    given = {}
+    for flag, file, part in (("--val", cfg.val, "dev"), ("--test", cfg.test, "test")):
+        if file:
+            d = load_eval_data(file, part, cfg.title)
+            if task_of(d) not in items:
+                raise UserError(f"{flag} {file} is {task_of(d)} data, but --data has no {task_of(d)} lines")
+            given[flag] = d
+    train_ids = set(split["train"])
+    tasks = {}
+    for task, rows in items.items():
+        train = [it for it in rows if item_id(it) in train_ids]
+        if not train:
+            raise UserError(f"{cfg.data}: no {task} training items left after holding out validation and test items")
+        sets = []
+        for flag, part in (("--val", "val"), ("--test", "test")):
+            if flag in given:
+                sets.append(given[flag] if task_of(given[flag]) == task else None)
+            else:
+                sets.append(held_out(task, rows, split[part], full, f"{path.name}/{part}"))
+        tasks[task] = TASK_TYPES[task](train, *sets, cfg)
+    return tasks, split
+
+
+# ---- validation across tasks, and the exported model --------------------------------------------------------------
+def validate(tasks: dict[str, Task], embedder: Embedder, cpu_bf16: bool) -> tuple[dict[str, float], float | None]:
+    """Every task's validation metrics (prefixed 'task/' when the run has several tasks) and the score that chooses
+    best/: the task's own metric (nDCG@10, Spearman, kNN macro-F1), or for several tasks the mean of theirs. None when
+    no task has a validation set."""
+    metrics, primary = {}, []
+    for name, task in tasks.items():
+        if task.val is None:
+            continue
+        scores = task.validate(embedder, cpu_bf16)
+        metrics |= {(f"{name}/{k}" if len(tasks) > 1 else k): v for k, v in scores.items()}
+        primary.append(scores[task.metric])
+    return metrics, (sum(primary) / len(primary) if primary else None)
+
+
+def metric_label(tasks: dict[str, Task]) -> str:
+    """What the best/ score is, for the log line."""
+    return next(iter(tasks.values())).metric_label if len(tasks) == 1 else "mean of the tasks' metrics"
+
+
+def export(embedder: Embedder, tasks: dict[str, Task], folder: Path) -> None:
+    """The model folder (transformers and sentence-transformers load it) plus the classification head, if trained,
+    in its own file beside it."""
+    embedder.save(folder)
+    task = tasks.get("classification")
+    if isinstance(task, ClassificationTask) and task.head is not None:
+        task.head_snapshot().save(folder)

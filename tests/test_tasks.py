@@ -1,0 +1,285 @@
+"""Task types end to end on a tiny random model: STS pairs, classification rows (with and without a head), mixed
+files, the sampler over tasks, splits that keep shared texts together, GradCache for every task, regularisation
+knobs, and evaluate.py's classification metrics and --explain diagnostics."""
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from bge.batching import split_by_keys
+from bge.config import parse_args
+from bge.data import Labelled, Pair, load_training_file
+from bge.embedder import Embedder
+from bge.errors import UserError
+from bge.evaluation import ClassifierHead
+from bge.step import forward_backward
+from bge.tasks import ClassificationTask, STSTask, TaskSampler, load_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TICKETS = REPO / "examples" / "bike_tickets.jsonl"
+REPAIR = REPO / "examples" / "bike_repair.jsonl"
+
+
+def sts_lines(n: int) -> list[str]:
+    rows = (SHARED / "stsb" / "sts-train.tsv").read_text(encoding="utf-8").splitlines()[1 : n + 1]
+    return [json.dumps({"sentence1": a, "sentence2": b, "score": float(s)}) for s, a, b in (r.split("\t") for r in rows)]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """40 STS pairs, 40 classification rows and 40 retrieval lines, interleaved in one file."""
+    lines = [x for trio in zip(sts_lines(40), TICKETS.read_text().splitlines()[:40], REPAIR.read_text().splitlines()[:40])
+             for x in trio]
+    path = tmp_path_factory.mktemp("data") / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def args(data, model, out, *extra):
+    return ["--data", str(data), "--model", str(model), "--out-dir", str(out), "--batch-size", "8", "--group-size",
+            "2", "--max-passage-length", "32", "--max-query-length", "16", "--eval-batch-size", "64", "--lr", "1e-3",
+            *extra]
+
+
+# ---- the sampler and the split --------------------------------------------------------------------------------
+def test_task_sampler_draws_one_task_per_batch_and_covers_every_item(mixed, tmp_path):
+    cfg, _ = parse_args(["--data", str(mixed), "--batch-size", "8"])
+    tasks, split = load_tasks(cfg, tmp_path)
+    sampler = TaskSampler(tasks, 8, seed=3)
+    assert len(sampler) == sum(-(-len(t.anchors()) // 8) for t in tasks.values())
+    seen = Counter()
+    order = []
+    for step in range(len(sampler)):
+        epoch, name, indices = sampler.batch(step)
+        assert epoch == 0 and len(indices) <= 8 and len(set(indices)) == len(indices)
+        seen.update((name, i) for i in indices)
+        order.append(name)
+    assert set(seen.values()) == {1} and len(seen) == sum(len(t.anchors()) for t in tasks.values())
+    assert order != sorted(order, key=list(tasks).index)  # interleaved, not one task after another
+    assert [sampler.batch(s) for s in range(5)] == [TaskSampler(tasks, 8, seed=3).batch(s) for s in range(5)]
+    assert sampler.batch(len(sampler))[0] == 1  # the next epoch
+
+
+def test_single_task_sampler_is_the_plain_sampler(tmp_path):
+    from bge.batching import Sampler
+    cfg, _ = parse_args(["--data", str(REPAIR)])
+    tasks, _ = load_tasks(cfg, tmp_path)
+    ours, plain = TaskSampler(tasks, 16, seed=5), Sampler(tasks["retrieval"].train, 16, seed=5)
+    assert all(ours.batch(s) == (*plain.batch(s)[:1], "retrieval", plain.batch(s)[1]) for s in range(40))
+
+
+def test_split_keeps_items_that_share_a_text_together():
+    keys = [{1, 2}, {2}, {3}, {4}, {4, 5}, {5}, {6}, {7}, {8}, {9}]
+    parts = split_by_keys(keys, 0.3, 0.3, seed=0)
+    assert sorted(sum(parts.values(), [])) == list(range(10))
+    where = {i: name for name, idx in parts.items() for i in idx}
+    assert where[0] == where[1] and where[3] == where[4] == where[5]
+    assert parts == split_by_keys(keys, 0.3, 0.3, seed=0)
+
+
+def test_mixed_split_is_per_task_and_saved(mixed, tmp_path):
+    cfg, _ = parse_args(["--data", str(mixed)])
+    tasks, split = load_tasks(cfg, tmp_path)
+    assert list(tasks) == ["retrieval", "sts", "classification"]
+    assert json.loads((tmp_path / "split.json").read_text()) == split
+    for t in tasks.values():
+        assert 26 <= len(t.train) <= 30 and t.val is not None and t.test_data is not None
+    val_rows = set(tasks["classification"].val.texts)
+    assert not val_rows & {r.text for r in tasks["classification"].train}
+    sts = tasks["sts"]
+    train_sentences = {s for p in sts.train for s in (p.sentence1, p.sentence2)}
+    assert not train_sentences & (set(sts.test_data.sentence1) | set(sts.test_data.sentence2))
+
+
+# ---- batches and losses ------------------------------------------------------------------------------------------
+def micro_batch_grads(task, tiny_model_dir, chunk):
+    emb = Embedder.load(str(tiny_model_dir), device="cpu")
+    emb.model.set_dropout(0.0, 0.0)
+    emb.model.train()
+    inputs, loss_fn = task.micro_batch(list(range(8)), 0, emb.tokenizer, torch.device("cpu"))
+
+    def embed(ids):
+        input_ids, mask = emb.tokenizer.pad(ids)
+        return emb.model.embed(input_ids, mask)
+
+    loss, stats = forward_backward(embed, inputs, loss_fn, chunk_size=chunk)
+    head = getattr(task, "head", None)
+    grads = [p.grad.clone() for p in list(emb.model.parameters()) + ([head.weight] if head is not None else [])]
+    if head is not None:
+        head.zero_grad()
+    return loss, stats, grads
+
+
+@pytest.mark.parametrize("kind", ["sts", "sts-mse", "classification", "classification-both"])
+def test_every_task_batch_works_with_grad_cache(kind, tiny_model_dir):
+    extra = {"sts-mse": ["--sts-loss", "cosine_mse"], "classification-both": ["--classification-loss", "both"]}
+    cfg, _ = parse_args(["--data", "x", "--max-passage-length", "32", *extra.get(kind, [])])
+    if kind.startswith("sts"):
+        task = STSTask([Pair(f"sentence {i} about cats", f"line {i} on {'dogs' if i % 2 else 'cats'}", i % 5, i)
+                        for i in range(12)], None, None, cfg)
+    else:
+        rows = [Labelled(f"text {i} says {['brakes', 'battery', 'refund'][i % 3]}", "abc"[i % 3], i) for i in range(12)]
+        task = ClassificationTask(rows, None, None, cfg)
+        if kind == "classification-both":
+            torch.manual_seed(0)
+            task.make_head(32, torch.device("cpu"))
+            torch.nn.init.normal_(task.head.weight)
+    plain = micro_batch_grads(task, tiny_model_dir, 0)
+    cached = micro_batch_grads(task, tiny_model_dir, 3)
+    assert torch.isfinite(plain[0]) and plain[0] > 0 and 0 <= plain[1]["acc"] <= 1
+    assert torch.allclose(plain[0], cached[0], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(plain[2], cached[2]))
+
+
+def test_classification_positives_share_the_anchor_label_and_other_labels_are_negatives(tiny_model_dir):
+    cfg, _ = parse_args(["--data", "x"])
+    rows = [Labelled(f"row {i}", "abcd"[i % 4], i) for i in range(16)] + [Labelled("alone", "e", 99)]
+    task = ClassificationTask(rows, None, None, cfg)
+    assert len(task.rows) == 16 and any("1 classification row(s)" in n for n in task.notes)  # 'alone' has no partner
+    tok = Embedder.load(str(tiny_model_dir), device="cpu").tokenizer
+    inputs, loss_fn = task.micro_batch(list(range(8)), 0, tok, torch.device("cpu"))
+    anchors = [tok.tk.decode(ids, skip_special_tokens=True) for ids in inputs["q"]]
+    partners = [tok.tk.decode(ids, skip_special_tokens=True) for ids in inputs["p"]]
+    label = {r.text: r.label for r in rows}
+    assert all(label[a] == label[p] and a != p for a, p in zip(anchors, partners))
+
+
+# ---- train.py end to end -------------------------------------------------------------------------------------------
+def test_sts_run_with_a_test_file(tiny_model_dir, tmp_path):
+    data = tmp_path / "sts.tsv"
+    lines = (SHARED / "stsb" / "sts-train.tsv").read_text(encoding="utf-8").splitlines()
+    data.write_text("\n".join(lines[:121]) + "\n")
+    test = tmp_path / "dev.jsonl"
+    test.write_text("\n".join(sts_lines(200)[140:]) + "\n")
+    train.main(args(data, tiny_model_dir, tmp_path, "--run-name", "sts", "--epochs", "1", "--test", str(test)))
+    run = tmp_path / "sts"
+    results = json.loads((run / "results.json").read_text())
+    assert results["test_pairs"] == 60 and set(results["base"]) == {"spearman", "pearson"}
+    assert results["train_sts"] == 102 and "best_val_spearman" in results
+    val = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val/spearman" in l]
+    assert [v["step"] for v in val] == [0, 13]
+    split = json.loads((run / "split.json").read_text())
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (102, 18, 0)
+
+
+def test_classification_run_with_head_exports_a_loadable_folder_and_resumes(tiny_model_dir, tmp_path):
+    def fit(name, steps):  # a constant learning rate, so that 2 steps + 2 resumed are the same as 4
+        train.main(args(TICKETS, tiny_model_dir, tmp_path, "--classification-loss", "both", "--schedule", "constant",
+                        "--warmup-ratio", "0", "--eval-every", "2", "--max-steps", str(steps), "--run-name", name))
+
+    fit("whole", 4)
+    run = tmp_path / "whole"
+    results = json.loads((run / "results.json").read_text())
+    assert results["test_rows"] == 36 and {"knn_macro_f1", "probe_accuracy", "head_accuracy"} <= set(results["fine_tuned"])
+    head = ClassifierHead.load(run / "final")
+    assert head.labels == sorted({json.loads(l)["label"] for l in TICKETS.read_text().splitlines()})
+    assert head.weight.shape == (6, 32) and head.weight.abs().sum() > 0
+    # the exported folder stays a plain model folder: sentence-transformers (transformers' AutoModel inside) loads it
+    from sentence_transformers import SentenceTransformer
+    ours = Embedder.load(str(run / "final"), device="cpu").encode(["my battery is dead"])
+    st = SentenceTransformer(str(run / "final"), device="cpu").encode(["my battery is dead"])
+    assert abs(ours - st).max() < 1e-5
+    # the head is part of the resumable state: 2 steps, then 2 more on resume, give the 4-step run's head and weights
+    fit("split", 2)
+    train.main(["--resume", str(tmp_path / "split"), "--max-steps", "4"])
+    a, b = load_file(str(run / "final" / "model.safetensors")), load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert torch.allclose(ClassifierHead.load(tmp_path / "split" / "final").weight, head.weight, atol=1e-6)
+
+
+def test_mixed_run_validates_every_task_and_reports_each(mixed, tiny_model_dir, tmp_path):
+    train.main(args(mixed, tiny_model_dir, tmp_path, "--run-name", "mix", "--epochs", "1", "--explain", "2"))
+    run = tmp_path / "mix"
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["tasks"]) == {"retrieval", "sts", "classification"} and "best_val_mean" in results
+    assert "diagnostics" in results["tasks"]["retrieval"] and len(results["tasks"]["retrieval"]["diagnostics"]["changes"]) <= 2
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [l for l in lines if "val/sts/spearman" in l]
+    assert len(val) == 2 and all("val/retrieval/ndcg@10" in l and "val/classification/knn_macro_f1" in l for l in val)
+    assert {l["task"] for l in lines if "loss" in l} == {"retrieval", "sts", "classification"}
+
+
+def test_dropout_override_and_l1(tiny_model_dir, tmp_path):
+    common = args(TICKETS, tiny_model_dir, tmp_path, "--max-steps", "4", "--eval-every", "100", "--test-ratio", "0",
+                  "--hidden-dropout", "0", "--attention-dropout", "0.0")
+    train.main([*common, "--run-name", "plain"])
+    train.main([*common, "--run-name", "l1", "--l1", "1e-3"])
+    config = json.loads((tmp_path / "plain" / "final" / "config.json").read_text())
+    assert config["hidden_dropout_prob"] == 0.0 and config["attention_probs_dropout_prob"] == 0.0
+    norms = {}
+    for name in ("plain", "l1"):
+        w = load_file(str(tmp_path / name / "final" / "model.safetensors"))
+        norms[name] = sum(v.abs().sum().item() for k, v in w.items() if v.ndim >= 2)
+    assert norms["l1"] < 0.9 * norms["plain"]
+
+
+def test_bad_classification_and_sts_input_is_one_error_line(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), *args(bad, tiny_model_dir, tmp_path)], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and f"{bad}:2: missing field 'label'" in r.stderr
+    one_label = tmp_path / "one.jsonl"
+    one_label.write_text("".join(json.dumps({"text": f"t{i}", "label": "x"}) + "\n" for i in range(20)))
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), *args(one_label, tiny_model_dir, tmp_path)], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "at least 2 labels" in r.stderr
+
+
+# ---- evaluate.py -----------------------------------------------------------------------------------------------
+def run_eval(*argv):
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, argv)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_evaluate_classification_cross_validation_and_reference(tiny_model_dir, tmp_path):
+    rows = TICKETS.read_text().splitlines()
+    (tmp_path / "ref.jsonl").write_text("\n".join(rows[:180]) + "\n")
+    (tmp_path / "held.jsonl").write_text("\n".join(rows[180:]) + "\n")
+    r = run_eval("--model", tiny_model_dir, "--data", TICKETS, "--out", tmp_path / "cv.json")
+    assert r.returncode == 0, r.stderr
+    assert "kNN macro-F1" in r.stdout and "5-fold cross-validation" in r.stdout
+    cv = json.loads((tmp_path / "cv.json").read_text())
+    assert cv["dataset"]["kind"] == "classification" and cv["dataset"]["n_rows"] == 240
+    assert set(cv["models"][0]["metrics"]) == {"knn_accuracy", "knn_macro_f1", "probe_accuracy", "probe_macro_f1"}
+    r = run_eval("--model", tiny_model_dir, "--data", tmp_path / "held.jsonl", "--reference", tmp_path / "ref.jsonl",
+                 "--out", tmp_path / "ref.json")
+    assert r.returncode == 0, r.stderr
+    assert "fitted on ref.jsonl (180 rows)" in " ".join(r.stdout.split())
+    ref = json.loads((tmp_path / "ref.json").read_text())["dataset"]
+    assert ref["n_rows"] == 60 and ref["n_reference_rows"] == 180 and cv["dataset"]["folds"] == 5
+
+
+def test_evaluate_explain_two_models(tiny_model_dir, tmp_path, minilm_dir):
+    from conftest import make_tiny_model
+    other = make_tiny_model(tmp_path / "other", minilm_dir, seed=1)
+    data = tmp_path / "retrieval.jsonl"
+    data.write_text("".join(REPAIR.read_text().splitlines(keepends=True)[:40]))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [], "val": [], "test": [str(i) for i in range(1, 21)]}))
+    r = run_eval("--model", tiny_model_dir, "--model", other, "--data", data, "--queries", split, "--explain", "3",
+                 "--precision", "0.5", "--plot", tmp_path / "scores.png", "--out", tmp_path / "x.json",
+                 "--cache-dir", tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    assert "why it changed" in r.stdout and "threshold for precision 0.5" in r.stdout and "non-relevant" in r.stdout
+    out = json.loads((tmp_path / "x.json").read_text())
+    assert out["dataset"]["n_queries"] == 20 and len(out["diagnostics"]["changes"]) <= 3
+    moves = [abs(c["change"]) for c in out["diagnostics"]["changes"]]
+    assert moves == sorted(moves, reverse=True)
+    r = run_eval("--model", tiny_model_dir, "--data", data, "--explain", "3")
+    assert r.returncode == 2 and "--explain compares two models" in r.stderr
+
+
+@pytest.mark.parametrize("flag,value,message", [("--threshold-precision", "1.5", "--threshold-precision must be in"),
+                                                ("--l1", "-1", "--l1 must be 0 or more"),
+                                                ("--hidden-dropout", "1.0", "hidden_dropout must be below 1")])
+def test_out_of_range_knobs_fail_before_training(flag, value, message, tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match=message):
+        train.main(args(TICKETS, tiny_model_dir, tmp_path, flag, value))

@@ -28,11 +28,13 @@ from bge.checkpoint import atomic_write_text, latest_state, load_state, save_sta
 from bge.config import TrainConfig, config_from_dict, parse_args
 from bge.console import console, progress, run_cli
 from bge.data import RetrievalData, examples_from_beir, load_beir, load_examples, retrieval_from_examples
+from bge.distill import Teacher
 from bge.embedder import Embedder, default_device
 from bge.errors import UserError
 from bge.evaluation import evaluate_retrieval, load_eval_data
-from bge.loss import false_negative_mask, info_nce
-from bge.optim import default_lr, get_lr, make_optimizer
+from bge.loss import distill_loss, false_negative_mask, info_nce
+from bge.lstm import BiLSTMEncoder
+from bge.optim import default_lr, freeze, get_lr, make_optimizer
 from bge.step import forward_backward, make_embed
 
 REPO = Path(__file__).resolve().parent
@@ -76,6 +78,35 @@ def load_data(cfg: TrainConfig, run_dir: Path) -> tuple[list, RetrievalData | No
     if not train:
         raise UserError(f"{cfg.data}: no training queries left after holding out validation and test queries")
     return train, (val if val.queries else None), (test if test.queries else None), split
+
+
+def load_student(cfg: TrainConfig, device: torch.device) -> Embedder:
+    """--model as it is (a transformer, or a saved BiLSTM with --arch bilstm), or with --arch bilstm a new BiLSTM
+    that takes --model's tokenizer and word embeddings; then --freeze-* and --grad-checkpointing."""
+    embedder = Embedder.load(cfg.model, device=device, query_prompt=None if cfg.query_prompt == "auto" else cfg.query_prompt)
+    if isinstance(embedder.model, BiLSTMEncoder) and cfg.arch != "bilstm":
+        raise UserError(f"--model {cfg.model} is a BiLSTM; pass --arch bilstm to train it")
+    if cfg.arch == "bilstm" and not isinstance(embedder.model, BiLSTMEncoder):
+        lstm = BiLSTMEncoder.from_encoder(embedder.model, hidden_size=cfg.lstm_hidden, num_layers=cfg.lstm_layers,
+                                          dim=cfg.lstm_dim, dropout=cfg.lstm_dropout)
+        embedder = Embedder(lstm, embedder.tokenizer, name=f"bilstm({embedder.name})", device=device)
+    if cfg.freeze_embeddings or cfg.freeze_layers:
+        n = freeze(embedder.model, embeddings=cfg.freeze_embeddings, layers=cfg.freeze_layers)
+        console.print(f"frozen: {n:,} of {sum(p.numel() for p in embedder.model.parameters()):,} parameters")
+    embedder.model.grad_checkpointing = cfg.grad_checkpointing
+    return embedder
+
+
+def load_teacher(cfg: TrainConfig, device: torch.device, student_dim: int, cpu_bf16: bool) -> Teacher | None:
+    """The --distill-from model, frozen, with its embedding cache; None without --distill-from."""
+    if not cfg.distill_from:
+        return None
+    teacher = Teacher(Embedder.load(cfg.distill_from, device=device), max_query_length=cfg.max_query_length,
+                      max_passage_length=cfg.max_passage_length, cpu_bf16=cpu_bf16, batch_size=cfg.eval_batch_size)
+    if cfg.distill_loss != "none" and cfg.distill_weight and teacher.dim != student_dim:
+        raise UserError(f"--distill-from {cfg.distill_from} embeds in {teacher.dim} dimensions, the student in "
+                        f"{student_dim}: set --lstm-dim {teacher.dim}, or --distill-loss none (KL term only)")
+    return teacher
 
 
 def precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
@@ -141,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_text(run_dir / "command.txt", shlex.join([sys.executable, *sys.argv]) + "\n")
         atomic_write_text(run_dir / "git.txt", git_commit() + "\n")
     device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
 
     # data
@@ -149,14 +182,15 @@ def main(argv: list[str] | None = None) -> None:
                   f"{len(val_data.queries) if val_data else 0} validation, {len(test_data.queries) if test_data else 0} test")
 
     # model
-    embedder = Embedder.load(cfg.model, device=device, query_prompt=None if cfg.query_prompt == "auto" else cfg.query_prompt)
+    embedder = load_student(cfg, device)
     model, tokenizer = embedder.model, embedder.tokenizer
     amp_dtype, scaler = precision(cfg, device)
     embed = make_embed(model.embed, tokenizer.pad, device, amp_dtype=amp_dtype, compile=cfg.compile)
     cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16  # evaluate in the arithmetic we train in
+    teacher = load_teacher(cfg, device, model.dim, cpu_bf16)
 
     # optimisation
-    lr = cfg.lr or default_lr(model.cfg.hidden_size)
+    lr = cfg.lr or default_lr(model.dim, cfg.arch)
     sampler = Sampler(train_examples, cfg.batch_size, cfg.seed)
     steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
@@ -225,11 +259,16 @@ def main(argv: list[str] | None = None) -> None:
                 epoch, batch, inputs = batches.get(trainer["micro_step"])
                 tokens += sum(len(x) for ids in inputs.values() for x in ids)
                 mask = false_negative_mask(batch.passage_hashes, batch.query_pos_hashes, batch.pos_index).to(device)
+                target = teacher.embed(batch, device) if teacher else None
 
                 def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
                     loss, acc = info_nce(emb["q"], emb["p"], batch.pos_index.to(device), cfg.temperature, mask=mask,
                                          owner=batch.owner.to(device), in_batch=cfg.in_batch_negatives,
                                          symmetric=cfg.symmetric)
+                    if target is not None:
+                        loss = cfg.contrastive_weight * loss + distill_loss(
+                            emb, target, kind=cfg.distill_loss, weight=cfg.distill_weight, kl_weight=cfg.distill_kl,
+                            temperature=cfg.distill_temperature, mask=mask)
                     return loss, {"acc": acc}
 
                 scale = (scaler.get_scale() if scaler else 1.0) / cfg.grad_accum

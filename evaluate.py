@@ -2,31 +2,35 @@
 
     python evaluate.py --model BAAI/bge-small-en-v1.5 --data ../shared/data/scifact --split train
     python evaluate.py --model all-MiniLM-L6-v2 --model checkpoints/run/best --data ../shared/data/stsb/sts-dev.tsv
+    python evaluate.py --compare checkpoints/*
 
 Several --model values are evaluated on the same data and shown side by side, best per column in bold. Every number,
 the model fingerprints and the dataset hash go to a JSON file (--out). Corpus embeddings are cached under
 --cache-dir, keyed by model fingerprint, max length and corpus content, so evaluating the same model again
 re-encodes nothing.
+
+--compare puts finished train.py runs side by side instead (the table sweep.py ends with): the settings that differ,
+the held-out test metrics from each results.json, parameters, training time and measured encoding speed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
 import rich.markup
-from rich.console import Console
 from rich.table import Table
 
 from bge import Embedder
 from bge.checkpoint import atomic_write_text
 from bge.console import console, run_cli
 from bge.data import RetrievalData
+from bge.errors import UserError
 from bge.evaluation import DEFAULT_KS, effective_max_length, evaluate_retrieval, evaluate_sts, load_eval_data
 from bge.hub import resolve_model
+from bge.runs import add_table_args, is_run, report, stdout_console
 
 COLUMNS = (("ndcg", "nDCG"), ("mrr", "MRR"), ("recall", "Recall"), ("recall", "Recall"), ("map", "MAP"),
            ("precision", "P"))
@@ -52,7 +56,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="model folder, hub id, all-MiniLM-L6-v2 or auto (repeatable; "
                    "default auto)")
-    p.add_argument("--data", required=True, help="BEIR folder, training-format .jsonl, or STS .tsv/.jsonl")
+    p.add_argument("--data", help="BEIR folder, training-format .jsonl, or STS .tsv/.jsonl (required unless --compare)")
     p.add_argument("--split", default="test", help="BEIR qrels split (qrels/<split>.tsv)")
     p.add_argument("--ks", type=parse_ks, default=list(DEFAULT_KS), help="cut-offs, e.g. 1,3,5,10,100")
     p.add_argument("--batch-size", type=positive, default=64)
@@ -66,8 +70,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast when encoding on CPU (faster, not exact)")
-    p.add_argument("--out", default=None, help="results JSON (default checkpoints/eval/<dataset>-<time>.json)")
+    p.add_argument("--out", default=None, help="results JSON (default checkpoints/eval/<dataset>-<time>.json; "
+                   "--compare: the stem of its .csv/.md/.json)")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="train.py run folders to tabulate (checkpoints/* is "
+                   "fine: folders without results.json are skipped)")
+    add_table_args(p)
     a = p.parse_args()
+    if not a.data and not a.compare:
+        p.error("--data is required (or --compare RUN ...)")
     a.model = a.model or ["auto"]
     return a
 
@@ -96,8 +106,23 @@ def results_table(title: str, rows: list[dict], columns: list[tuple[str, str]], 
     return table
 
 
+def compare(a: argparse.Namespace) -> None:
+    """One table of finished runs, written next to --out."""
+    runs = [Path(r) for r in a.compare if is_run(Path(r))]
+    skipped = len(a.compare) - len(runs)
+    if not runs:
+        raise UserError(f"none of the {len(a.compare)} folders is a finished run (results.json and best/)")
+    if skipped:
+        console.print(f"skipped {skipped} folder(s) without results.json and best/")
+    prefix = Path(a.out).with_suffix("") if a.out else Path(f"checkpoints/eval/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    stdout_console().print(report(runs, prefix, f"{len(runs)} runs", a))
+    console.print(f"wrote {prefix}.csv, .md and .json", markup=False, highlight=False)
+
+
 def main() -> None:
     a = parse_args()
+    if a.compare:
+        return compare(a)
     data = load_eval_data(a.data, a.split, use_title=not a.no_title)  # bad files fail before any model loads
     retrieval = isinstance(data, RetrievalData)
     cache_dir = None if a.no_cache else Path(a.cache_dir)
@@ -138,8 +163,7 @@ def main() -> None:
     else:
         columns = [("spearman", "Spearman"), ("pearson", "Pearson")]
         caption = f"x100, of cosine similarity · {len(data.scores):,} pairs"
-    out = Console() if sys.stdout.isatty() else Console(width=200)  # a pipe gets whole lines, not 80 columns
-    out.print(results_table(f"{data.name} · {'retrieval' if retrieval else 'STS'}", results, columns, caption))
+    stdout_console().print(results_table(f"{data.name} · {'retrieval' if retrieval else 'STS'}", results, columns, caption))
 
     slug = re.sub(r"[^\w.-]+", "-", re.sub(r"\.(tsv|jsonl|csv|txt)$", "", data.name)).strip("-") or "data"
     path = Path(a.out or f"checkpoints/eval/{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json")

@@ -145,6 +145,13 @@ def resolve_key(key: str, where: str) -> dataclasses.Field:
     return f
 
 
+def parse_setting(key: str, value, where: str) -> tuple[str, object]:
+    """One setting as presets and sweeps give it (`epochs` or `optim.epochs`, a TOML or string value), checked and
+    converted: (field name, typed value)."""
+    f = resolve_key(key, where)
+    return f.name, _convert(f, value, where)
+
+
 def load_toml(path: str | Path) -> dict:
     """A preset's settings as {field: value}, sections flattened, every key and type checked."""
     path = Path(path)

@@ -191,3 +191,31 @@ def test_tiny_bilstm_learns_32_pairs_to_in_batch_accuracy_one(tok):
     with torch.no_grad():
         _, acc = info_nce(model.embed(q_ids, q_mask), model.embed(p_ids, p_mask), target, 0.05)
     assert acc == 1.0, f"accuracy {acc:.2f} after {step + 1} steps"
+
+
+def test_train_bilstm_student_distilled_from_a_teacher(tiny_model_dir, tmp_path):
+    import train
+    from pathlib import Path
+    lines = (Path(__file__).resolve().parents[1] / "examples" / "bike_repair.jsonl").read_text().splitlines(True)
+    data = tmp_path / "bikes.jsonl"
+    data.write_text("".join(lines[:40]))
+    common = ["--data", str(data), "--model", str(tiny_model_dir), "--out-dir", str(tmp_path), "--batch-size", "8",
+              "--group-size", "2", "--max-passage-length", "32", "--max-query-length", "16", "--max-steps", "3",
+              "--arch", "bilstm", "--lstm-hidden", "8", "--lstm-layers", "2", "--distill-from", str(tiny_model_dir)]
+    with pytest.raises(UserError, match="embeds in 32 dimensions, the student in 16: set --lstm-dim 32"):
+        train.main(common + ["--run-name", "bad", "--lstm-dim", "16"])
+    train.main(common + ["--run-name", "r", "--freeze-embeddings", "--freeze-layers", "1", "--grad-checkpointing",
+                         "--contrastive-weight", "0"])
+    student = load(str(tmp_path / "r" / "final"))
+    teacher = load(str(tiny_model_dir))
+    assert isinstance(student.model, BiLSTMEncoder) and student.dim == 32
+    assert torch.equal(student.model.emb.weight, teacher.model.emb.word.weight)  # frozen: still the teacher's
+    torch.manual_seed(42)  # what train.main does before building the student: --seed, load --model, from_encoder
+    fresh = BiLSTMEncoder.from_encoder(load(str(tiny_model_dir)).model, hidden_size=8, num_layers=2)
+    for name, p in fresh.state_dict().items():
+        if name.startswith("layers.0."):  # frozen by --freeze-layers 1
+            assert torch.equal(student.model.state_dict()[name], p), name
+    assert not torch.equal(student.model.layers[1].gate.weight, fresh.layers[1].gate.weight)  # trained
+    with pytest.raises(UserError, match="is a BiLSTM; pass --arch bilstm"):
+        train.main(["--data", str(data), "--model", str(tmp_path / "r" / "final"), "--out-dir", str(tmp_path),
+                    "--run-name", "r2"])

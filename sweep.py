@@ -110,6 +110,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="fixed",
                    help="a setting for every cell, over the presets (not part of cell names)")
     p.add_argument("--out", type=Path, default=None, help="sweep folder (default checkpoints/sweeps/<first preset>)")
+    p.add_argument("--table", default="results", help="file stem of the table in the sweep folder (.csv, .md, .json): "
+                   "sweeps that share a folder keep their own tables")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state; train nothing")
     add_table_args(p)
     return p.parse_args(argv)
@@ -154,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     finished = [out / c.name for c in cells if (out / c.name / "results.json").exists()]
     if finished:
         title = f"sweep {out.name}: {', '.join(p.stem for p in a.presets)}" + (f" × {', '.join(a.grid)}" if a.grid else "")
-        stdout_console().print(report(finished, out / "results", title, a))
-        console.print(f"wrote {out / 'results'}.csv, .md and .json", markup=False, highlight=False)
+        stdout_console().print(report(finished, out / a.table, title, a))
+        console.print(f"wrote {out / a.table}.csv, .md and .json", markup=False, highlight=False)
     if failed:
         raise UserError(f"{len(failed)} cell(s) failed: {', '.join(failed)}; re-run the same command to retry them")
 

@@ -6,6 +6,7 @@ or classification (a JSONL of {text, label} rows).
     python evaluate.py --model all-MiniLM-L6-v2 --model checkpoints/run/best --data ../shared/data/scifact \
         --split train --queries checkpoints/run/split.json --explain 5
     python evaluate.py --model all-MiniLM-L6-v2 --data examples/bike_tickets.jsonl
+    python evaluate.py --compare checkpoints/*
 
 Several --model values are evaluated on the same data and shown side by side, best per column in bold. Every number,
 the model fingerprints and the dataset hash go to a JSON file (--out). Corpus embeddings are cached under
@@ -13,18 +14,19 @@ the model fingerprints and the dataset hash go to a JSON file (--out). Corpus em
 re-encodes nothing. `--explain N` (retrieval, two models) adds diagnostics: the N queries whose nDCG@10 changed most
 between the first model and the second, each model's score distributions, and a threshold at --precision.
 Classification rows are scored by kNN and a linear probe, fitted on --reference rows or by cross-validation.
+
+--compare puts finished train.py runs side by side instead (the table sweep.py ends with): the settings that differ,
+the held-out test metrics from each results.json, parameters, training time and measured encoding speed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
 import rich.markup
-from rich.console import Console
 from rich.table import Table
 
 from bge import Embedder
@@ -36,6 +38,7 @@ from bge.errors import UserError
 from bge.evaluation import (DEFAULT_KS, effective_max_length, evaluate_classification, evaluate_retrieval, evaluate_sts,
                             load_eval_data)
 from bge.hub import resolve_model
+from bge.runs import add_table_args, is_run, report, stdout_console
 
 COLUMNS = (("ndcg", "nDCG"), ("mrr", "MRR"), ("recall", "Recall"), ("recall", "Recall"), ("map", "MAP"),
            ("precision", "P"))
@@ -63,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="model folder, hub id, all-MiniLM-L6-v2 or auto (repeatable; "
                    "default auto)")
-    p.add_argument("--data", required=True, help="BEIR folder, training-format .jsonl, or STS .tsv/.jsonl")
+    p.add_argument("--data", help="BEIR folder, training-format .jsonl, or STS .tsv/.jsonl (required unless --compare)")
     p.add_argument("--split", default="test", help="BEIR qrels split (qrels/<split>.tsv)")
     p.add_argument("--ks", type=parse_ks, default=list(DEFAULT_KS), help="cut-offs, e.g. 1,3,5,10,100")
     p.add_argument("--batch-size", type=positive, default=64)
@@ -77,7 +80,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast when encoding on CPU (faster, not exact)")
-    p.add_argument("--out", default=None, help="results JSON (default checkpoints/eval/<dataset>-<time>.json)")
+    p.add_argument("--out", default=None, help="results JSON (default checkpoints/eval/<dataset>-<time>.json; "
+                   "--compare: the stem of its .csv/.md/.json)")
     p.add_argument("--queries", default=None, help="retrieval: evaluate only these queries: a JSON list of query ids, "
                    "or a train.py split.json (its test queries)")
     p.add_argument("--explain", type=positive, default=None, metavar="N", help="retrieval, two models: the N queries "
@@ -89,7 +93,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reference", default=None, help="classification: fit kNN and the linear probe on these {text, "
                    "label} rows (default: cross-validation over --data)")
     p.add_argument("--folds", type=positive, default=5, help="classification without --reference: folds (default 5)")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="train.py run folders to tabulate (checkpoints/* is "
+                   "fine: folders without results.json are skipped)")
+    add_table_args(p)
     a = p.parse_args()
+    if not a.data and not a.compare:
+        p.error("--data is required (or --compare RUN ...)")
     a.model = a.model or ["auto"]
     if a.explain and len(a.model) != 2:
         p.error("--explain compares two models: pass --model twice (before, then after)")
@@ -140,8 +149,23 @@ def results_table(title: str, rows: list[dict], columns: list[tuple[str, str]], 
     return table
 
 
+def compare(a: argparse.Namespace) -> None:
+    """One table of finished runs, written next to --out."""
+    runs = [Path(r) for r in a.compare if is_run(Path(r))]
+    skipped = len(a.compare) - len(runs)
+    if not runs:
+        raise UserError(f"none of the {len(a.compare)} folders is a finished run (results.json and best/)")
+    if skipped:
+        console.print(f"skipped {skipped} folder(s) without results.json and best/")
+    prefix = Path(a.out).with_suffix("") if a.out else Path(f"checkpoints/eval/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    stdout_console().print(report(runs, prefix, f"{len(runs)} runs", a))
+    console.print(f"wrote {prefix}.csv, .md and .json", markup=False, highlight=False)
+
+
 def main() -> None:
     a = parse_args()
+    if a.compare:
+        return compare(a)
     data = load_eval_data(a.data, a.split, use_title=not a.no_title)  # bad files fail before any model loads
     retrieval = isinstance(data, RetrievalData)
     kind = "retrieval" if retrieval else "sts" if isinstance(data, STSData) else "classification"
@@ -208,7 +232,7 @@ def main() -> None:
     else:
         columns = [("spearman", "Spearman"), ("pearson", "Pearson")]
         caption = f"x100, of cosine similarity · {len(data.scores):,} pairs"
-    out = Console() if sys.stdout.isatty() else Console(width=200)  # a pipe gets whole lines, not 80 columns
+    out = stdout_console()
     out.print(results_table(f"{data.name} · {kind if kind != 'sts' else 'STS'}", results, columns, caption))
     explained = None
     if a.explain:

@@ -31,10 +31,12 @@ from bge.batching import Prefetcher
 from bge.checkpoint import atomic_write_text, latest_state, load_state, save_state
 from bge.config import TrainConfig, config_from_dict, parse_args
 from bge.console import console, progress, run_cli
+from bge.distill import Teacher
 from bge.embedder import Embedder
 from bge.errors import UserError
 from bge.loss import l1_penalty
-from bge.optim import decayed, default_lr, get_lr, make_optimizer, param_groups
+from bge.lstm import BiLSTMEncoder
+from bge.optim import decayed, default_lr, freeze, get_lr, make_optimizer, param_groups
 from bge.step import LossFn, forward_backward, make_embed
 from bge.tasks import TaskSampler, export, load_tasks, metric_label, validate
 
@@ -44,6 +46,35 @@ RESUMABLE_OVERRIDES = {"epochs", "max_steps", "patience", "eval_every", "save_ev
 
 
 # ---- set-up helpers ----------------------------------------------------------------------------------
+def load_student(cfg: TrainConfig, device: torch.device) -> Embedder:
+    """--model as it is (a transformer, or a saved BiLSTM with --arch bilstm), or with --arch bilstm a new BiLSTM
+    that takes --model's tokenizer and word embeddings; then --freeze-* and --grad-checkpointing."""
+    embedder = Embedder.load(cfg.model, device=device, query_prompt=None if cfg.query_prompt == "auto" else cfg.query_prompt)
+    if isinstance(embedder.model, BiLSTMEncoder) and cfg.arch != "bilstm":
+        raise UserError(f"--model {cfg.model} is a BiLSTM; pass --arch bilstm to train it")
+    if cfg.arch == "bilstm" and not isinstance(embedder.model, BiLSTMEncoder):
+        lstm = BiLSTMEncoder.from_encoder(embedder.model, hidden_size=cfg.lstm_hidden, num_layers=cfg.lstm_layers,
+                                          dim=cfg.lstm_dim, dropout=cfg.lstm_dropout)
+        embedder = Embedder(lstm, embedder.tokenizer, name=f"bilstm({embedder.name})", device=device)
+    if cfg.freeze_embeddings or cfg.freeze_layers:
+        n = freeze(embedder.model, embeddings=cfg.freeze_embeddings, layers=cfg.freeze_layers)
+        console.print(f"frozen: {n:,} of {sum(p.numel() for p in embedder.model.parameters()):,} parameters")
+    embedder.model.grad_checkpointing = cfg.grad_checkpointing
+    return embedder
+
+
+def load_teacher(cfg: TrainConfig, device: torch.device, student_dim: int, cpu_bf16: bool) -> Teacher | None:
+    """The --distill-from model, frozen, with its embedding cache; None without --distill-from."""
+    if not cfg.distill_from:
+        return None
+    teacher = Teacher(Embedder.load(cfg.distill_from, device=device), max_query_length=cfg.max_query_length,
+                      max_passage_length=cfg.max_passage_length, cpu_bf16=cpu_bf16, batch_size=cfg.eval_batch_size)
+    if cfg.distill_loss != "none" and cfg.distill_weight and teacher.dim != student_dim:
+        raise UserError(f"--distill-from {cfg.distill_from} embeds in {teacher.dim} dimensions, the student in "
+                        f"{student_dim}: set --lstm-dim {teacher.dim}, or --distill-loss none (KL term only)")
+    return teacher
+
+
 def precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
     """(autocast dtype or None for fp32, GradScaler for fp16 only)."""
     choice = cfg.precision
@@ -109,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_text(run_dir / "git.txt", git_commit() + "\n")
         distributed.barrier(info)
     device = info.device
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout masks
     cross_device = info.enabled and cfg.cross_device_negatives
     if cross_device and cfg.symmetric:
@@ -121,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print(note)
 
     # model
-    embedder = Embedder.load(cfg.model, device=device, query_prompt=None if cfg.query_prompt == "auto" else cfg.query_prompt)
+    embedder = load_student(cfg, device)
     model, tokenizer = embedder.model, embedder.tokenizer
     model.set_dropout(cfg.hidden_dropout, cfg.attention_dropout)
     head = None  # the linear head of --classification-loss head/both, trained with the encoder
@@ -134,12 +167,20 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.attention == "flex" and (device.type != "cuda" or not cfg.packed):
         raise UserError("--attention flex needs CUDA and --packed (FlexAttention has no backward on CPU)")
     model.attention = cfg.attention
+    # the BiLSTM's packed layout (PackedSequence) pays on CUDA (cuDNN) but runs token by token on CPU, while its
+    # padded layout is exact too (bge/lstm.py): padding never reaches a real token's state either way
+    packed = cfg.packed and (cfg.arch == "bert" or device.type == "cuda")
     embed = make_embed(net or model.embed, tokenizer.pad, device, amp_dtype=amp_dtype, compile=cfg.compile,
-                       packed=cfg.packed)
+                       packed=packed)
     cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16  # evaluate in the arithmetic we train in
+    teacher = load_teacher(cfg, device, model.dim, cpu_bf16)
+    if teacher is not None:
+        if "retrieval" not in tasks:
+            raise UserError("--distill-from distils on query/passage batches; --data has no retrieval lines")
+        tasks["retrieval"].teacher = teacher  # its loss adds the distillation terms
 
     # optimisation
-    lr = cfg.lr or default_lr(model.cfg.hidden_size)
+    lr = cfg.lr or default_lr(model.dim, cfg.arch)
     sampler = TaskSampler(tasks, cfg.batch_size * info.world, cfg.seed, min_size=info.world)  # global batches
     steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -12,6 +11,8 @@ import torch
 from rich.table import Table
 
 from bge.console import console
+from bge.errors import UserError
+from bge.runs import machine, speed_passages  # noqa: F401  (machine: the benchmarks' captions use it from here)
 
 # where SciFact lives: ../shared/data beside the checkout, or $BGE_SCIFACT (a device machine gets a carried copy)
 SCIFACT = Path(os.environ.get("BGE_SCIFACT") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact")
@@ -19,28 +20,10 @@ SCIFACT = Path(os.environ.get("BGE_SCIFACT") or Path(__file__).resolve().parents
 
 def scifact_passages(n: int, words: tuple[int, int] = (150, 250), path: Path = SCIFACT) -> list[str]:
     """The first n SciFact documents (title + ' ' + text) whose length falls in the word range."""
-    out = []
-    with open(path / "corpus.jsonl", encoding="utf-8") as f:
-        for line in f:
-            d = json.loads(line)
-            text = (d.get("title", "") + " " + d["text"]).strip()
-            if words[0] <= len(text.split()) <= words[1]:
-                out.append(text)
-                if len(out) == n:
-                    return out
-    raise SystemExit(f"only {len(out)} SciFact passages of {words} words in {path}")
-
-
-def machine() -> str:
-    """CPU model (or GPU name), core count and torch version, for the table's caption."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} · torch {torch.__version__}"
-    cpu = platform.processor() or "cpu"
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu} · {os.cpu_count()} cores · {torch.get_num_threads()} threads · torch {torch.__version__}"
+        return speed_passages(path, n, words)
+    except UserError as e:
+        raise SystemExit(str(e)) from None
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> list[float]:

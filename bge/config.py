@@ -41,6 +41,18 @@ class TrainConfig:
     query_prompt: str = opt("auto", "query instruction; 'auto' = the model's own, '' = none", "model")
     max_query_length: int = opt(64, "query truncation length in tokens", "model")
     max_passage_length: int = opt(256, "passage truncation length in tokens", "model")
+    arch: str = opt("bert", "encoder: bert = --model's transformer; bilstm = a new gated BiLSTM (bge/lstm.py) "
+                    "with --model's tokenizer and word embeddings, or --model itself if it is a saved BiLSTM",
+                    "model", ("bert", "bilstm"))
+    lstm_hidden: int = opt(192, "BiLSTM: LSTM units per direction (each layer carries twice as many features)",
+                           "model")
+    lstm_layers: int = opt(2, "BiLSTM: number of gated bidirectional LSTM layers", "model")
+    lstm_dim: int = opt(0, "BiLSTM: sentence embedding size (0 = --model's hidden size)", "model")
+    lstm_dropout: float = opt(0.1, "BiLSTM: dropout on the embeddings and on each layer's LSTM output", "model")
+    freeze_embeddings: bool = opt(False, "do not train the embeddings (BERT: word, position and token-type tables "
+                                  "and their LayerNorm; BiLSTM: the word table)", "model")
+    freeze_layers: int = opt(0, "do not train the first N transformer layers (BiLSTM: LSTM layers); embeddings "
+                             "are frozen by --freeze-embeddings alone", "model")
     # batch and loss
     batch_size: int = opt(32, "queries per optimiser micro-step (each brings group_size passages)", "loss")
     group_size: int = opt(4, "passages per query: 1 positive + group_size-1 hard negatives", "loss")
@@ -54,6 +66,19 @@ class TrainConfig:
     cosent_scale: float = opt(20.0, "CoSENT's scale on cosine differences (1 / temperature)", "loss")
     classification_loss: str = opt("contrastive", "classification rows: contrastive (same label = positive), head "
                                    "(linear head + cross-entropy), or both", "loss", ("contrastive", "head", "both"))
+    contrastive_weight: float = opt(1.0, "with --distill-from: weight of the InfoNCE term next to the "
+                                    "distillation terms (0 = distillation alone)", "loss")
+    # distillation
+    distill_from: str = opt("", "teacher model (folder, hub id, all-MiniLM-L6-v2): the student also learns to "
+                            "match its embeddings and in-batch similarities", "distill")
+    distill_loss: str = opt("cosine", "embedding term: 1 - cos(student, teacher), or MSE of the normalised "
+                            "embeddings (which is 2 (1 - cos) / dim); none = the KL term only", "distill",
+                            ("cosine", "mse", "none"))
+    distill_weight: float = opt(1.0, "weight of the embedding term", "distill")
+    distill_kl: float = opt(1.0, "weight of KL(teacher || student) between the query-to-passage similarity "
+                            "distributions over the batch", "distill")
+    distill_temperature: float = opt(0.05, "temperature of the similarity distributions in the KL term",
+                                     "distill")
     # optimisation
     lr: float = opt(0.0, "peak learning rate; 0 = by model size (3e-5 small, 2e-5 base, 1e-5 large)", "optim")
     weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorms)", "optim")
@@ -85,6 +110,10 @@ class TrainConfig:
                          "CUDA, no attention dropout)", "speed", ("sdpa", "flex"))
     grad_cache: int = opt(0, "GradCache chunk size in texts: big batches in fixed memory, same gradients (0 = off)",
                           "speed")
+    grad_checkpointing: bool = opt(False, "recompute each layer's activations in the backward pass: less "
+                                   "memory, more time", "speed")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default); on a busy CPU 1 can be several times "
+                       "faster for the BiLSTM, whose recurrence synchronises the threads at every token", "speed")
     device: str = opt("auto", "cpu, cuda, cuda:1, or auto", "loop")
     eval_batch_size: int = opt(128, "batch size for encoding during evaluation", "loop")
     # run
@@ -139,6 +168,13 @@ def resolve_key(key: str, where: str) -> dataclasses.Field:
     if f is None or (section and section != f.metadata["section"]):
         raise UserError(f"{where}: unknown setting {key!r}")
     return f
+
+
+def parse_setting(key: str, value, where: str) -> tuple[str, object]:
+    """One setting as presets and sweeps give it (`epochs` or `optim.epochs`, a TOML or string value), checked and
+    converted: (field name, typed value)."""
+    f = resolve_key(key, where)
+    return f.name, _convert(f, value, where)
 
 
 def load_toml(path: str | Path) -> dict:

@@ -11,6 +11,7 @@ import torch
 
 from bge.console import progress
 from bge.hub import resolve_model
+from bge.lstm import BiLSTMEncoder
 from bge.model import Encoder
 from bge.tokenizer import Tokenizer
 from bge import weights
@@ -35,7 +36,7 @@ def autocast(device: torch.device, cpu_bf16: bool = False):
 class Embedder:
     """A model and its tokenizer, on one device."""
 
-    def __init__(self, model: Encoder, tokenizer: Tokenizer, name: str = "", device: str | torch.device | None = None):
+    def __init__(self, model: Encoder | BiLSTMEncoder, tokenizer: Tokenizer, name: str = "", device: str | torch.device | None = None):
         self.device = torch.device(device) if device else default_device()
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
@@ -55,7 +56,8 @@ class Embedder:
         return self.model.dim
 
     def save(self, folder: str | Path) -> Path:
-        """Export a folder that transformers and sentence-transformers load unchanged."""
+        """Export a folder that transformers and sentence-transformers load unchanged (a BiLSTM: bge's own
+        format, which only bge.load reads)."""
         return weights.save(self.model, self.tokenizer, folder)
 
     def fingerprint(self) -> str:

@@ -1,8 +1,9 @@
-"""Losses on embeddings, one per task type, and the L1 penalty. Pure functions: no logging, no distributed calls,
-no state.
+"""Losses on embeddings, one per task type, distillation, and the L1 penalty. Pure functions: no logging, no
+distributed calls, no state.
 
 Retrieval (info_nce, false_negative_mask), STS (cosent, cosine_mse), classification (label_mask with info_nce,
-head_cross_entropy); l1_penalty for regularisation.
+head_cross_entropy); distillation from a teacher (embedding_distill, similarity_kl, distill_loss); l1_penalty for
+regularisation.
 
 Batch layout: B queries and P passages. Query i's positive is passages[pos_index[i]]; `owner[j]` is the query
 that brought passage j (its positive or one of its hard negatives). Every other passage in the batch is an
@@ -98,3 +99,42 @@ def head_cross_entropy(emb: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def l1_penalty(params: list[torch.Tensor]) -> torch.Tensor:
     """Sum of absolute values of the given parameters (multiply by lambda and add to the loss)."""
     return torch.stack([p.abs().sum() for p in params]).sum()
+# ---- distillation: a student matches a teacher's embeddings and in-batch similarities -------------------------
+def embedding_distill(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Mean over rows of 1 - cos(student, teacher) ("cosine"), or the mean squared difference of the L2-normalised
+    embeddings ("mse", which equals 2 (1 - cos) / dim: the same direction at a smaller scale). (n, d) each."""
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    if kind == "mse":
+        return F.mse_loss(F.normalize(student, dim=-1), F.normalize(teacher, dim=-1))
+    raise ValueError(f"unknown embedding distillation {kind!r} (cosine or mse)")
+
+
+def similarity_kl(q_student: torch.Tensor, p_student: torch.Tensor, q_teacher: torch.Tensor, p_teacher: torch.Tensor,
+                  temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) between each query's softmax distribution over the batch's passages (cosine /
+    temperature), averaged over queries. `mask` (B, P) True removes a passage from both distributions (false
+    negatives), so the student is not taught to rank a duplicate of the positive."""
+    s = q_student @ p_student.T / temperature
+    t = q_teacher @ p_teacher.T / temperature
+    if mask is not None:
+        s, t = s.masked_fill(mask, float("-inf")), t.masked_fill(mask, float("-inf"))
+    log_s, log_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    # a masked entry has p_t = 0 and contributes nothing (computed as 0, not 0 * (-inf - -inf) = nan)
+    terms = torch.where(torch.isfinite(log_t), log_t.exp() * (log_t - log_s), torch.zeros_like(log_t))
+    return terms.sum(-1).mean()
+
+
+def distill_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], *, kind: str = "cosine",
+                 weight: float = 1.0, kl_weight: float = 1.0, temperature: float = 0.05,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """weight * embedding term over every text (queries "q" and passages "p") + kl_weight * similarity_kl.
+    kind "none" leaves out the embedding term (then teacher and student may differ in width)."""
+    loss = student["q"].new_zeros(())
+    if kind != "none" and weight:
+        loss = loss + weight * embedding_distill(torch.cat([student["q"], student["p"]]),
+                                                 torch.cat([teacher["q"], teacher["p"]]), kind)
+    if kl_weight:
+        loss = loss + kl_weight * similarity_kl(student["q"], student["p"], teacher["q"], teacher["p"], temperature,
+                                                mask)
+    return loss

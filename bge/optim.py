@@ -6,13 +6,29 @@ import math
 import torch
 import torch.nn as nn
 
+from bge.errors import UserError
+
 # BGE's recipe: a smaller model takes a larger step.
 DEFAULT_LR_BY_HIDDEN = ((512, 3e-5), (768, 2e-5), (10**9, 1e-5))  # hidden size up to -> lr (small/base/large)
+DEFAULT_LR_BILSTM = 1e-3  # a mostly freshly initialised recurrent model, not a pretrained transformer
 
 
-def default_lr(hidden_size: int) -> float:
-    """3e-5 for small models (hidden <= 512), 2e-5 for base (768), 1e-5 for large (1024)."""
+def default_lr(hidden_size: int, arch: str = "bert") -> float:
+    """3e-5 for small models (hidden <= 512), 2e-5 for base (768), 1e-5 for large (1024); 1e-3 for the BiLSTM."""
+    if arch == "bilstm":
+        return DEFAULT_LR_BILSTM
     return next(lr for limit, lr in DEFAULT_LR_BY_HIDDEN if hidden_size <= limit)
+
+
+def freeze(model: nn.Module, *, embeddings: bool = False, layers: int = 0) -> int:
+    """Stop training the embeddings (`model.emb`) and/or the first `layers` of `model.layers` (transformer or
+    LSTM layers); returns how many parameters were frozen. The optimiser then skips them (param_groups)."""
+    if not 0 <= layers <= len(model.layers):
+        raise UserError(f"--freeze-layers {layers}: the model has {len(model.layers)} layers")
+    frozen = [*(model.emb.parameters() if embeddings else ()), *model.layers[:layers].parameters()]
+    for p in frozen:
+        p.requires_grad_(False)
+    return sum(p.numel() for p in frozen)
 
 
 def get_lr(step: int, *, lr: float, warmup_steps: int, total_steps: int, schedule: str = "linear",

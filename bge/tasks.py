@@ -33,7 +33,7 @@ from bge.embedder import Embedder
 from bge.errors import UserError
 from bge.evaluation import (HEAD_FILE, ClassifierHead, evaluate_classification, evaluate_retrieval, evaluate_sts,
                             load_eval_data)
-from bge.loss import (cosent, cosine_mse, false_negative_mask, head_cross_entropy, info_nce, label_mask,
+from bge.loss import (cosent, cosine_mse, distill_loss, false_negative_mask, head_cross_entropy, info_nce, label_mask,
                       pair_order_accuracy)
 from bge.step import LossFn
 from bge.tokenizer import Tokenizer
@@ -114,6 +114,7 @@ class RetrievalTask(Task):
 
     def __init__(self, train: list[Example], val, test, cfg: TrainConfig):
         super().__init__(train, val, test, cfg)
+        self.teacher = None  # bge.distill.Teacher with --distill-from: its embeddings are targets too
         self.group_size = cfg.group_size if any(ex.neg for ex in train) else 1
         if self.group_size != cfg.group_size:
             self.notes.append("no hard negatives in the data: training with in-batch negatives only")
@@ -126,7 +127,19 @@ class RetrievalTask(Task):
         batch = make_batch(self.train, indices, group_size=self.group_size, seed=cfg.seed, epoch=epoch)
         inputs = {"q": tokenizer.tokenize(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length),
                   "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length)}
-        return inputs, lambda emb: retrieval_loss(emb, batch, cfg, info)
+        teacher = self.teacher
+
+        def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+            loss, stats = retrieval_loss(emb, batch, cfg, info)
+            if teacher is not None:  # looked up here, on the training thread: the teacher is a model too
+                target = teacher.embed(batch, emb["q"].device)
+                mask = false_negative_mask(batch.passage_hashes, batch.query_pos_hashes, batch.pos_index).to(emb["q"].device)
+                loss = cfg.contrastive_weight * loss + distill_loss(
+                    emb, target, kind=cfg.distill_loss, weight=cfg.distill_weight, kl_weight=cfg.distill_kl,
+                    temperature=cfg.distill_temperature, mask=mask)
+            return loss, stats
+
+        return inputs, loss_fn
 
     def validate(self, embedder, cpu_bf16):
         ev = evaluate_retrieval(embedder, self.val, ks=VAL_KS, batch_size=self.cfg.eval_batch_size,

@@ -2,7 +2,11 @@
 `transformers.AutoModel` and `sentence_transformers.SentenceTransformer` load unchanged.
 
 The name mapping is data (`hf_names`); loading checks that every tensor is used once and has the
-right shape, and fails with one line listing what is missing, unexpected or mis-shaped."""
+right shape, and fails with one line listing what is missing, unexpected or mis-shaped.
+
+A gated BiLSTM (bge/lstm.py) has no Hugging Face counterpart: its folder holds `bge_config.json`
+({"arch": "bilstm", ...}), `model.safetensors` under our own names and the tokenizer files. `load_model` and
+`save` choose by that file and by the model's class; nothing else tells the two apart."""
 from __future__ import annotations
 
 import json
@@ -14,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bge.errors import UserError
+from bge.lstm import BiLSTMEncoder, LSTMConfig
 from bge.model import Encoder, ModelConfig
 from bge.tokenizer import Tokenizer
 
@@ -26,6 +31,8 @@ ST_MODULES = "sentence_transformers.models."
 POOLING_MODES = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens"}
 UNSUPPORTED_POOLING = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
                        "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+BGE_CONFIG = "bge_config.json"  # our own architectures (the BiLSTM); HF ones have config.json
+TOKENIZER_KEYS = ("max_length", "query_prompt")  # kept in bge_config.json next to the architecture
 
 
 def hf_names(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
@@ -131,6 +138,8 @@ def load_model(folder: str | Path, *, name: str = "", max_length: int | None = N
                query_prompt: str | None = None) -> tuple[Encoder, Tokenizer]:
     """Encoder and tokenizer from a folder holding config.json, model.safetensors and tokenizer files."""
     folder = Path(folder)
+    if (folder / BGE_CONFIG).exists():
+        return load_bilstm(folder, name=name, max_length=max_length, query_prompt=query_prompt)
     hf = _read_json(folder / "config.json")
     if hf is None:
         raise UserError(f"{folder}: no config.json (is this a model folder?)")
@@ -188,8 +197,11 @@ def replace_folder(tmp: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save(model: Encoder, tokenizer: Tokenizer, folder: str | Path) -> Path:
-    """Write a folder that transformers and sentence-transformers load unchanged and that embeds identically."""
+def save(model: Encoder | BiLSTMEncoder, tokenizer: Tokenizer, folder: str | Path) -> Path:
+    """Write a folder that transformers and sentence-transformers load unchanged and that embeds identically
+    (a BiLSTM: our own format, see save_bilstm)."""
+    if isinstance(model, BiLSTMEncoder):
+        return save_bilstm(model, tokenizer, folder)
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -200,5 +212,55 @@ def save(model: Encoder, tokenizer: Tokenizer, folder: str | Path) -> Path:
     tokenizer.save(tmp, cfg.flavour)
     write_sentence_transformers_files(tmp, cfg.hidden_size, cfg.pooling, cfg.normalize,
                                       tokenizer.max_length, tokenizer.query_prompt)
+    replace_folder(tmp, folder)
+    return folder
+
+
+# ---- the gated BiLSTM: our own format ---------------------------------------------------------------
+def load_bilstm(folder: Path, *, name: str = "", max_length: int | None = None,
+                query_prompt: str | None = None) -> tuple[BiLSTMEncoder, Tokenizer]:
+    """A BiLSTM and its tokenizer from a folder written by save_bilstm."""
+    where = str(folder / BGE_CONFIG)
+    saved = _read_json(folder / BGE_CONFIG)
+    if not isinstance(saved, dict) or saved.get("arch") != "bilstm":
+        arch = saved.get("arch") if isinstance(saved, dict) else None
+        raise UserError(f"{where}: arch {arch!r} is not supported (only 'bilstm')")
+    known = set(LSTMConfig.__dataclass_fields__)
+    unknown = sorted(set(saved) - known - set(TOKENIZER_KEYS) - {"arch"})
+    if unknown:
+        raise UserError(f"{where}: unknown keys {', '.join(unknown)}")
+    try:
+        cfg = LSTMConfig(**{k: v for k, v in saved.items() if k in known})
+        model = BiLSTMEncoder(cfg)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{where}: invalid configuration ({e})") from None
+    tensors, ours = read_safetensors(folder), model.state_dict()
+    problems = [_listing(label, names) for label, names in (
+        ("missing", [n for n in ours if n not in tensors]),
+        ("unexpected", [n for n in tensors if n not in ours]),
+        ("wrong shape", [f"{n} is {list(t.shape)}, config wants {list(ours[n].shape)}"
+                         for n, t in tensors.items() if n in ours and t.shape != ours[n].shape])) if names]
+    if problems:
+        raise UserError(f"{folder}: weights do not match {BGE_CONFIG}: " + "; ".join(problems))
+    model.load_state_dict({k: v.to(ours[k].dtype) for k, v in tensors.items()})
+    tokenizer = Tokenizer.from_folder(
+        folder, position_limit=cfg.max_tokens, name=name,
+        max_length=max_length if max_length is not None else saved.get("max_length"),
+        query_prompt=query_prompt if query_prompt is not None else saved.get("query_prompt"))
+    return model, tokenizer
+
+
+def save_bilstm(model: BiLSTMEncoder, tokenizer: Tokenizer, folder: str | Path) -> Path:
+    """bge_config.json (architecture, max length, query prompt), model.safetensors and the tokenizer files.
+    Only bge reads this folder: transformers and sentence-transformers have no such architecture."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_json(tmp / BGE_CONFIG, {"arch": "bilstm", **model.cfg.to_dict(), "max_length": tokenizer.max_length,
+                                   "query_prompt": tokenizer.query_prompt})
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save(tmp, "bert")
     replace_folder(tmp, folder)
     return folder

@@ -1,13 +1,13 @@
 """Every loss against a naive reference: InfoNCE with false-negative masking, CoSENT, cosine-MSE, the classification
-label mask, the head's cross-entropy and the L1 penalty."""
+label mask, the head's cross-entropy, the L1 penalty, and the distillation terms."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bge.loss import (cosent, cosine_mse, false_negative_mask, head_cross_entropy, info_nce, l1_penalty, label_mask,
-                      pair_order_accuracy)
+from bge.loss import (cosent, cosine_mse, distill_loss, embedding_distill, false_negative_mask, head_cross_entropy,
+                      info_nce, l1_penalty, label_mask, pair_order_accuracy, similarity_kl)
 
 
 def naive_info_nce(q, p, pos_index, temperature, excluded, in_batch, owner, symmetric):
@@ -181,3 +181,63 @@ def test_head_cross_entropy_and_l1():
     assert penalty.item() == 6.5
     penalty.backward()  # the gradient of lambda * sum |w| is lambda * sign(w)
     assert params[0].grad.tolist() == [[1.0, -1.0]] and params[1].grad.tolist() == [[-1.0], [1.0]]
+# ---- distillation -------------------------------------------------------------------------------------------
+def naive_kl(qs, ps, qt, pt, temperature, excluded):
+    """Per query: sum over the passages it sees of p_t * (log p_t - log p_s), softmax over those passages only."""
+    total = 0.0
+    for i in range(len(qs)):
+        seen = [j for j in range(len(ps)) if not excluded[i][j]]
+        log_s = torch.log_softmax(torch.stack([qs[i] @ ps[j] / temperature for j in seen]), 0)
+        log_t = torch.log_softmax(torch.stack([qt[i] @ pt[j] / temperature for j in seen]), 0)
+        total = total + sum(log_t[k].exp() * (log_t[k] - log_s[k]) for k in range(len(seen)))
+    return total / len(qs)
+
+
+def student_teacher(seed=1, dim=16):
+    q, p, texts, positives, pos_index, _ = batch(seed=0, dim=dim)
+    g = torch.Generator().manual_seed(seed)
+    qt = F.normalize(q + 0.5 * torch.randn(q.shape, generator=g), dim=1)
+    pt = F.normalize(p + 0.5 * torch.randn(p.shape, generator=g), dim=1)
+    return q, p, qt, pt, naive_mask(texts, positives, pos_index.tolist())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_similarity_kl_equals_naive_loop_with_gradients(masked):
+    q, p, qt, pt, excluded = student_teacher()
+    if not masked:
+        excluded = [[False] * len(p) for _ in range(len(q))]
+    mask = torch.tensor(excluded) if masked else None
+    q1, p1 = q.clone().requires_grad_(), p.clone().requires_grad_()
+    q2, p2 = q.clone().requires_grad_(), p.clone().requires_grad_()
+    kl = similarity_kl(q1, p1, qt, pt, 0.05, mask)
+    ref = naive_kl(q2, p2, qt, pt, 0.05, excluded)
+    assert torch.allclose(kl, ref, atol=1e-5, rtol=1e-5) and kl > 0
+    kl.backward()
+    ref.backward()
+    assert torch.isfinite(q1.grad).all() and torch.isfinite(p1.grad).all()
+    assert torch.allclose(q1.grad, q2.grad, atol=1e-5) and torch.allclose(p1.grad, p2.grad, atol=1e-5)
+    assert similarity_kl(qt, pt, qt, pt, 0.05, mask).abs() < 1e-6  # a student that equals its teacher: zero
+
+
+def test_embedding_distill_cosine_and_mse_against_naive():
+    q, p, qt, pt, _ = student_teacher()
+    s, t = 3 * torch.cat([q, p]), torch.cat([qt, pt])  # unnormalised student: both terms compare directions
+    cos = [float(s[i] @ t[i] / (s[i].norm() * t[i].norm())) for i in range(len(s))]
+    assert embedding_distill(s, t, "cosine").item() == pytest.approx(sum(1 - c for c in cos) / len(s), abs=1e-6)
+    mse = sum(float(((s[i] / s[i].norm() - t[i]) ** 2).sum()) for i in range(len(s))) / s.numel()
+    assert embedding_distill(s, t, "mse").item() == pytest.approx(mse, abs=1e-7)
+    assert embedding_distill(s, t, "mse").item() == pytest.approx(2 * embedding_distill(s, t).item() / s.shape[1], abs=1e-6)
+    with pytest.raises(ValueError):
+        embedding_distill(s, t, "l1")
+
+
+def test_distill_loss_is_the_weighted_sum_of_its_terms():
+    q, p, qt, pt, excluded = student_teacher()
+    mask = torch.tensor(excluded)
+    student, teacher = {"q": q, "p": p}, {"q": qt, "p": pt}
+    emb = embedding_distill(torch.cat([q, p]), torch.cat([qt, pt]))
+    kl = similarity_kl(q, p, qt, pt, 0.1, mask)
+    got = distill_loss(student, teacher, weight=0.3, kl_weight=2.0, temperature=0.1, mask=mask)
+    assert torch.allclose(got, 0.3 * emb + 2.0 * kl)
+    assert torch.allclose(distill_loss(student, teacher, kind="none", kl_weight=2.0, temperature=0.1, mask=mask), 2 * kl)
+    assert torch.allclose(distill_loss(student, teacher, kl_weight=0.0), emb)

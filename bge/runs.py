@@ -1,0 +1,233 @@
+"""Run folders side by side: one row per run with the settings that differ between the runs, the held-out test
+metrics of `best/`, its parameter count, the training time and its encoding speed; shown as a rich table and
+written as CSV, markdown and JSON. sweep.py and `evaluate.py --compare` both build their tables here.
+
+Encoding speed is measured, not read from the run: Embedder.encode on a fixed set of real passages (the first
+`n` SciFact documents of 150-250 words by default), same batch size, max length and thread count for every run,
+median of `repeats` timed passes after one warm-up batch. The result is kept in the run folder (`speed.json`,
+keyed by those settings and the machine), so a second table re-measures nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bge.checkpoint import atomic_write_text
+from bge.console import progress
+from bge.embedder import Embedder
+from bge.errors import UserError
+
+# ../shared/data beside the checkout, or $BGE_SCIFACT (as benchmarks/common.py)
+SCIFACT = Path(os.environ.get("BGE_SCIFACT") or Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact")
+METRICS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "R@10"), ("recall@100", "R@100"))
+# settings that say where or how a run was executed, not what was trained: never a column
+BOOKKEEPING = {"out_dir", "run_name", "resume", "device", "eval_batch_size", "threads", "eval_every", "save_every"}
+SPEED_FILE = "speed.json"
+
+
+# ---- the machine and the passages encoding speed is measured on -----------------------------------------
+def machine() -> str:
+    """CPU model (or GPU name), core count and torch version."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} · torch {torch.__version__}"
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} · {os.cpu_count()} cores · {torch.get_num_threads()} threads · torch {torch.__version__}"
+
+
+def speed_passages(corpus: str | Path = SCIFACT, n: int = 256, words: tuple[int, int] = (150, 250)) -> list[str]:
+    """The first n documents (title + ' ' + text) of a BEIR corpus.jsonl whose length falls in the word range."""
+    path = Path(corpus) / "corpus.jsonl"
+    if not path.exists():
+        raise UserError(f"{path}: not found; pass a BEIR folder for the encoding-speed passages, or skip the speed")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            text = (d.get("title", "") + " " + d["text"]).strip()
+            if words[0] <= len(text.split()) <= words[1]:
+                out.append(text)
+                if len(out) == n:
+                    return out
+    raise UserError(f"{path}: only {len(out)} passages of {words[0]}-{words[1]} words, {n} wanted")
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """How encoding speed is measured; part of the key of a run's speed.json."""
+
+    n: int = 256
+    batch_size: int = 32
+    max_length: int = 256
+    threads: int = 0  # 0 = torch's default
+    repeats: int = 3
+
+
+def measure_speed(embedder: Embedder, texts: list[str], s: SpeedSettings) -> list[float]:
+    """Passages/s of each of `s.repeats` timed passes over texts (after one untimed warm-up batch)."""
+    before = torch.get_num_threads()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    try:
+        kw = dict(batch_size=s.batch_size, max_length=s.max_length, show_progress=False)
+        embedder.encode(texts[: s.batch_size], **kw)
+        rates = []
+        for _ in range(s.repeats):
+            start = time.perf_counter()
+            embedder.encode(texts, **kw)
+            rates.append(len(texts) / (time.perf_counter() - start))
+        return rates
+    finally:
+        torch.set_num_threads(before)
+
+
+def cached_speed(run: Path, embedder: Embedder, texts: list[str], s: SpeedSettings) -> float:
+    """The median passages/s of the run's best/ model, from speed.json when measured alike on this machine."""
+    key = {**asdict(s), "texts": hashlib.blake2b("\0".join(texts).encode(), digest_size=8).hexdigest(),
+           "machine": machine(), "model": embedder.fingerprint()}
+    path = run / SPEED_FILE
+    try:
+        saved = json.loads(path.read_text())
+        if saved["key"] == key:
+            return saved["median"]
+    except (OSError, ValueError, KeyError):
+        pass
+    rates = measure_speed(embedder, texts, s)
+    atomic_write_text(path, json.dumps({"key": key, "median": statistics.median(rates), "runs": rates}, indent=1) + "\n")
+    return statistics.median(rates)
+
+
+# ---- rows -------------------------------------------------------------------------------------------------
+def is_run(folder: Path) -> bool:
+    """A finished train.py run folder: it has results.json and best/."""
+    return (folder / "results.json").exists() and (folder / "best").is_dir()
+
+
+def run_row(folder: Path, *, speed_texts: list[str] | None, speed: SpeedSettings = SpeedSettings()) -> dict:
+    """One run's numbers: config, test metrics of best/, parameters, training time, passages/s (None: not measured)."""
+    results = json.loads((folder / "results.json").read_text())
+    embedder = Embedder.load(str(folder / "best"))
+    params = sum(p.numel() for p in embedder.model.parameters())
+    embedding = sum(p.numel() for p in embedder.model.emb.parameters())
+    return {"run": folder.name, "folder": str(folder), "config": results.get("config", {}),
+            "test": results.get("fine_tuned"), "base": results.get("base"), "test_queries": results.get("test_queries"),
+            "best_step": results.get("best_step"), "steps": results.get("steps"),
+            "train_seconds": results.get("train_seconds", 0.0), "params": params, "params_no_emb": params - embedding,
+            "passages_per_s": cached_speed(folder, embedder, speed_texts, speed) if speed_texts else None}
+
+
+def differing_settings(rows: list[dict]) -> list[str]:
+    """The config fields whose values are not the same in every row (bookkeeping fields aside), in config order."""
+    keys = list(dict.fromkeys(k for r in rows for k in r["config"]))
+    return [k for k in keys if k not in BOOKKEEPING and len({json.dumps(r["config"].get(k)) for r in rows}) > 1]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def table_cells(rows: list[dict], settings: list[str]) -> tuple[list[str], list[list[str]], list[list]]:
+    """(headers, display strings per row, raw values per row) for the table."""
+    headers = ["run", *settings, *(h for _, h in METRICS), "params", "params w/o emb.", "train time", "passages/s"]
+    shown, raw = [], []
+    for r in rows:
+        test = r["test"] or {}
+        values = [r["run"], *(r["config"].get(k) for k in settings), *(test.get(m) for m, _ in METRICS),
+                  r["params"], r["params_no_emb"], r["train_seconds"], r["passages_per_s"]]
+        raw.append(values)
+        fmt = [str, *([str] * len(settings)), *([lambda v: f"{v:.4f}"] * len(METRICS)), _count, _count,
+               _duration, lambda v: f"{v:.1f}"]
+        shown.append(["–" if v is None else f(v) for f, v in zip(fmt, values)])
+    return headers, shown, raw
+
+
+def rich_table(title: str, headers: list[str], shown: list[list[str]], caption: str = "") -> Table:
+    table = Table(title=title, caption=caption)
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in shown:
+        table.add_row(*row)
+    return table
+
+
+def markdown(headers: list[str], shown: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in shown]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(prefix: Path, title: str, rows: list[dict], caption: str) -> Table:
+    """Write {prefix}.csv (raw numbers), {prefix}.md and {prefix}.json (every row in full); return the rich table."""
+    headers, shown, raw = table_cells(rows, differing_settings(rows))  # raw: numbers as they are, for the CSV
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    settings = differing_settings(rows)
+    names = ["run", *settings, *(m for m, _ in METRICS), "params", "params_no_emb", "train_seconds", "passages_per_s"]
+    csv.writer(buf, lineterminator="\n").writerows([names, *raw])
+    atomic_write_text(prefix.with_suffix(".csv"), buf.getvalue())
+    atomic_write_text(prefix.with_suffix(".md"), f"{title}\n\n{markdown(headers, shown)}\n{caption}\n")
+    atomic_write_text(prefix.with_suffix(".json"), json.dumps({"title": title, "caption": caption, "rows": rows},
+                                                              indent=2) + "\n")
+    return rich_table(title, headers, shown, caption)
+
+
+def caption(rows: list[dict], speed: SpeedSettings | None, corpus: str | Path = SCIFACT) -> str:
+    """What the numbers are: test metrics of best/, train time without validation, how speed was measured."""
+    queries = sorted({r["test_queries"] for r in rows if r["test_queries"]})
+    parts = [f"held-out test ({'/'.join(map(str, queries)) or '?'} queries), best/ of each run",
+             "train time: optimiser steps only, validation excluded"]
+    if speed:
+        threads = speed.threads or torch.get_num_threads()
+        parts.append(f"passages/s: {speed.n} {Path(corpus).name} passages, batch {speed.batch_size}, max length "
+                     f"{speed.max_length}, {threads} thread{'s' if threads > 1 else ''}, median of {speed.repeats}")
+    return " · ".join(parts) + f" · {machine()}"
+
+
+# ---- the command-line side, shared by sweep.py and evaluate.py --compare ----------------------------------
+def add_table_args(p: argparse.ArgumentParser) -> None:
+    """The flags that say how the results table measures encoding speed."""
+    g = p.add_argument_group("results table")
+    g.add_argument("--speed-corpus", default=str(SCIFACT), help="BEIR folder whose passages (150-250 words) "
+                   "encoding speed is measured on (default: the shared SciFact)")
+    g.add_argument("--speed-n", type=int, default=SpeedSettings.n, help="passages per timed pass")
+    g.add_argument("--speed-threads", type=int, default=0, help="CPU threads while measuring (0 = torch's default)")
+    g.add_argument("--no-speed", action="store_true", help="leave the passages/s column empty")
+
+
+def report(folders: list[Path], prefix: Path, title: str, a: argparse.Namespace) -> Table:
+    """Rows for the run folders (measuring speed where not cached), written to {prefix}.csv/.md/.json."""
+    speed = None if a.no_speed else SpeedSettings(n=a.speed_n, threads=a.speed_threads)
+    texts = speed_passages(a.speed_corpus, speed.n) if speed else None
+    rows = []
+    with progress(transient=True) as bar:
+        task = bar.add_task("reading runs" + ("" if a.no_speed else ", measuring encoding speed"), total=len(folders))
+        for folder in folders:
+            rows.append(run_row(folder, speed_texts=texts, speed=speed or SpeedSettings()))
+            bar.advance(task)
+    return write_tables(prefix, title, rows, caption(rows, speed, a.speed_corpus))
+
+
+def stdout_console() -> Console:
+    """A console for tables on stdout; a pipe gets whole lines, not 80 columns."""
+    return Console() if sys.stdout.isatty() else Console(width=250)

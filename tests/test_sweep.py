@@ -1,0 +1,92 @@
+"""sweep.py end to end on tiny models: cells named by what the grid changes, each a train.py run, finished cells
+skipped, an interrupted one resumed, one results table (CSV, markdown) that evaluate.py --compare reproduces."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sweep
+from bge.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+EXAMPLE = REPO / "examples" / "bike_repair.jsonl"
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("sweep")
+    data = root / "bikes.jsonl"
+    data.write_text("".join(EXAMPLE.read_text().splitlines(keepends=True)[:60]))
+    path = root / "tiny.toml"
+    path.write_text(f'data = "{data}"\nmodel = "{tiny_model_dir}"\nthreads = 1\nmax_passage_length = 48\n'
+                    "max_query_length = 16\nlstm_hidden = 8\n[loss]\nbatch_size = 8\ngroup_size = 2\n"
+                    "[optim]\nlr = 1e-3\nepochs = 1\n")
+    return path
+
+
+SPEED = ["--speed-corpus", str(SCIFACT), "--speed-n", "8", "--speed-threads", "1"]
+
+
+def test_cells_are_named_by_the_grid_values_that_change_the_preset(preset):
+    grid = sweep.parse_settings(["arch=bert,bilstm", "loss.temperature=0.02,0.05"], "--grid", many=True)
+    cells = sweep.expand([preset], grid, {"epochs": "2"})
+    assert [c.name for c in cells] == ["tiny", "tiny-temperature=0.05", "tiny-arch=bilstm",
+                                       "tiny-arch=bilstm-temperature=0.05"]
+    assert [(c.cfg.arch, c.cfg.temperature, c.cfg.epochs, c.cfg.batch_size) for c in cells][-1] == ("bilstm", 0.05, 2, 8)
+    with pytest.raises(UserError, match="unknown setting 'loss.epochs'"):
+        sweep.parse_settings(["loss.epochs=1,2"], "--grid", many=True)
+    with pytest.raises(UserError, match="temperature must be float"):
+        sweep.parse_settings(["temperature=0.1,hot"], "--grid", many=True)
+    with pytest.raises(UserError, match="expected key=v1,v2"):
+        sweep.parse_settings(["temperature"], "--grid", many=True)
+
+
+def test_sweep_runs_skips_resumes_and_tabulates(preset, tmp_path, monkeypatch):
+    out = tmp_path / "sw"
+    argv = [str(preset), "--grid", "arch=bert,bilstm", "--set", "max_steps=3", "--out", str(out), *SPEED]
+    sweep.main(argv)
+    for cell in ("tiny", "tiny-arch=bilstm"):
+        for f in ("results.json", "best/model.safetensors", "speed.json", "command.txt"):
+            assert (out / cell / f).exists(), (cell, f)
+    assert (out / "tiny-arch=bilstm" / "best" / "bge_config.json").exists()
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["run"], r["arch"]) for r in rows] == [("tiny", "bert"), ("tiny-arch=bilstm", "bilstm")]
+    for r in rows:
+        assert 0 <= float(r["ndcg@10"]) <= 1 and int(r["params"]) > int(r["params_no_emb"]) > 0
+        assert float(r["train_seconds"]) > 0 and float(r["passages_per_s"]) > 0
+    md = (out / "results.md").read_text()
+    assert "| run | arch | nDCG@10 |" in md and "| tiny-arch=bilstm | bilstm |" in md
+
+    # a second sweep trains nothing; a cell without results.json is resumed, the finished one left alone
+    (out / "tiny-arch=bilstm" / "results.json").unlink()
+    calls = []
+    real_run = subprocess.run
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real_run(cmd, **kw))
+    sweep.main(argv)
+    assert len(calls) == 1 and calls[0][-2:] == ["--resume", str(out / "tiny-arch=bilstm")]
+    calls.clear()
+    sweep.main(argv)
+    assert calls == []
+
+    # a folder of another config is refused, not silently reused
+    with pytest.raises(UserError, match="holds a run of another config .*warmup_ratio"):
+        sweep.main([str(preset), "--grid", "arch=bert,bilstm", "--set", "max_steps=3", "warmup_ratio=0.2",
+                    "--out", str(out), "--no-speed"])
+
+    # evaluate.py --compare builds the same table from the run folders (speed read back from speed.json)
+    r = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--compare", *map(str, sorted(out.iterdir())),
+                        "--out", str(tmp_path / "cmp"), *SPEED], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"skipped {len(list(out.iterdir())) - 2} folder(s)" in r.stderr  # cache/ and results.* are not runs
+    assert (tmp_path / "cmp.md").read_text().split("\n", 1)[1] == md.split("\n", 1)[1]
+    assert "tiny-arch=bilstm" in r.stdout and "passages/s" in r.stdout
+
+
+def test_missing_preset_and_clashing_grid_are_errors(preset, tmp_path):
+    with pytest.raises(UserError, match="no such preset"):
+        sweep.main([str(tmp_path / "nope.toml")])
+    with pytest.raises(UserError, match="--grid cannot set epochs"):
+        sweep.main([str(preset), "--grid", "epochs=1,2", "--set", "epochs=3", "--dry-run"])

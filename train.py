@@ -28,11 +28,12 @@ from bge.batching import Sampler, make_batch, split_queries
 from bge.checkpoint import atomic_write_text, latest_state, load_state, save_state
 from bge.config import TrainConfig, config_from_dict, parse_args
 from bge.console import console, progress, run_cli
-from bge.data import RetrievalData, examples_from_beir, load_beir, load_examples, retrieval_from_examples
+from bge.data import RetrievalData, examples_from_beir, load_beir, load_corpus, load_examples, retrieval_from_examples
 from bge.embedder import Embedder, default_device
 from bge.errors import UserError
-from bge.evaluation import evaluate_retrieval, load_eval_data
-from bge.loss import false_negative_mask, info_nce
+from bge.evaluation import evaluate_probe, evaluate_retrieval, load_eval_data
+from bge.loss import distill_kl, false_negative_mask, info_nce, matryoshka
+from bge.merge import choose_ratio, merged_embedder, parse_ratios
 from bge.optim import default_lr, get_lr, make_optimizer
 from bge.step import forward_backward
 
@@ -50,13 +51,16 @@ def load_data(cfg: TrainConfig, run_dir: Path) -> tuple[list, RetrievalData | No
     --data by seed (a query's positives never cross splits) and the split is written to the run folder."""
     path = Path(cfg.data)
     if path.is_dir():
+        if cfg.corpus:
+            raise UserError("--corpus is for a JSONL --data; a BEIR folder brings its own corpus")
         full = load_beir(path, cfg.split, use_title=cfg.title)
         examples = examples_from_beir(full)
     else:
         examples, skipped = load_examples(path, skip_bad_lines=cfg.skip_bad_lines)
         if skipped:
             console.print(f"[yellow]skipped {len(skipped)} bad line(s) of {path}[/] (--skip-bad-lines); first: {skipped[0]}")
-        full = retrieval_from_examples(examples, name=path.name)
+        corpus = load_corpus(cfg.corpus, use_title=cfg.title) if cfg.corpus else None
+        full = retrieval_from_examples(examples, name=path.name, corpus=corpus)
     split_file = run_dir / "split.json"
     if split_file.exists():  # resuming: the split is part of the run
         split = json.loads(split_file.read_text())
@@ -105,14 +109,22 @@ def validate(embedder: Embedder, data: RetrievalData, cfg: TrainConfig, cpu_bf16
     return ev.metrics.summary
 
 
-def results_table(title: str, base: dict, tuned: dict) -> Table:
+def results_table(title: str, base: dict, tuned: dict, merged: dict | None = None, ratio: float | None = None) -> Table:
+    """Metrics as rows (test, then the probe's), base and fine-tuned (and merged) as columns, with changes."""
     table = Table(title=title)
-    for col in ("metric", "base", "fine-tuned", "change"):
+    columns = ["metric", "base", "fine-tuned", "change"] + ([f"merged {ratio:g}", "change"] if merged else [])
+    for col in columns:
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for m in TABLE_METRICS:
-        d = tuned[m] - base[m]
+
+    def change(d: float) -> str:
         style = "green" if d > 0 else "red" if d < 0 else ""
-        table.add_row(m, f"{base[m]:.4f}", f"{tuned[m]:.4f}", f"[{style}]{d:+.4f}[/]" if style else f"{d:+.4f}")
+        return f"[{style}]{d:+.4f}[/]" if style else f"{d:+.4f}"
+
+    for m in [*TABLE_METRICS, *(k for k in base if k.startswith("probe/"))]:
+        cells = [f"{base[m]:.4f}", f"{tuned[m]:.4f}", change(tuned[m] - base[m])]
+        if merged:
+            cells += [f"{merged[m]:.4f}", change(merged[m] - base[m])]
+        table.add_row(m, *cells)
     return table
 
 
@@ -148,10 +160,26 @@ def main(argv: list[str] | None = None) -> None:
     train_examples, val_data, test_data, split = load_data(cfg, run_dir)
     console.print(f"run {run_dir}: {len(train_examples)} training queries, "
                   f"{len(val_data.queries) if val_data else 0} validation, {len(test_data.queries) if test_data else 0} test")
+    probe = load_eval_data(cfg.general_probe, cfg.probe_split, cfg.title) if cfg.general_probe else None
+    merge_ratios = parse_ratios(cfg.merge_sweep) if cfg.merge_sweep else []
+    if merge_ratios and val_data is None:
+        raise UserError("--merge-sweep chooses a mix on the validation queries; there are none (--val-ratio 0?)")
+    if merge_ratios and cfg.merge_ratio >= 0:
+        raise UserError("pass --merge-sweep (choose a mix on validation) or --merge-ratio (a fixed mix), not both")
+    if cfg.merge_ratio > 1:
+        raise UserError(f"--merge-ratio must be in [0, 1] (or negative: no merge), got {cfg.merge_ratio}")
+    if cfg.kd_weight > 0 and not all(ex.neg and ex.pos_scores and ex.neg_scores for ex in train_examples):
+        raise UserError("--kd-weight needs hard negatives with teacher scores (pos_scores, neg_scores) on every "
+                        "training line; python -m bge.score --teacher MODEL fills them")
+    if cfg.kd_weight > 0 and cfg.group_size < 2:
+        raise UserError("--kd-weight distils over each query's positive and hard negatives: needs --group-size 2 or more")
+    matryoshka_dims = [int(d) for d in cfg.matryoshka_dims.split(",") if d.strip()] if cfg.matryoshka_dims else []
 
     # model
     embedder = Embedder.load(cfg.model, device=device, query_prompt=None if cfg.query_prompt == "auto" else cfg.query_prompt)
     model, tokenizer = embedder.model, embedder.tokenizer
+    if not all(0 < d <= model.dim for d in matryoshka_dims):
+        raise UserError(f"--matryoshka-dims {cfg.matryoshka_dims}: sizes must be between 1 and {model.dim}")
     amp_dtype, scaler = precision(cfg, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     model_embed = torch.compile(model.embed) if cfg.compile else model.embed  # the raw module is what we save
@@ -178,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # state: fresh, or restored from the last complete save
     trainer = {"step": 0, "micro_step": 0, "best": None, "best_step": None, "stale_evals": 0, "bad_steps": 0,
-               "bad_steps_total": 0, "train_seconds": 0.0, "tokens": 0}
+               "bad_steps_total": 0, "train_seconds": 0.0, "tokens": 0, "base_val": None, "best_val": None}
     state = latest_state(run_dir) if cfg.resume else None
     if state is not None:
         trainer.update(load_state(state, model, optimizer))
@@ -193,19 +221,35 @@ def main(argv: list[str] | None = None) -> None:
         log.write(json.dumps(record) + "\n")
         log.flush()
 
+    def validation_scores(model_: Embedder) -> dict[str, float]:
+        """val/<metric> on the domain validation queries and probe/<metric> on the general probe."""
+        scores = {f"val/{k}": v for k, v in validate(model_, val_data, cfg, cpu_bf16).items()}
+        return scores | probe_scores(model_)
+
+    def probe_scores(model_: Embedder) -> dict[str, float]:
+        if probe is None:
+            return {}
+        scores = evaluate_probe(model_, probe, batch_size=cfg.eval_batch_size, max_length=cfg.max_passage_length,
+                                cpu_bf16=cpu_bf16)
+        return {f"probe/{k}": v for k, v in scores.items()}
+
     def evaluate_and_keep_best(step: int) -> bool:
         """Validate; export best/ when nDCG@10 improves; True when patience has run out."""
         if val_data is None:
             return False
-        scores = validate(embedder, val_data, cfg, cpu_bf16)
-        log_line({"step": step, **{f"val/{k}": v for k, v in scores.items()}})
-        score = scores["ndcg@10"]
+        scores = validation_scores(embedder)
+        log_line({"step": step, **scores})
+        score = scores["val/ndcg@10"]
+        if step == 0:
+            trainer["base_val"] = scores
         if trainer["best"] is None or score > trainer["best"]:
-            trainer.update(best=score, best_step=step, stale_evals=0)
+            trainer.update(best=score, best_step=step, stale_evals=0, best_val=scores)
             embedder.save(run_dir / "best")
         else:
             trainer["stale_evals"] += 1
-        console.print(f"step {step}: val nDCG@10 {score:.4f} (best {trainer['best']:.4f} at step {trainer['best_step']})")
+        probe_note = next((f" · {k} {v:.4f}" for k, v in scores.items() if k.startswith("probe/")), "")  # headline
+        console.print(f"step {step}: val nDCG@10 {score:.4f} (best {trainer['best']:.4f} at step {trainer['best_step']})"
+                      + probe_note)
         return cfg.patience > 0 and trainer["stale_evals"] >= cfg.patience
 
     if trainer["step"] == 0 and trainer["best"] is None:
@@ -233,10 +277,17 @@ def main(argv: list[str] | None = None) -> None:
                     loss, acc = info_nce(emb["q"], emb["p"], batch.pos_index.to(device), cfg.temperature, mask=mask,
                                          owner=batch.owner.to(device), in_batch=cfg.in_batch_negatives,
                                          symmetric=cfg.symmetric)
+                    if cfg.kd_weight > 0:  # towards the teacher's distribution over each query's own group
+                        loss = loss + cfg.kd_weight * distill_kl(emb["q"], emb["p"], batch.owner.to(device),
+                                                                 batch.teacher_scores.to(device), cfg.temperature,
+                                                                 cfg.kd_temperature)
                     return loss, {"acc": acc}
 
+                def full_loss(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+                    return matryoshka(loss_fn, emb, matryoshka_dims)
+
                 scale = (scaler.get_scale() if scaler else 1.0) / cfg.grad_accum
-                loss, stats = forward_backward(embed, inputs, loss_fn, chunk_size=cfg.grad_cache, loss_scale=scale,
+                loss, stats = forward_backward(embed, inputs, full_loss, chunk_size=cfg.grad_cache, loss_scale=scale,
                                                device=device)
                 finite &= bool(torch.isfinite(loss))
                 step_loss += loss.item() / cfg.grad_accum
@@ -285,20 +336,46 @@ def main(argv: list[str] | None = None) -> None:
     if val_data is None:  # nothing to choose by: the last weights are the best we know
         embedder.save(run_dir / "best")
 
-    # ---- the ending: base vs fine-tuned on the held-out test queries -------------------------------
+    # ---- the forgetting guard: base and fine-tuned weights mixed (LM-Cocktail), chosen on validation -----
     results = {"run": str(run_dir), "config": cfg.to_dict(), "best_step": trainer["best_step"], "best_val_ndcg@10": trainer["best"],
                "steps": trainer["step"], "train_seconds": trainer["train_seconds"], "skipped_steps": trainer["bad_steps_total"],
                "train_queries": len(train_examples)}
+    base = Embedder.load(cfg.model, device=device, query_prompt=tokenizer.query_prompt)
+    tuned = Embedder.load(str(run_dir / "best"), device=device)
+    models = {"base": base, "fine_tuned": tuned}
+    ratio = cfg.merge_ratio if cfg.merge_ratio >= 0 else None
+    if merge_ratios:
+        # both ends were validated during training (a state saved by an older version lacks them)
+        sweep = {0.0: trainer["base_val"] or validation_scores(base), 1.0: trainer["best_val"] or validation_scores(tuned)}
+        for r in merge_ratios:
+            if r not in sweep:
+                sweep[r] = validation_scores(merged_embedder(base, tuned, r))
+                shown = [f"{k} {v:.4f}" for k, v in sweep[r].items() if k in ("val/ndcg@10", "probe/spearman", "probe/ndcg@10")]
+                console.print(f"merged at {r:g}: " + " · ".join(shown))
+        headline = next((k for k in sweep[0.0] if k.startswith("probe/")), None)
+        ratio = choose_ratio({r: s["val/ndcg@10"] for r, s in sweep.items()},
+                             {r: s[headline] for r, s in sweep.items()} if headline else None, cfg.probe_tolerance)
+        console.print(f"merge sweep: chose ratio {ratio:g} (best val nDCG@10 with {headline or 'no probe'} at most "
+                      f"{cfg.probe_tolerance} below the base model's)")
+        results["merge_sweep"] = {f"{r:g}": s for r, s in sorted(sweep.items())}
+    if ratio is not None:
+        models["merged"] = merged_embedder(base, tuned, ratio)
+        models["merged"].save(run_dir / "merged")
+        results["merge_ratio"] = ratio
+
+    # ---- the ending: base vs fine-tuned (and merged) on the held-out test queries and the probe ---------
     if test_data is not None:
-        base = Embedder.load(cfg.model, device=device, query_prompt=tokenizer.query_prompt)
-        tuned = Embedder.load(str(run_dir / "best"), device=device)
         kw = dict(ks=TEST_KS, batch_size=cfg.eval_batch_size, max_length=cfg.max_passage_length,
                   cpu_bf16=cpu_bf16, cache_dir=Path(cfg.out_dir) / "cache")
-        scores = {name: evaluate_retrieval(m, test_data, **kw).metrics for name, m in (("base", base), ("fine_tuned", tuned))}
-        b, t = scores["base"].summary, scores["fine_tuned"].summary
-        console.print(results_table(f"held-out test: {len(test_data.queries)} queries, {len(test_data.corpus)} passages", b, t))
-        results.update(test_queries=scores["base"].n_scored, test_corpus=len(test_data.corpus),
-                       base=b, fine_tuned=t, change={k: t[k] - b[k] for k in b})
+        evals = {name: evaluate_retrieval(m, test_data, **kw).metrics for name, m in models.items()}
+        scores = {name: e.summary | probe_scores(models[name]) for name, e in evals.items()}
+        b, t, m = scores["base"], scores["fine_tuned"], scores.get("merged")
+        console.print(results_table(f"held-out test: {len(test_data.queries)} queries, {len(test_data.corpus)} passages",
+                                    b, t, m, ratio))
+        results.update(test_queries=evals["base"].n_scored, test_corpus=len(test_data.corpus),
+                       test_fingerprint=test_data.fingerprint(), base=b, fine_tuned=t, change={k: t[k] - b[k] for k in b})
+        if m is not None:
+            results.update(merged=m, merged_change={k: m[k] - b[k] for k in b})
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     console.print(f"wrote {run_dir / 'results.json'}; fine-tuned model in {run_dir / 'best'}")
 

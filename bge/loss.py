@@ -7,8 +7,12 @@ negative, never pushed away (`false_negative_mask`).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict]]  # embeddings by name -> (loss, statistics)
 
 
 def false_negative_mask(passage_hashes: torch.Tensor, query_pos_hashes: torch.Tensor, pos_index: torch.Tensor) -> torch.Tensor:
@@ -47,3 +51,38 @@ def info_nce(q: torch.Tensor, p: torch.Tensor, pos_index: torch.Tensor, temperat
             back_drop = back_drop | ~torch.eye(len(q), dtype=torch.bool, device=q.device)
         loss = (loss + F.cross_entropy(back.masked_fill(back_drop, float("-inf")), rows)) / 2
     return loss, accuracy
+
+
+def distill_kl(q: torch.Tensor, p: torch.Tensor, owner: torch.Tensor, teacher_scores: torch.Tensor, temperature: float,
+               teacher_temperature: float) -> torch.Tensor:
+    """KL(teacher || student) over each query's own group (its positive and its hard negatives), averaged over
+    queries: FlagEmbedding's distillation term.
+
+    The student's distribution for query i is softmax(q_i . p_j / temperature) over the passages it brought
+    (owner[j] == i); the teacher's is softmax(teacher_scores[j] / teacher_temperature) over the same passages.
+    In-batch passages have no teacher score, so they take no part. No false-negative mask: the teacher's scores
+    already say how relevant each passage of the group is."""
+    rows = torch.arange(len(q), device=q.device)
+    outside = owner[None, :] != rows[:, None]  # (B, P): passages query i did not bring
+    student = (q @ p.T / temperature).masked_fill(outside, float("-inf")).log_softmax(1)
+    teacher = (teacher_scores[None, :].float() / teacher_temperature).masked_fill(outside, float("-inf")).log_softmax(1)
+    kl = torch.where(outside, 0.0, teacher.exp() * (teacher - student))  # 0 * -inf outside the group would be NaN
+    return kl.sum(1).mean()
+
+
+def truncate(emb: torch.Tensor, dim: int) -> torch.Tensor:
+    """The first `dim` coordinates of each embedding, L2-normalised again (a Matryoshka embedding of that size)."""
+    return F.normalize(emb[:, :dim], dim=-1)
+
+
+def matryoshka(loss_fn: LossFn, emb: dict[str, torch.Tensor], dims: list[int]) -> tuple[torch.Tensor, dict]:
+    """Matryoshka representation learning (Kusupati et al., 2022): loss_fn on the full embeddings plus loss_fn on
+    each truncated, renormalised size in `dims` (weight 1 each, as sentence-transformers' MatryoshkaLoss). The
+    statistics are the full size's. loss_fn maps a dict of embeddings to (loss, statistics)."""
+    full = next(iter(emb.values())).shape[-1]
+    loss, stats = loss_fn(emb)
+    for d in sorted(set(dims) - {full}, reverse=True):
+        if not 0 < d < full:
+            raise ValueError(f"Matryoshka dimension {d} is outside 1..{full} (the embedding size)")
+        loss = loss + loss_fn({k: truncate(e, d) for k, e in emb.items()})[0]
+    return loss, stats

@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"[yellow]{dropped} line(s) had teacher scores; they no longer match the new negatives and were "
                       f"not copied[/] (python -m bge.score fills them again)")
     console.print(f"wrote {out} and {report_path} in {report['seconds']:.0f} s", markup=False, highlight=False)
+    corpus = a.corpus or (a.data if Path(a.data).is_dir() else "")
+    if corpus:  # without it, train.py would evaluate on the passages of the file only
+        console.print(f"train on it with: python train.py --data {out} --corpus {corpus}", markup=False, highlight=False)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 format) with a bi-encoder teacher's cosine similarities, for users without a reranker.
 
     python -m bge.score --teacher BAAI/bge-large-en-v1.5 --data mined.jsonl --out mined-scored.jsonl
-    python train.py --data mined-scored.jsonl --kd-weight 1 --kd-temperature 0.02
+    python train.py --data mined-scored.jsonl --corpus ../shared/data/scifact --kd-weight 1
 
 Queries are encoded with the teacher's own query instruction (or --query-prompt), passages without one. Every
 distinct passage is encoded once, through evaluate.py's embedding cache. All other fields of a line are kept.
@@ -13,8 +13,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-
-import torch
 
 from bge.checkpoint import atomic_write_text
 from bge.console import console, run_cli
@@ -60,10 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     examples, _ = load_examples(a.data)  # every bad line is reported before the teacher loads
     teacher = Embedder.load(a.teacher, device=a.device)
-    with torch.inference_mode():
-        scores = teacher_scores(teacher, examples, batch_size=a.batch_size, max_length=a.max_length,
-                                query_prompt=a.query_prompt, cache_dir=None if a.no_cache else a.cache_dir,
-                                cpu_bf16=a.cpu_bf16)
+    scores = teacher_scores(teacher, examples, batch_size=a.batch_size, max_length=a.max_length,
+                            query_prompt=a.query_prompt, cache_dir=None if a.no_cache else a.cache_dir,
+                            cpu_bf16=a.cpu_bf16)
     by_line = {ex.line: s for ex, s in zip(examples, scores)}
     lines = []
     for n, obj in read_json_objects(Path(a.data), []):

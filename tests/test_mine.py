@@ -10,10 +10,10 @@ import torch
 import train
 from bge.batching import normalise
 from bge.config import parse_args
-from bge.data import load_beir
+from bge.data import examples_from_beir, load_beir
 from bge.embedder import Embedder
+from bge.evaluation import encode_corpus
 from bge.mine import filter_candidates, main, mine, parse_margin, parse_range, sample, threshold
-from bge.data import examples_from_beir
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN_QUERY = "how often should I replace a bike chain"
@@ -51,9 +51,15 @@ def minilm(minilm_dir):
     return Embedder.load(str(minilm_dir), device="cpu")
 
 
-def mined(embedder, folder, **kw):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One embedding cache for the module: the corpus is encoded once, however often it is mined."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def mined(embedder, folder, cache, **kw):
     data = load_beir(folder, "train")
-    return mine(embedder, data, examples_from_beir(data), **kw)
+    return mine(embedder, data, examples_from_beir(data), cache_dir=cache, **kw)
 
 
 def test_filter_candidates_names_what_it_removes():
@@ -88,8 +94,8 @@ def test_sample_is_a_pure_function_of_seed_and_query():
     assert sample(kept[:4], 5, seed=1, qid="q7") == kept[:4]
 
 
-def test_mining_never_emits_a_positive_even_duplicated_or_near_duplicated(beir, minilm):
-    lines, report = mined(minilm, beir, negatives=1000, rank_range=(0, 1000))
+def test_mining_never_emits_a_positive_even_duplicated_or_near_duplicated(beir, minilm, cache):
+    lines, report = mined(minilm, beir, cache, negatives=1000, rank_range=(0, 1000))
     data = load_beir(beir, "train")
     for line in lines:
         positives = {normalise(t) for t in line["pos"]}
@@ -99,21 +105,21 @@ def test_mining_never_emits_a_positive_even_duplicated_or_near_duplicated(beir, 
     # the copy and the shouty variant are removed as positives by text; the near-duplicate only by a margin
     assert {"chain", "chain-copy", "chain-shouty"}.isdisjoint(chain["mined"]["ids"]) and "chain-near" in chain["mined"]["ids"]
     assert report["removed"]["positive id"] == len(lines) and report["removed"]["positive text"] == 2
-    with_margin, report = mined(minilm, beir, negatives=1000, rank_range=(0, 1000), margin=(0.05, False))
+    with_margin, report = mined(minilm, beir, cache, negatives=1000, rank_range=(0, 1000), margin=(0.05, False))
     chain = next(l for l in with_margin if l["qid"] == "q-chain")
     assert "chain-near" not in chain["mined"]["ids"] and report["removed"]["margin"] >= 1
     assert all(s <= l["mined"]["positive_score"] - 0.05 + 1e-6 for l in with_margin for s in l["mined"]["scores"])
 
 
-def test_mining_honours_the_rank_range_and_the_seed(beir, minilm):
+def test_mining_honours_the_rank_range_and_the_seed(beir, minilm, cache):
     data = load_beir(beir, "train")
     examples = examples_from_beir(data)
+    lines, report = mine(minilm, data, examples, negatives=1000, rank_range=(3, 12), cache_dir=cache)
     ids = list(data.corpus)
-    corpus = torch.from_numpy(minilm.encode([data.corpus[d] for d in ids]))
-    lines, report = mine(minilm, data, examples, negatives=1000, rank_range=(3, 12))
+    corpus = encode_corpus(minilm, data.corpus, cache_dir=cache).emb  # the embeddings mine() used; the order is ours
+    queries = torch.from_numpy(minilm.encode([ex.query for ex in examples], is_query=True))
     assert report["candidates"] == 9 * len(examples)
-    for ex, line in zip(examples, lines):
-        q = torch.from_numpy(minilm.encode([ex.query], is_query=True))[0]
+    for ex, q, line in zip(examples, queries, lines):
         order = sorted(range(len(ids)), key=lambda j: -float(corpus[j] @ q))  # brute force: every score, sorted
         expected, seen = [], {normalise(t) for t in ex.pos}  # no positive, and each text once
         for r, j in enumerate(order[3:12], start=4):
@@ -122,9 +128,9 @@ def test_mining_honours_the_rank_range_and_the_seed(beir, minilm):
                 seen.add(normalise(data.corpus[ids[j]]))
         assert list(zip(line["mined"]["ranks"], line["mined"]["ids"])) == expected, ex.qid
         assert all(4 <= r <= 12 for r in line["mined"]["ranks"])
-    three, _ = mine(minilm, data, examples, negatives=3, rank_range=(3, 12), seed=5)
-    again, _ = mine(minilm, data, examples, negatives=3, rank_range=(3, 12), seed=5)
-    other, _ = mine(minilm, data, examples, negatives=3, rank_range=(3, 12), seed=6)
+    three, _ = mine(minilm, data, examples, negatives=3, rank_range=(3, 12), seed=5, cache_dir=cache)
+    again, _ = mine(minilm, data, examples, negatives=3, rank_range=(3, 12), seed=5, cache_dir=cache)
+    other, _ = mine(minilm, data, examples, negatives=3, rank_range=(3, 12), seed=6, cache_dir=cache)
     assert three == again and three != other
     for small, full in zip(three, lines):
         assert len(small["neg"]) == 3 and set(small["mined"]["ids"]) <= set(full["mined"]["ids"])

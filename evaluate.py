@@ -6,6 +6,7 @@ or classification (a JSONL of {text, label} rows).
     python evaluate.py --model all-MiniLM-L6-v2 --model checkpoints/run/best --data ../shared/data/scifact \
         --split train --queries checkpoints/run/split.json --explain 5
     python evaluate.py --model all-MiniLM-L6-v2 --data examples/bike_tickets.jsonl
+    python evaluate.py --model checkpoints/run/best --data ../shared/data/scifact --split train --dims 256,128,64
     python evaluate.py --compare checkpoints/*
 
 Several --model values are evaluated on the same data and shown side by side, best per column in bold. Every number,
@@ -14,6 +15,8 @@ the model fingerprints and the dataset hash go to a JSON file (--out). Corpus em
 re-encodes nothing. `--explain N` (retrieval, two models) adds diagnostics: the N queries whose nDCG@10 changed most
 between the first model and the second, each model's score distributions, and a threshold at --precision.
 Classification rows are scored by kNN and a linear probe, fitted on --reference rows or by cross-validation.
+--dims adds a row per model and size for embeddings truncated to that many dimensions and renormalised (Matryoshka),
+from the same encoding.
 
 --compare puts finished train.py runs side by side instead (the table sweep.py ends with): the settings that differ,
 the held-out test metrics from each results.json, parameters, training time and measured encoding speed.
@@ -69,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", help="BEIR folder, training-format .jsonl, or STS .tsv/.jsonl (required unless --compare)")
     p.add_argument("--split", default="test", help="BEIR qrels split (qrels/<split>.tsv)")
     p.add_argument("--ks", type=parse_ks, default=list(DEFAULT_KS), help="cut-offs, e.g. 1,3,5,10,100")
+    p.add_argument("--dims", type=parse_ks, default=[], help="also score embeddings truncated to these sizes, e.g. "
+                   "256,128,64 (Matryoshka)")
     p.add_argument("--batch-size", type=positive, default=64)
     p.add_argument("--max-length", type=positive, default=None, help="truncation length (default: the model's)")
     p.add_argument("--query-prompt", default=None, help="query instruction, overriding the model's (not the "
@@ -192,30 +197,40 @@ def main() -> None:
         loaded = time.perf_counter()
         row = {"model": name, "folder": str(folder), "label": label, "fingerprint": embedder.fingerprint(),
                "max_length": effective_max_length(embedder, a.max_length)}
+        row["dim"] = embedder.dim
         if retrieval:
             res = evaluate_retrieval(embedder, data, ks=a.ks, batch_size=a.batch_size, max_length=a.max_length,
                                      query_prompt=a.query_prompt, cache_dir=cache_dir, device=a.device,
-                                     ignore_identical_ids=a.ignore_identical_ids, cpu_bf16=a.cpu_bf16)
+                                     ignore_identical_ids=a.ignore_identical_ids, cpu_bf16=a.cpu_bf16, dims=a.dims)
             m, rk = res.metrics, res.ranking
             row |= {"metrics": m.summary, "n_scored": m.n_scored, "n_dropped": m.n_dropped,
                     "n_encoded": rk.n_encoded, "n_cached": rk.n_cached, "seconds": dict(rk.seconds),
                     "query_prompt": a.query_prompt if a.query_prompt is not None else embedder.tokenizer.query_prompt,
                     "cache_file": str(rk.cache_file) if rk.cache_file else None}
             row["encoded"] = f"{rk.n_encoded:,}" if rk.n_encoded or cache_dir is None else "cached"
+            truncated = {d: r.summary for d, r in res.by_dim.items()}
             evals.append(res)
         elif kind == "classification":
+            if a.dims:
+                raise UserError("--dims scores truncated embeddings for retrieval and STS, not classification")
             c = evaluate_classification(embedder, data, reference, folds=a.folds, batch_size=a.batch_size,
                                         max_length=a.max_length, cpu_bf16=a.cpu_bf16)
             row |= {"metrics": {k: c[k] for k, _ in CLASSIFICATION_COLUMNS}, "n_encoded": c["n_rows"],
                     "seconds": {"encode_and_fit": c["seconds"]}}
             row["encoded"] = f"{c['n_rows']:,}"
+            truncated = {}
         else:
-            sts = evaluate_sts(embedder, data, batch_size=a.batch_size, max_length=a.max_length, cpu_bf16=a.cpu_bf16)
+            sts = evaluate_sts(embedder, data, batch_size=a.batch_size, max_length=a.max_length, cpu_bf16=a.cpu_bf16,
+                               dims=a.dims)
             row |= {"metrics": {"spearman": sts["spearman"], "pearson": sts["pearson"]},
                     "n_encoded": sts["n_encoded"], "seconds": {"encode": sts["seconds"]}}
             row["encoded"] = f"{sts['n_encoded']:,}"
+            truncated = sts["by_dim"]
         row["seconds"] |= {"load": loaded - start, "total": time.perf_counter() - loaded}
         results.append(row)
+        for d, metrics in truncated.items():  # same encoding, truncated: no time or encoding of its own
+            results.append(row | {"label": f"{label} @{d}", "dim": d, "metrics": metrics, "encoded": "-",
+                                  "seconds": {"total": 0.0}})
         del embedder
 
     if retrieval:
@@ -236,7 +251,7 @@ def main() -> None:
     out.print(results_table(f"{data.name} · {kind if kind != 'sts' else 'STS'}", results, columns, caption))
     explained = None
     if a.explain:
-        names = (results[0]["label"], results[1]["label"])
+        names = tuple(r["label"] for r in results if r.get("encoded") != "-")[:2]  # full-size rows, not --dims ones
         explained = diagnostics.compare(names, tuple(e.metrics.per_query for e in evals),
                                         tuple(e.ranking.ranked for e in evals), data.qrels, data.queries,
                                         n=a.explain, precision=a.precision)

@@ -13,6 +13,7 @@ the held-out test set, and diagnostics for retrieval). Every knob is a field of 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shlex
@@ -34,8 +35,10 @@ from bge.console import console, progress, run_cli
 from bge.distill import Teacher
 from bge.embedder import Embedder
 from bge.errors import UserError
-from bge.loss import l1_penalty
+from bge.evaluation import evaluate_probe, load_eval_data
+from bge.loss import l1_penalty, matryoshka
 from bge.lstm import BiLSTMEncoder
+from bge.merge import choose_ratio, merged_embedder, parse_ratios
 from bge.optim import decayed, default_lr, freeze, get_lr, make_optimizer, param_groups
 from bge.step import LossFn, forward_backward, make_embed
 from bge.tasks import TaskSampler, export, load_tasks, metric_label, validate
@@ -95,17 +98,26 @@ def git_commit() -> str:
         return "unknown"
 
 
-def results_table(title: str, base: dict, tuned: dict, metrics: tuple[str, ...]) -> Table:
+def results_table(title: str, base: dict, tuned: dict, metrics: tuple[str, ...], merged: dict | None = None,
+                  ratio: float | None = None) -> Table:
+    """Metrics as rows; base, fine-tuned (and the base/fine-tuned mix) as columns, with changes from base."""
     table = Table(title=title)
-    for col in ("metric", "base", "fine-tuned", "change"):
+    columns = ["metric", "base", "fine-tuned", "change"] + ([f"merged {ratio:g}", "change"] if merged else [])
+    for col in columns:
         table.add_column(col, justify="left" if col == "metric" else "right")
+
+    def change(d: float) -> str:
+        style = "green" if d > 0 else "red" if d < 0 else ""
+        return f"[{style}]{d:+.4f}[/]" if style else f"{d:+.4f}"
+
     for m in metrics:
         if math.isnan(base[m]):  # a metric the base model has not got (a trained classification head)
-            table.add_row(m, "-", f"{tuned[m]:.4f}", "")
+            table.add_row(m, "-", f"{tuned[m]:.4f}", "", *([f"{merged[m]:.4f}", ""] if merged else []))
             continue
-        d = tuned[m] - base[m]
-        style = "green" if d > 0 else "red" if d < 0 else ""
-        table.add_row(m, f"{base[m]:.4f}", f"{tuned[m]:.4f}", f"[{style}]{d:+.4f}[/]" if style else f"{d:+.4f}")
+        cells = [f"{base[m]:.4f}", f"{tuned[m]:.4f}", change(tuned[m] - base[m])]
+        if merged:
+            cells += [f"{merged[m]:.4f}", change(merged[m] - base[m])]
+        table.add_row(m, *cells)
     return table
 
 
@@ -152,6 +164,23 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"run {run_dir}: " + "; ".join(t.describe() for t in tasks.values()))
     for note in (n for t in tasks.values() for n in t.notes):
         console.print(note)
+    has_val = any(t.val is not None for t in tasks.values())
+    probe = load_eval_data(cfg.general_probe, cfg.probe_split, cfg.title) if cfg.general_probe else None
+    merge_ratios = parse_ratios(cfg.merge_sweep) if cfg.merge_sweep else []
+    if merge_ratios and not has_val:
+        raise UserError("--merge-sweep chooses a mix on the validation set; there is none (--val-ratio 0?)")
+    if merge_ratios and cfg.merge_ratio >= 0:
+        raise UserError("pass --merge-sweep (choose a mix on validation) or --merge-ratio (a fixed mix), not both")
+    if cfg.merge_ratio > 1:
+        raise UserError(f"--merge-ratio must be in [0, 1] (or negative: no merge), got {cfg.merge_ratio}")
+    if cfg.kd_weight > 0:
+        retrieval = tasks.get("retrieval")
+        if retrieval is None or not all(ex.neg and ex.pos_scores and ex.neg_scores for ex in retrieval.train):
+            raise UserError("--kd-weight needs hard negatives with teacher scores (pos_scores, neg_scores) on every "
+                            "training line; python -m bge.score --teacher MODEL fills them")
+        if cfg.group_size < 2:
+            raise UserError("--kd-weight distils over each query's positive and hard negatives: needs --group-size 2 or more")
+    matryoshka_dims = [int(d) for d in cfg.matryoshka_dims.split(",") if d.strip()] if cfg.matryoshka_dims else []
 
     # model
     embedder = load_student(cfg, device)
@@ -160,6 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     head = None  # the linear head of --classification-loss head/both, trained with the encoder
     if "classification" in tasks and cfg.classification_loss != "contrastive":
         head = tasks["classification"].make_head(model.dim, device)
+    if not all(0 < d <= model.dim for d in matryoshka_dims):
+        raise UserError(f"--matryoshka-dims {cfg.matryoshka_dims}: sizes must be between 1 and {model.dim}")
+    if matryoshka_dims and head is not None:
+        raise UserError("--matryoshka-dims truncates the embeddings a classification head reads; use one or the other")
     amp_dtype, scaler = precision(cfg, device)
     if head is not None and info.enabled:
         raise UserError("--classification-loss head/both is single-process for now; use contrastive under torchrun")
@@ -194,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # state: fresh, or restored from the last complete save
     trainer = {"step": 0, "micro_step": 0, "best": None, "best_step": None, "stale_evals": 0, "bad_steps": 0,
-               "bad_steps_total": 0, "train_seconds": 0.0, "tokens": 0}
+               "bad_steps_total": 0, "train_seconds": 0.0, "tokens": 0, "base_val": None, "best_val": None}
     state = latest_state(run_dir) if cfg.resume else None
     if state is not None:
         trainer.update(load_state(state, trained, optimizer, rank=info.rank))
@@ -210,21 +243,39 @@ def main(argv: list[str] | None = None) -> None:
             log.write(json.dumps(record) + "\n")
             log.flush()
 
+    def probe_scores(m: Embedder) -> dict[str, float]:
+        """probe/<metric> on the --general-probe set: how much general ability the model keeps."""
+        if probe is None:
+            return {}
+        scores = evaluate_probe(m, probe, batch_size=cfg.eval_batch_size, max_length=cfg.max_passage_length,
+                                cpu_bf16=cpu_bf16)
+        return {f"probe/{k}": v for k, v in scores.items()}
+
+    def validation_scores(m: Embedder) -> dict[str, float]:
+        """val/<metric> of every task (bge.tasks.validate), val/score (what chooses best/) and probe/<metric>."""
+        scores, score = validate(tasks, m, cpu_bf16)
+        return {f"val/{k}": v for k, v in scores.items()} | {"val/score": score} | probe_scores(m)
+
     def evaluate_and_keep_best(step: int) -> bool:
         """Validate (rank 0; the others wait); export best/ when the task's metric (bge.tasks.validate) improves;
         True when patience has run out."""
-        if not any(t.val is not None for t in tasks.values()):
+        if not has_val:
             return False
         if not info.main:
             return distributed.broadcast(False, info)
-        scores, score = validate(tasks, embedder, cpu_bf16)
-        log_line({"step": step, **{f"val/{k}": v for k, v in scores.items()}})
+        scores = validation_scores(embedder)
+        score = scores["val/score"]
+        log_line({"step": step, **scores})
+        if step == 0:
+            trainer["base_val"] = scores
         if trainer["best"] is None or score > trainer["best"]:
-            trainer.update(best=score, best_step=step, stale_evals=0)
+            trainer.update(best=score, best_step=step, stale_evals=0, best_val=scores)
             export(embedder, tasks, run_dir / "best")
         else:
             trainer["stale_evals"] += 1
-        console.print(f"step {step}: val {metric_label(tasks)} {score:.4f} (best {trainer['best']:.4f} at step {trainer['best_step']})")
+        probe_note = next((f" · {k} {v:.4f}" for k, v in scores.items() if k.startswith("probe/")), "")  # headline
+        console.print(f"step {step}: val {metric_label(tasks)} {score:.4f} (best {trainer['best']:.4f} at step "
+                      f"{trainer['best_step']})" + probe_note)
         return distributed.broadcast(cfg.patience > 0 and trainer["stale_evals"] >= cfg.patience, info)
 
     if trainer["step"] == 0 and trainer["best"] is None:
@@ -252,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
             for micro in range(cfg.grad_accum):
                 epoch, task_name, inputs, loss_fn = batches.get(trainer["micro_step"])
                 tokens += sum(len(x) for ids in inputs.values() for x in ids)
+                if matryoshka_dims:  # the same loss again on each truncated, renormalised size
+                    loss_fn = functools.partial(matryoshka, loss_fn, dims=matryoshka_dims)
                 scale = (scaler.get_scale() if scaler else 1.0) / cfg.grad_accum
                 loss, stats = forward_backward(embed, inputs, loss_fn, chunk_size=cfg.grad_cache, loss_scale=scale,
                                                device=device, no_sync=net.no_sync if net else None,
@@ -312,30 +365,59 @@ def main(argv: list[str] | None = None) -> None:
     if trainer["best"] is None:  # nothing to choose by: the last weights are the best we know
         export(embedder, tasks, run_dir / "best")
 
-    # ---- the ending: base vs fine-tuned on the held-out test queries -------------------------------
+    # ---- the forgetting guard: base and fine-tuned weights mixed (LM-Cocktail), chosen on validation -----
     first = next(iter(tasks.values()))
     best_key = first.metric if len(tasks) == 1 else "mean"
     results = {"run": str(run_dir), "config": cfg.to_dict(), "best_step": trainer["best_step"], f"best_val_{best_key}": trainer["best"],
                "steps": trainer["step"], "train_seconds": trainer["train_seconds"], "skipped_steps": trainer["bad_steps_total"],
                **{f"train_{'queries' if t.name == 'retrieval' else t.name}": len(t.train) for t in tasks.values()}}
-    if any(t.test_data is not None for t in tasks.values()):
-        base = Embedder.load(cfg.model, device=device, query_prompt=tokenizer.query_prompt)
-        tuned = Embedder.load(str(run_dir / "best"), device=device)
-        per_task = {}
-        for job in (t for t in tasks.values() if t.test_data is not None):
-            r = job.test(base, tuned, cpu_bf16, run_dir / "best")
-            b, t = r.base, r.fine_tuned
-            console.print(results_table(f"{job.name} · {r.title}", b, t, job.table_metrics))
-            per_task[job.name] = {**r.counts, "base": b, "fine_tuned": t, "change": {k: t[k] - b[k] for k in b}}
-            if r.comparison is not None:  # why it changed: wins and losses, score scales, a threshold for each
-                console.rule("diagnostics: base vs fine-tuned on the held-out test queries")
-                for renderable in diagnostics.render(r.comparison, job.test_data.corpus):
-                    console.print(renderable)
-                png = diagnostics.plot_score_distributions(r.comparison.scores, run_dir / "scores.png", r.comparison.thresholds)
-                if png:
-                    console.print(f"score distributions plotted in {png}")
-                per_task[job.name]["diagnostics"] = r.comparison.to_dict()
+    base = Embedder.load(cfg.model, device=device, query_prompt=tokenizer.query_prompt)
+    tuned = Embedder.load(str(run_dir / "best"), device=device)
+    merged, ratio = None, (cfg.merge_ratio if cfg.merge_ratio >= 0 else None)
+    if merge_ratios:
+        # both ends were validated during training (a state saved by an older version lacks them)
+        sweep = {0.0: trainer["base_val"] or validation_scores(base), 1.0: trainer["best_val"] or validation_scores(tuned)}
+        for r in merge_ratios:
+            if r not in sweep:
+                sweep[r] = validation_scores(merged_embedder(base, tuned, r))
+                console.print(f"merged at {r:g}: " + " · ".join(f"{k} {v:.4f}" for k, v in sweep[r].items()
+                                                                 if k == "val/score" or k.startswith("probe/")))
+        headline = next((k for k in sweep[0.0] if k.startswith("probe/")), None)
+        ratio = choose_ratio({r: s["val/score"] for r, s in sweep.items()},
+                             {r: s[headline] for r, s in sweep.items()} if headline else None, cfg.probe_tolerance)
+        console.print(f"merge sweep: chose ratio {ratio:g} (best validation {metric_label(tasks)} with "
+                      f"{headline or 'no probe'} at most {cfg.probe_tolerance} below the base model's)")
+        results["merge_sweep"] = {f"{r:g}": s for r, s in sorted(sweep.items())}
+    if ratio is not None:
+        merged = merged_embedder(base, tuned, ratio)
+        export(merged, tasks, run_dir / "merged")
+        results["merge_ratio"] = ratio
+
+    # ---- the ending: base vs fine-tuned (and merged) on the held-out test set and the probe --------------
+    probe_rows = {name: probe_scores(m) for name, m in (("base", base), ("fine_tuned", tuned), ("merged", merged)) if m}
+    per_task = {}
+    for job in (t for t in tasks.values() if t.test_data is not None):
+        r = job.test(base, tuned, cpu_bf16, run_dir / "best")
+        b, t = r.base | probe_rows["base"], r.fine_tuned | probe_rows["fine_tuned"]
+        m = job.test(base, merged, cpu_bf16, run_dir / "merged").fine_tuned | probe_rows["merged"] if merged else None
+        console.print(results_table(f"{job.name} · {r.title}", b, t, (*job.table_metrics, *probe_rows["base"]), m, ratio))
+        per_task[job.name] = {**r.counts, "base": b, "fine_tuned": t, "change": {k: t[k] - b[k] for k in b}}
+        if m is not None:
+            per_task[job.name].update(merged=m, merged_change={k: m[k] - b[k] for k in b})
+        if r.comparison is not None:  # why it changed: wins and losses, score scales, a threshold for each
+            console.rule("diagnostics: base vs fine-tuned on the held-out test queries")
+            for renderable in diagnostics.render(r.comparison, job.test_data.corpus):
+                console.print(renderable)
+            png = diagnostics.plot_score_distributions(r.comparison.scores, run_dir / "scores.png", r.comparison.thresholds)
+            if png:
+                console.print(f"score distributions plotted in {png}")
+            per_task[job.name]["diagnostics"] = r.comparison.to_dict()
+    if per_task:
         results.update(per_task[first.name] if len(tasks) == 1 else {"tasks": per_task})
+    elif probe is not None:  # no test set: the probe alone
+        console.print(results_table(f"general probe · {probe.name}", probe_rows["base"], probe_rows["fine_tuned"],
+                                    tuple(probe_rows["base"]), probe_rows.get("merged"), ratio))
+        results.update(probe_rows)
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     console.print(f"wrote {run_dir / 'results.json'}; fine-tuned model in {run_dir / 'best'}")
     distributed.shutdown(info)

@@ -36,6 +36,8 @@ class TrainConfig:
     task: str = opt("auto", "task of the lines without a `type` field: auto (by their fields), retrieval, sts "
                     "(sentence1, sentence2, score) or classification (text, label)", "data",
                     ("auto", "retrieval", "sts", "classification"))
+    corpus: str = opt("", "evaluation corpus for the queries carved out of a JSONL --data: a BEIR folder or a JSONL "
+                          "of passages, plus the file's own passages (default: the file's passages only)", "data")
     # model
     model: str = opt("auto", "base model: a folder, a hub id, all-MiniLM-L6-v2, or auto", "model")
     query_prompt: str = opt("auto", "query instruction; 'auto' = the model's own, '' = none", "model")
@@ -79,6 +81,11 @@ class TrainConfig:
                             "distributions over the batch", "distill")
     distill_temperature: float = opt(0.05, "temperature of the similarity distributions in the KL term",
                                      "distill")
+    kd_weight: float = opt(0.0, "weight of the KL term towards teacher scores (pos_scores/neg_scores on every line; "
+                                "python -m bge.score fills them); 0 = off", "loss")
+    kd_temperature: float = opt(0.02, "temperature of the teacher's scores: 0.02 for cosines (bge.score), 1 for "
+                                      "reranker logits (FlagEmbedding's default)", "loss")
+    matryoshka_dims: str = opt("", "also apply the loss to embeddings truncated to these sizes, e.g. 256,128,64", "loss")
     # optimisation
     lr: float = opt(0.0, "peak learning rate; 0 = by model size (3e-5 small, 2e-5 base, 1e-5 large)", "optim")
     weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorms)", "optim")
@@ -116,6 +123,16 @@ class TrainConfig:
                        "faster for the BiLSTM, whose recurrence synchronises the threads at every token", "speed")
     device: str = opt("auto", "cpu, cuda, cuda:1, or auto", "loop")
     eval_batch_size: int = opt(128, "batch size for encoding during evaluation", "loop")
+    # forgetting guard
+    general_probe: str = opt("", "a general-domain set (STS TSV, BEIR folder or JSONL) scored at every validation and "
+                                 "at the end, to watch what fine-tuning costs elsewhere", "guard")
+    probe_split: str = opt("test", "qrels split when --general-probe is a BEIR folder", "guard")
+    merge_sweep: str = opt("", "after training, mix base and fine-tuned weights at these ratios of the fine-tuned "
+                               "model (e.g. 0.25,0.5,0.75), validate each and export the chosen mix to merged/", "guard")
+    merge_ratio: float = opt(-1.0, "export this fixed mix to merged/ (0 = base, 1 = fine-tuned; negative = none)",
+                             "guard")
+    probe_tolerance: float = opt(0.01, "merge sweep: the most the probe's headline score may fall below the base "
+                                       "model's for a mix to be chosen", "guard")
     # run
     out_dir: str = opt("checkpoints", "where run folders go", "run")
     run_name: str = opt("", "run folder name (default: data name + time)", "run")

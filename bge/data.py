@@ -2,10 +2,12 @@
 
 Every reader validates as it goes and collects every bad line (file:line: field: what is wrong) instead of
 stopping at the first; `DataError` carries the short report the CLIs print. The training format is
-    {"query": str, "pos": [str, ...], "neg": [str, ...], "prompt"?: str, "pos_scores"?: [float], "neg_scores"?: [float]}
-and rows of {"anchor", "positive", "negative"} are read as query/pos/neg. Besides retrieval lines a training file may
-hold STS pairs {"sentence1", "sentence2", "score"} and classification rows {"text", "label"}, mixed freely
-(`load_training_file`; a line's task comes from its `type` field or its fields).
+    {"query": str, "pos": [str, ...], "neg": [str, ...], "prompt"?: str, "pos_scores"?: [float], "neg_scores"?: [float],
+     "qid"?: str}
+and rows of {"anchor", "positive", "negative"} are read as query/pos/neg. `qid` names the query (bge.mine writes the
+BEIR query id there, so a mined file splits exactly as its BEIR folder does); without it a query is its line number.
+Besides retrieval lines a training file may hold STS pairs {"sentence1", "sentence2", "score"} and classification
+rows {"text", "label"}, mixed freely (`load_training_file`; a line's task comes from its `type` field or its fields).
 """
 from __future__ import annotations
 
@@ -182,9 +184,12 @@ def parse_example(obj: dict, where: str, problems: list[str]) -> Example | None:
         f.bad(f"field 'prompt' must be a string, got {type(prompt).__name__}")
     pos_scores = f.scores("pos_scores", len(pos)) if pos else None
     neg_scores = f.scores("neg_scores", len(neg))
+    qid = obj.get("qid")
+    if qid is not None and (isinstance(qid, bool) or not isinstance(qid, (str, int)) or not str(qid).strip()):
+        f.bad(f"field 'qid' must be a non-empty string or an integer, got {qid!r}")
     if not f.ok:
         return None
-    return Example(query, pos, neg, prompt, pos_scores, neg_scores)
+    return Example(query, pos, neg, prompt, pos_scores, neg_scores, qid="" if qid is None else str(qid))
 
 
 def load_examples(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[Example], list[str]]:
@@ -193,11 +198,16 @@ def load_examples(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[
     path = Path(path)
     problems: list[str] = []
     out = []
+    first_line: dict[str, int] = {}  # qid -> the line that used it first
     for n, obj in read_json_objects(path, problems):
         ex = parse_example(obj, f"{path}:{n}", problems)
-        if ex is not None:
-            ex.qid, ex.line = str(n), n
-            out.append(ex)
+        if ex is None:
+            continue
+        ex.qid, ex.line = ex.qid or str(n), n
+        if first_line.setdefault(ex.qid, n) != n:  # the split and the evaluation key queries by id
+            problems.append(f"{path}:{n}: qid {ex.qid!r} is already used on line {first_line[ex.qid]}")
+            continue
+        out.append(ex)
     if problems and not skip_bad_lines:
         raise DataError(path, problems, hint="fix them, or pass --skip-bad-lines to drop them")
     if not out:
@@ -215,20 +225,30 @@ def examples_from_beir(data: RetrievalData) -> list[Example]:
     return out
 
 
-def retrieval_from_examples(examples: list[Example], name: str = "") -> RetrievalData:
+def retrieval_from_examples(examples: list[Example], name: str = "", corpus: dict[str, str] | None = None) -> RetrievalData:
     """An evaluation set from training lines: each query's positives are its relevant documents; the corpus
-    is every positive and negative of the lines, deduplicated by text."""
+    is every positive and negative of the lines, deduplicated by text. With `corpus` (id -> text) the corpus is
+    that one, in its order and with its ids, plus any passage of the lines it lacks (ids d0, d1, ...)."""
+    corpus = corpus or {}
     doc_ids: dict[str, str] = {}
+    for d, text in corpus.items():
+        doc_ids.setdefault(text, d)  # a text held under two ids is judged under the first
+    n_added = 0
     queries, qrels, prompts = {}, {}, {}
     for ex in examples:
         for text in ex.pos + ex.neg:
-            doc_ids.setdefault(text, f"d{len(doc_ids)}")
+            if text not in doc_ids:
+                while f"d{n_added}" in corpus:  # never reuse an id of the given corpus
+                    n_added += 1
+                doc_ids[text] = f"d{n_added}"
+                n_added += 1
         qid = ex.qid or f"q{len(queries)}"
         queries[qid] = ex.query
         qrels[qid] = {doc_ids[t]: 1 for t in ex.pos}
         if ex.prompt is not None:
             prompts[qid] = ex.prompt
-    return RetrievalData(queries, {d: t for t, d in doc_ids.items()}, qrels, prompts, name)
+    extra = {d: t for t, d in doc_ids.items() if d not in corpus}
+    return RetrievalData(queries, {**corpus, **extra}, qrels, prompts, name)
 
 
 # ---- BEIR folders ------------------------------------------------------------------------------------
@@ -240,12 +260,7 @@ def load_beir(folder: str | Path, split: str = "test", use_title: bool = True) -
         if not (folder / need).exists():
             raise UserError(f"{folder}: not a BEIR folder with split {split!r} (no {need})")
     problems: list[str] = []
-    corpus = {}
-    for n, obj in read_json_objects(folder / "corpus.jsonl", problems):
-        f = _Fields(obj, f"{folder / 'corpus.jsonl'}:{n}", problems)
-        _id, text, title = _beir_id(f), f.text("text"), obj.get("title") or ""
-        if f.ok:
-            corpus[_id] = (title + " " + text).strip() if use_title else text
+    corpus = _read_corpus(folder / "corpus.jsonl", use_title, problems)
     if not corpus and not problems:  # before the qrels, whose every line would otherwise name a missing document
         raise UserError(f"{folder / 'corpus.jsonl'}: the corpus is empty")
     queries = {}
@@ -282,11 +297,44 @@ def load_beir(folder: str | Path, split: str = "test", use_title: bool = True) -
     return RetrievalData({q: queries[q] for q in qrels}, corpus, qrels, name=f"{folder.name}/{split}")
 
 
-def _beir_id(f: _Fields) -> str | None:
-    v = f.obj.get("_id")
+def _beir_id(f: _Fields, name: str = "_id") -> str | None:
+    v = f.obj.get(name)
     if isinstance(v, int) and not isinstance(v, bool):
         return str(v)
-    return f.text("_id")
+    return f.text(name)
+
+
+def _read_corpus(path: Path, use_title: bool, problems: list[str], require_id: bool = True) -> dict[str, str]:
+    """id -> passage of a JSONL of {_id (or id), title?, text}; without require_id a line lacking an id is named
+    by its line number."""
+    corpus: dict[str, str] = {}
+    for n, obj in read_json_objects(path, problems):
+        f = _Fields(obj, f"{path}:{n}", problems)
+        key = next((k for k in ("_id", "id") if k in obj), "_id" if require_id else None)
+        _id = _beir_id(f, key) if key else str(n)
+        text, title = f.text("text"), obj.get("title") or ""
+        if f.ok and _id in corpus:
+            f.bad(f"id {_id!r} appears twice")
+        if f.ok:
+            corpus[_id] = (title + " " + text).strip() if use_title else text
+    return corpus
+
+
+def load_corpus(path: str | Path, use_title: bool = True) -> dict[str, str]:
+    """A passage collection, id -> text: a BEIR folder's corpus.jsonl (the folder or the file), or any JSONL of
+    {"_id" or "id"?, "title"?, "text"} lines (FlagEmbedding's candidate pool is {"text"} lines)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "corpus.jsonl"
+    if not path.exists():
+        raise UserError(f"{path}: no such file (a corpus is a BEIR folder or a JSONL of passages)")
+    problems: list[str] = []
+    corpus = _read_corpus(path, use_title, problems, require_id=False)
+    if problems:
+        raise DataError(path, problems)
+    if not corpus:
+        raise UserError(f"{path}: the corpus is empty")
+    return corpus
 
 
 # ---- STS files ---------------------------------------------------------------------------------------
@@ -467,6 +515,7 @@ def load_training_file(path: str | Path, task: str = "auto", skip_bad_lines: boo
         return TrainingData(sts=pairs), []
     problems: list[str] = []
     out = TrainingData()
+    first_line: dict[str, int] = {}  # retrieval qid -> the line that used it first
     for n, obj in read_json_objects(path, problems):
         where = f"{path}:{n}"
         kind = line_task(obj, task)
@@ -483,7 +532,10 @@ def load_training_file(path: str | Path, task: str = "auto", skip_bad_lines: boo
         if item is None:
             continue
         if kind == "retrieval":
-            item.qid = str(n)
+            item.qid = item.qid or str(n)  # bge.mine writes the BEIR query id; else the line number
+            if first_line.setdefault(item.qid, n) != n:  # the split and the evaluation key queries by id
+                problems.append(f"{where}: qid {item.qid!r} is already used on line {first_line[item.qid]}")
+                continue
         item.line = n
         getattr(out, kind).append(item)
     if problems and not skip_bad_lines:

@@ -28,6 +28,7 @@ from bge.data import (ClassificationData, DataError, RetrievalData, STSData, loa
                       load_training_file, read_json_objects, retrieval_from_examples)
 from bge.embedder import Embedder, default_device
 from bge.errors import UserError
+from bge.loss import truncate
 from bge.metrics import (RetrievalResult, classification_scores, knn_predict, linear_probe_predict, retrieval_metrics,
                          sts_correlations)
 from bge.search import topk_search
@@ -155,7 +156,7 @@ def encode_queries(embedder: Embedder, queries: dict[str, str], prompts: dict[st
     return ids, emb
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
+def unit(x: torch.Tensor) -> torch.Tensor:
     """x with unit rows; normalising models' output passes through without a copy."""
     x = x.float()
     return x if len(x) == 0 or (x.norm(dim=1) - 1).abs().max() <= 1e-4 else F.normalize(x, dim=1)
@@ -167,7 +168,7 @@ def rank(query_ids: list[str], query_emb: torch.Tensor, corpus_ids: list[str], c
     earlier corpus entry. With `ignore_identical_ids` a document whose id is the query's is skipped (MTEB does so for
     ArguAna), retrieving k + 1 so that k remain."""
     depth = k + 1 if ignore_identical_ids else k
-    scores, idx = topk_search(_unit(query_emb), _unit(corpus_emb), depth, device=device or default_device())
+    scores, idx = topk_search(unit(query_emb), unit(corpus_emb), depth, device=device or default_device())
     ranked = {}
     for qid, s_row, i_row in zip(query_ids, scores.tolist(), idx.tolist()):
         hits = [(corpus_ids[j], s) for j, s in zip(i_row, s_row)]
@@ -186,16 +187,27 @@ class Ranking:
     n_encoded: int  # passages run through the model
     n_cached: int  # passages read from the embedding cache
     cache_file: Path | None = None
+    by_dim: dict[int, dict[str, list[tuple[str, float]]]] = field(default_factory=dict)  # Matryoshka sizes
+
+
+def check_dims(embedder: Embedder, dims: Sequence[int]) -> list[int]:
+    """The truncated sizes to score, largest first: each below the model's size (the full size is always scored)."""
+    bad = [d for d in dims if not 0 < d <= embedder.dim]
+    if bad:
+        raise UserError(f"--dims {', '.join(map(str, bad))}: {embedder.name} embeddings have {embedder.dim} dimensions")
+    return sorted({d for d in dims if d < embedder.dim}, reverse=True)
 
 
 def search(embedder: Embedder, data: RetrievalData, *, k: int = 100, batch_size: int = 64,
            max_length: int | None = None, query_prompt: str | None = None, cache_dir: str | Path | None = None,
            device: str | torch.device | None = None, ignore_identical_ids: bool = False, cpu_bf16: bool = False,
-           show_progress: bool | None = None) -> Ranking:
+           show_progress: bool | None = None, dims: Sequence[int] = ()) -> Ranking:
     """Exact dense retrieval of the top k passages for every query of `data` (see encode_corpus, encode_queries and
-    rank for the caching, the instructions and the order). `device` runs the search (default: CUDA if present)."""
+    rank for the caching, the instructions and the order). `device` runs the search (default: CUDA if present).
+    Each size in `dims` is ranked too, on the same embeddings truncated and renormalised (Matryoshka)."""
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
+    dims = check_dims(embedder, dims)
     corpus = encode_corpus(embedder, data.corpus, batch_size=batch_size, max_length=max_length, cache_dir=cache_dir,
                            cpu_bf16=cpu_bf16, show_progress=show_progress)
     start = time.perf_counter()
@@ -204,9 +216,11 @@ def search(embedder: Embedder, data: RetrievalData, *, k: int = 100, batch_size:
                                  show_progress=show_progress)
     encoded = time.perf_counter()
     ranked = rank(qids, q_emb, corpus.ids, corpus.emb, k, ignore_identical_ids=ignore_identical_ids, device=device)
+    by_dim = {d: rank(qids, truncate(q_emb, d), corpus.ids, truncate(corpus.emb, d), k,
+                      ignore_identical_ids=ignore_identical_ids, device=device) for d in dims}
     seconds = {"encode_corpus": corpus.seconds, "encode_queries": encoded - start,
                "search": time.perf_counter() - encoded}
-    return Ranking(ranked, seconds, corpus.n_encoded, corpus.n_cached, corpus.cache_file)
+    return Ranking(ranked, seconds, corpus.n_encoded, corpus.n_cached, corpus.cache_file, by_dim)
 
 
 # ---- evaluations ----------------------------------------------------------------------------------------
@@ -217,15 +231,17 @@ class RetrievalEval:
     metrics: RetrievalResult
     ranking: Ranking
     ks: list[int] = field(default_factory=list)
+    by_dim: dict[int, RetrievalResult] = field(default_factory=dict)  # metrics of truncated embeddings
 
 
 def evaluate_retrieval(embedder: Embedder, data: RetrievalData, *, ks: Sequence[int] = DEFAULT_KS,
                        batch_size: int = 64, max_length: int | None = None, query_prompt: str | None = None,
                        cache_dir: str | Path | None = None, device: str | torch.device | None = None,
                        ignore_identical_ids: bool = False, cpu_bf16: bool = False,
-                       show_progress: bool | None = None) -> RetrievalEval:
+                       show_progress: bool | None = None, dims: Sequence[int] = ()) -> RetrievalEval:
     """nDCG, MRR, recall, MAP and precision at each k (bge.metrics.retrieval_metrics, trec_eval's definitions) of
-    `embedder` on `data`. Queries without a relevant document are dropped and counted, not scored as zero."""
+    `embedder` on `data`. Queries without a relevant document are dropped and counted, not scored as zero.
+    `dims`: also score the embeddings truncated to these sizes (in `by_dim`), encoding only once."""
     ks = sorted(set(ks))
     if not ks or ks[0] < 1:
         raise UserError(f"ks must be positive integers, got {ks}")
@@ -233,30 +249,54 @@ def evaluate_retrieval(embedder: Embedder, data: RetrievalData, *, ks: Sequence[
         raise UserError(f"{data.name or 'the data'}: no query has a relevant document (a qrels score above 0)")
     ranking = search(embedder, data, k=ks[-1], batch_size=batch_size, max_length=max_length,
                      query_prompt=query_prompt, cache_dir=cache_dir, device=device,
-                     ignore_identical_ids=ignore_identical_ids, cpu_bf16=cpu_bf16, show_progress=show_progress)
-    ranked = {q: [d for d, _ in hits] for q, hits in ranking.ranked.items()}
-    metrics = retrieval_metrics(data.qrels, ranked, ks, ignore_identical_ids=ignore_identical_ids)
-    return RetrievalEval(metrics, ranking, ks)
+                     ignore_identical_ids=ignore_identical_ids, cpu_bf16=cpu_bf16, show_progress=show_progress,
+                     dims=dims)
+
+    def scored(ranked: dict[str, list[tuple[str, float]]]) -> RetrievalResult:
+        docs = {q: [d for d, _ in hits] for q, hits in ranked.items()}
+        return retrieval_metrics(data.qrels, docs, ks, ignore_identical_ids=ignore_identical_ids)
+
+    return RetrievalEval(scored(ranking.ranked), ranking, ks, {d: scored(r) for d, r in ranking.by_dim.items()})
 
 
 def evaluate_sts(embedder: Embedder, sts: STSData, *, batch_size: int = 64, max_length: int | None = None,
-                 cpu_bf16: bool = False, show_progress: bool | None = None) -> dict[str, float]:
+                 cpu_bf16: bool = False, show_progress: bool | None = None, dims: Sequence[int] = ()) -> dict:
     """Spearman and Pearson correlation of each pair's cosine similarity with the gold scores, as
     sentence-transformers' EmbeddingSimilarityEvaluator computes them. STS is symmetric: no instruction. Each
-    distinct sentence is encoded once; also returns n_pairs, n_encoded and seconds."""
+    distinct sentence is encoded once; also returns n_pairs, n_encoded and seconds, and under "by_dim" the
+    correlations of the embeddings truncated to each size in `dims`."""
     start = time.perf_counter()
+    dims = check_dims(embedder, dims)
     unique = list(dict.fromkeys(sts.sentence1 + sts.sentence2))
     row = {s: i for i, s in enumerate(unique)}
-    emb = _unit(embedder.encode(unique, batch_size=batch_size, max_length=max_length, as_numpy=False,
-                                cpu_bf16=cpu_bf16, show_progress=show_progress, description="encoding sentences"))
-    a = emb[[row[s] for s in sts.sentence1]]
-    b = emb[[row[s] for s in sts.sentence2]]
-    cosine = (a * b).sum(1)
-    try:
-        out = sts_correlations(cosine.numpy(), sts.scores)
-    except ValueError as e:
-        raise UserError(f"{sts.name}: {e}") from None
-    return {**out, "n_pairs": len(sts.scores), "n_encoded": len(unique), "seconds": time.perf_counter() - start}
+    full = embedder.encode(unique, batch_size=batch_size, max_length=max_length, as_numpy=False,
+                           cpu_bf16=cpu_bf16, show_progress=show_progress, description="encoding sentences")
+    a_rows, b_rows = [row[s] for s in sts.sentence1], [row[s] for s in sts.sentence2]
+
+    def correlations(emb: torch.Tensor) -> dict[str, float]:
+        cosine = (emb[a_rows] * emb[b_rows]).sum(1)
+        try:
+            return sts_correlations(cosine.numpy(), sts.scores)
+        except ValueError as e:
+            raise UserError(f"{sts.name}: {e}") from None
+
+    out = correlations(unit(full))
+    by_dim = {d: correlations(truncate(full, d)) for d in dims}
+    return {**out, "n_pairs": len(sts.scores), "n_encoded": len(unique), "seconds": time.perf_counter() - start,
+            "by_dim": by_dim}
+
+
+def evaluate_probe(embedder: Embedder, data: RetrievalData | STSData, *, batch_size: int = 64,
+                   max_length: int | None = None, cpu_bf16: bool = False) -> dict[str, float]:
+    """The headline numbers of a general-domain probe, headline first: STS Spearman and Pearson, or retrieval
+    nDCG@10, MRR@10 and Recall@100. No progress bar and no cache: train.py calls it on a changing model."""
+    if isinstance(data, STSData):
+        out = evaluate_sts(embedder, data, batch_size=batch_size, max_length=max_length, cpu_bf16=cpu_bf16,
+                           show_progress=False)
+        return {"spearman": out["spearman"], "pearson": out["pearson"]}
+    summary = evaluate_retrieval(embedder, data, ks=(10, 100), batch_size=batch_size, max_length=max_length,
+                                 cpu_bf16=cpu_bf16, show_progress=False).metrics.summary
+    return {k: summary[k] for k in ("ndcg@10", "mrr@10", "recall@100")}
 
 
 def evaluate_classification(embedder: Embedder, data: ClassificationData, reference: ClassificationData | None = None,

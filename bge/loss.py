@@ -12,8 +12,12 @@ negative, never pushed away (`false_negative_mask`).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict]]  # embeddings by name -> (loss, statistics)
 
 
 def false_negative_mask(passage_hashes: torch.Tensor, query_pos_hashes: torch.Tensor, pos_index: torch.Tensor) -> torch.Tensor:
@@ -99,6 +103,8 @@ def head_cross_entropy(emb: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def l1_penalty(params: list[torch.Tensor]) -> torch.Tensor:
     """Sum of absolute values of the given parameters (multiply by lambda and add to the loss)."""
     return torch.stack([p.abs().sum() for p in params]).sum()
+
+
 # ---- distillation: a student matches a teacher's embeddings and in-batch similarities -------------------------
 def embedding_distill(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
     """Mean over rows of 1 - cos(student, teacher) ("cosine"), or the mean squared difference of the L2-normalised
@@ -138,3 +144,39 @@ def distill_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tens
         loss = loss + kl_weight * similarity_kl(student["q"], student["p"], teacher["q"], teacher["p"], temperature,
                                                 mask)
     return loss
+
+
+# ---- teacher scores (FlagEmbedding's pos_scores/neg_scores) and Matryoshka ---------------------------------
+def teacher_score_kl(q: torch.Tensor, p: torch.Tensor, owner: torch.Tensor, teacher_scores: torch.Tensor, temperature: float,
+               teacher_temperature: float) -> torch.Tensor:
+    """KL(teacher || student) over each query's own group (its positive and its hard negatives), averaged over
+    queries: FlagEmbedding's distillation term.
+
+    The student's distribution for query i is softmax(q_i . p_j / temperature) over the passages it brought
+    (owner[j] == i); the teacher's is softmax(teacher_scores[j] / teacher_temperature) over the same passages.
+    In-batch passages have no teacher score, so they take no part. No false-negative mask: the teacher's scores
+    already say how relevant each passage of the group is."""
+    rows = torch.arange(len(q), device=q.device)
+    outside = owner[None, :] != rows[:, None]  # (B, P): passages query i did not bring
+    student = (q @ p.T / temperature).masked_fill(outside, float("-inf")).log_softmax(1)
+    teacher = (teacher_scores[None, :].float() / teacher_temperature).masked_fill(outside, float("-inf")).log_softmax(1)
+    kl = torch.where(outside, 0.0, teacher.exp() * (teacher - student))  # 0 * -inf outside the group would be NaN
+    return kl.sum(1).mean()
+
+
+def truncate(emb: torch.Tensor, dim: int) -> torch.Tensor:
+    """The first `dim` coordinates of each embedding, L2-normalised again (a Matryoshka embedding of that size)."""
+    return F.normalize(emb[:, :dim], dim=-1)
+
+
+def matryoshka(loss_fn: LossFn, emb: dict[str, torch.Tensor], dims: list[int]) -> tuple[torch.Tensor, dict]:
+    """Matryoshka representation learning (Kusupati et al., 2022): loss_fn on the full embeddings plus loss_fn on
+    each truncated, renormalised size in `dims` (weight 1 each, as sentence-transformers' MatryoshkaLoss). The
+    statistics are the full size's. loss_fn maps a dict of embeddings to (loss, statistics)."""
+    full = next(iter(emb.values())).shape[-1]
+    loss, stats = loss_fn(emb)
+    for d in sorted(set(dims) - {full}, reverse=True):
+        if not 0 < d < full:
+            raise ValueError(f"Matryoshka dimension {d} is outside 1..{full} (the embedding size)")
+        loss = loss + loss_fn({k: truncate(e, d) for k, e in emb.items()})[0]
+    return loss, stats

@@ -27,14 +27,14 @@ from bge.checkpoint import atomic_write_text
 from bge.config import TrainConfig
 from bge.console import console
 from bge.data import (ClassificationData, Example, Labelled, Pair, RetrievalData, STSData, examples_from_beir,
-                      load_beir, load_training_file, retrieval_from_examples)
+                      load_beir, load_corpus, load_training_file, retrieval_from_examples)
 from bge.diagnostics import Comparison, compare
 from bge.embedder import Embedder
 from bge.errors import UserError
 from bge.evaluation import (HEAD_FILE, ClassifierHead, evaluate_classification, evaluate_retrieval, evaluate_sts,
                             load_eval_data)
 from bge.loss import (cosent, cosine_mse, distill_loss, false_negative_mask, head_cross_entropy, info_nce, label_mask,
-                      pair_order_accuracy)
+                      pair_order_accuracy, teacher_score_kl)
 from bge.step import LossFn
 from bge.tokenizer import Tokenizer
 
@@ -137,6 +137,11 @@ class RetrievalTask(Task):
                 loss = cfg.contrastive_weight * loss + distill_loss(
                     emb, target, kind=cfg.distill_loss, weight=cfg.distill_weight, kl_weight=cfg.distill_kl,
                     temperature=cfg.distill_temperature, mask=mask)
+            if cfg.kd_weight > 0:  # towards the teacher's scores over each query's own group (FlagEmbedding's KD)
+                dev = emb["q"].device
+                loss = loss + cfg.kd_weight * teacher_score_kl(emb["q"], emb["p"], batch.owner.to(dev),
+                                                               batch.teacher_scores.to(dev), cfg.temperature,
+                                                               cfg.kd_temperature)
             return loss, stats
 
         return inputs, loss_fn
@@ -385,6 +390,8 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
     if path.is_dir():
         if cfg.task not in ("auto", "retrieval"):
             raise UserError(f"--data {path} is a BEIR folder (retrieval); it cannot be read as --task {cfg.task}")
+        if cfg.corpus:
+            raise UserError("--corpus is for a JSONL --data; a BEIR folder brings its own corpus")
         full = load_beir(path, cfg.split, use_title=cfg.title)
         items: dict[str, list] = {"retrieval": examples_from_beir(full)}
     else:
@@ -393,7 +400,8 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
             console.print(f"[yellow]skipped {len(skipped)} bad line(s) of {path}[/] (--skip-bad-lines); first: {skipped[0]}")
         items = data.by_task()
         if "retrieval" in items:
-            full = retrieval_from_examples(items["retrieval"], name=path.name)
+            corpus = load_corpus(cfg.corpus, use_title=cfg.title) if cfg.corpus else None
+            full = retrieval_from_examples(items["retrieval"], name=path.name, corpus=corpus)
     split_file = run_dir / "split.json"
     if split_file.exists():  # resuming: the split is part of the run
         split = json.loads(split_file.read_text())

@@ -160,3 +160,36 @@ def test_bundled_classification_example():
     assert {r.label: sum(x.label == r.label for x in rows) for r in rows} == {
         "repair_booking": 40, "warranty_claim": 40, "order_status": 40, "fit_sizing": 40, "ebike_battery": 40,
         "return_refund": 40}
+def test_qid_field_names_the_query_and_must_be_unique(tmp_path):
+    rows = [{"query": "q1", "pos": ["p"], "qid": "beir-7"}, {"query": "q2", "pos": ["p"]}, {"query": "q3", "pos": ["p"], "qid": 12}]
+    examples, _ = load_examples(write(tmp_path, [json.dumps(r) for r in rows]))
+    assert [ex.qid for ex in examples] == ["beir-7", "2", "12"]
+    path = write(tmp_path, [json.dumps(r) for r in rows + [{"query": "q4", "pos": ["p"], "qid": "beir-7"}]], "dup.jsonl")
+    with pytest.raises(DataError, match=r":4: qid 'beir-7' is already used on line 1"):
+        load_examples(path)
+    path = write(tmp_path, [json.dumps({"query": "q", "pos": ["p"], "qid": ["x"]})], "bad.jsonl")
+    with pytest.raises(DataError, match=r":1: field 'qid' must be a non-empty string or an integer"):
+        load_examples(path)
+
+
+def test_load_corpus_reads_beir_and_plain_passage_files(tmp_path):
+    from bge.data import load_corpus
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    (folder / "corpus.jsonl").write_text('{"_id": "a", "title": "T", "text": "one"}\n{"_id": 5, "text": "two"}\n')
+    assert load_corpus(folder) == {"a": "T one", "5": "two"} and load_corpus(folder, use_title=False)["a"] == "one"
+    pool = write(tmp_path, ['{"text": "first"}', '', '{"text": "second", "id": "s"}'], "pool.jsonl")
+    assert load_corpus(pool) == {"1": "first", "s": "second"}  # FlagEmbedding's candidate pool: {"text"} lines
+    bad = write(tmp_path, ['{"text": "x", "id": "s"}', '{"text": "y", "id": "s"}', '{"id": "z"}'], "bad.jsonl")
+    with pytest.raises(DataError) as e:
+        load_corpus(bad)
+    assert [p.split(": ", 1)[1] for p in e.value.problems] == ["id 's' appears twice", "missing field 'text'"]
+
+
+def test_retrieval_set_over_a_given_corpus_keeps_its_ids_and_adds_missing_passages():
+    from bge.data import Example
+    corpus = {"x": "alpha", "d0": "beta", "y": "gamma"}
+    data = retrieval_from_examples([Example("q1", ["beta"], ["gamma", "new"], qid="7")], corpus=corpus)
+    assert list(data.corpus.items())[:3] == list(corpus.items()) and len(data.corpus) == 4
+    added = next(d for d, t in data.corpus.items() if t == "new")
+    assert added not in corpus and data.qrels == {"7": {"d0": 1}}

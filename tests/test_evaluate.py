@@ -373,3 +373,42 @@ def test_cli_missing_model_is_one_error_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model") and "nope" in lines[0]
+
+
+# ---- truncated (Matryoshka) embeddings ----------------------------------------------------------------------
+def test_truncated_dims_equal_a_naive_ranking_and_correlation(tiny):
+    import torch.nn.functional as F
+
+    from bge.metrics import retrieval_metrics, sts_correlations
+    data = toy_data()
+    ev = evaluate_retrieval(tiny, data, ks=(1, 3, 10), dims=[32, 16, 8])  # 32 is the full size: not repeated
+    assert set(ev.by_dim) == {16, 8}
+    docs = list(data.corpus)
+    c = torch.from_numpy(tiny.encode([data.corpus[d] for d in docs]))
+    q = torch.from_numpy(tiny.encode(list(data.queries.values()), is_query=True))
+    for d, result in ev.by_dim.items():
+        scores = F.normalize(q[:, :d], dim=1) @ F.normalize(c[:, :d], dim=1).T
+        ranked = {qid: [docs[j] for j in row.argsort(descending=True, stable=True)[:10].tolist()]
+                  for qid, row in zip(data.queries, scores)}
+        naive = retrieval_metrics(data.qrels, ranked, (1, 3, 10)).summary
+        assert result.summary == pytest.approx(naive, abs=1e-12)
+    assert ev.by_dim[8].summary != ev.metrics.summary
+    sts = STSData([f"{WORDS[i]} cell" for i in range(12)], [f"{WORDS[(i * 5) % 16]} gene" for i in range(12)],
+                  [float(i % 4) for i in range(12)])
+    out = evaluate_sts(tiny, sts, dims=[8])
+    a = F.normalize(torch.from_numpy(tiny.encode(sts.sentence1))[:, :8], dim=1)
+    b = F.normalize(torch.from_numpy(tiny.encode(sts.sentence2))[:, :8], dim=1)
+    assert out["by_dim"][8] == pytest.approx(sts_correlations((a * b).sum(1).numpy(), sts.scores), abs=1e-6)
+    with pytest.raises(UserError, match="--dims 64"):
+        evaluate_sts(tiny, sts, dims=[64])
+
+
+def test_cli_dims_adds_a_row_per_size(tiny_dirs, tmp_path):
+    data, out = write_beir(tmp_path / "toy"), tmp_path / "out.json"
+    r = run_cli("--model", tiny_dirs[0], "--data", data, "--dims", "16,8", "--no-cache", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "tiny-a @16" in r.stdout and "tiny-a @8" in r.stdout
+    rows = json.loads(out.read_text())["models"]
+    assert [m["dim"] for m in rows] == [32, 16, 8] and rows[1]["metrics"] != rows[0]["metrics"]
+    r = run_cli("--model", tiny_dirs[0], "--data", data, "--dims", "64", "--no-cache", "--out", out)
+    assert r.returncode == 2 and "--dims 64" in r.stderr and "Traceback" not in r.stderr

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from bge.loss import (cosent, cosine_mse, distill_loss, embedding_distill, false_negative_mask, head_cross_entropy,
-                      info_nce, l1_penalty, label_mask, pair_order_accuracy, similarity_kl)
+                      info_nce, l1_penalty, label_mask, matryoshka, pair_order_accuracy, similarity_kl,
+                      teacher_score_kl, truncate)
 
 
 def naive_info_nce(q, p, pos_index, temperature, excluded, in_batch, owner, symmetric):
@@ -181,6 +182,8 @@ def test_head_cross_entropy_and_l1():
     assert penalty.item() == 6.5
     penalty.backward()  # the gradient of lambda * sum |w| is lambda * sign(w)
     assert params[0].grad.tolist() == [[1.0, -1.0]] and params[1].grad.tolist() == [[-1.0], [1.0]]
+
+
 # ---- distillation -------------------------------------------------------------------------------------------
 def naive_kl(qs, ps, qt, pt, temperature, excluded):
     """Per query: sum over the passages it sees of p_t * (log p_t - log p_s), softmax over those passages only."""
@@ -241,3 +244,70 @@ def test_distill_loss_is_the_weighted_sum_of_its_terms():
     assert torch.allclose(got, 0.3 * emb + 2.0 * kl)
     assert torch.allclose(distill_loss(student, teacher, kind="none", kl_weight=2.0, temperature=0.1, mask=mask), 2 * kl)
     assert torch.allclose(distill_loss(student, teacher, kl_weight=0.0), emb)
+
+
+# ---- teacher scores ----------------------------------------------------------------------------------
+def naive_group_kl(q, p, owner, teacher, temperature, teacher_temperature):
+    """One query at a time: sum over its own group of t * (log t - log s)."""
+    total = 0.0
+    for i in range(len(q)):
+        group = [j for j in range(len(p)) if owner[j] == i]
+        s = torch.log_softmax(torch.stack([q[i] @ p[j] / temperature for j in group]), 0)
+        t = torch.log_softmax(torch.stack([teacher[j] / teacher_temperature for j in group]), 0)
+        total = total + (t.exp() * (t - s)).sum()
+    return total / len(q)
+
+
+def uneven_groups(seed=0, dim=16):
+    """3 queries bringing 4, 1 and 3 passages (a line without negatives has a group of one)."""
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(3, dim, generator=g), dim=1)
+    p = F.normalize(torch.randn(8, dim, generator=g), dim=1)
+    owner = torch.tensor([0, 0, 0, 0, 1, 2, 2, 2])
+    teacher = torch.rand(8, generator=g)
+    return q, p, owner, teacher
+
+
+def test_distill_kl_equals_naive_loop_with_gradients():
+    q, p, owner, teacher = uneven_groups()
+    q1, p1 = q.clone().requires_grad_(), p.clone().requires_grad_()
+    q2, p2 = q.clone().requires_grad_(), p.clone().requires_grad_()
+    loss = teacher_score_kl(q1, p1, owner, teacher, 0.05, 0.02)
+    ref = naive_group_kl(q2, p2, owner.tolist(), teacher, 0.05, 0.02)
+    assert loss.item() > 0.01 and torch.allclose(loss, ref, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    ref.backward()
+    assert torch.allclose(q1.grad, q2.grad, atol=1e-5) and torch.allclose(p1.grad, p2.grad, atol=1e-5)
+    assert torch.isfinite(q1.grad).all() and torch.isfinite(p1.grad).all()
+
+
+def test_distill_kl_is_zero_when_the_distributions_match():
+    q, p, owner, _ = uneven_groups(seed=1)
+    temperature, teacher_temperature = 0.05, 0.02
+    # the teacher's logits equal the student's, up to the ratio of temperatures and a shift per group
+    teacher = (q[owner] * p).sum(1) * teacher_temperature / temperature + 0.3 * owner
+    q = q.clone().requires_grad_()
+    loss = teacher_score_kl(q, p, owner, teacher, temperature, teacher_temperature)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6 and q.grad.abs().max().item() < 1e-5
+    assert teacher_score_kl(q, p, owner, teacher.flip(0), temperature, teacher_temperature).item() > 1e-3
+
+
+# ---- Matryoshka ----------------------------------------------------------------------------------------
+def test_matryoshka_adds_the_loss_at_each_truncated_size():
+    q, p, texts, positives, pos_index, owner = batch(dim=16)
+
+    def loss_fn(emb):
+        loss, acc = info_nce(emb["q"], emb["p"], pos_index, 0.05)
+        return loss, {"acc": acc}
+
+    total, stats = matryoshka(loss_fn, {"q": q, "p": p}, [16, 8, 4])
+    expected = sum(info_nce(F.normalize(q[:, :d], dim=1), F.normalize(p[:, :d], dim=1), pos_index, 0.05)[0]
+                   for d in (16, 8, 4))
+    assert torch.allclose(total, expected, atol=1e-6)  # the full size is counted once
+    assert torch.equal(stats["acc"], loss_fn({"q": q, "p": p})[1]["acc"])
+    assert torch.equal(matryoshka(loss_fn, {"q": q, "p": p}, [])[0], loss_fn({"q": q, "p": p})[0])
+    t = truncate(q, 4)
+    assert t.shape == (4, 4) and torch.allclose(t.norm(dim=1), torch.ones(4))
+    with pytest.raises(ValueError, match="outside 1..16"):
+        matryoshka(loss_fn, {"q": q, "p": p}, [32])

@@ -151,3 +151,66 @@ def test_repeated_nan_loss_stops_with_a_clear_message(data, tiny_model_dir, tmp_
         train.main(args(data, tiny_model_dir, tmp_path, "--max-bad-steps", "3", "--run-name", "nan"))
     lines = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines() if "loss" in l]
     assert [l["skipped"] for l in lines] == [True, True]  # the third one raised before it was logged
+
+
+# ---- teacher scores, Matryoshka and the forgetting guard --------------------------------------------------
+@pytest.fixture(scope="module")
+def scored(data, tmp_path_factory):
+    """The data with (made-up) teacher scores on every line, and a small STS probe."""
+    folder = tmp_path_factory.mktemp("scored")
+    rng = torch.Generator().manual_seed(0)
+    lines = []
+    for line in data.read_text().splitlines():
+        obj = json.loads(line)
+        obj["pos_scores"] = torch.rand(len(obj["pos"]), generator=rng).tolist()
+        obj["neg_scores"] = torch.rand(len(obj["neg"]), generator=rng).tolist()
+        lines.append(json.dumps(obj) + "\n")
+    (folder / "scored.jsonl").write_text("".join(lines))
+    pairs = [json.loads(l) for l in EXAMPLE.read_text().splitlines()[100:130]]
+    (folder / "probe.tsv").write_text("score\tsentence1\tsentence2\n" + "".join(
+        f"{i % 5}\t{p['query']}\t{p['pos'][0] if i % 2 else p['neg'][0]}\n" for i, p in enumerate(pairs)))
+    return folder
+
+
+def first_loss(run: Path) -> float:
+    return next(json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if "loss" in l)
+
+
+def test_kd_and_matryoshka_add_their_terms_to_the_same_first_step(scored, tiny_model_dir, tmp_path):
+    common = args(scored / "scored.jsonl", tiny_model_dir, tmp_path, "--max-steps", "1", "--val-ratio", "0",
+                  "--test-ratio", "0")
+    train.main([*common, "--run-name", "plain"])
+    train.main([*common, "--run-name", "kd", "--kd-weight", "1", "--kd-temperature", "0.05"])
+    train.main([*common, "--run-name", "mrl", "--matryoshka-dims", "16,8"])
+    plain, kd, mrl = (first_loss(tmp_path / n) for n in ("plain", "kd", "mrl"))
+    assert kd > plain + 1e-4  # same weights and batch: the KL term is all that differs, and it is positive
+    assert mrl > plain + 0.5  # two more InfoNCE terms of order log(batch)
+    with pytest.raises(UserError, match="--kd-weight needs hard negatives with teacher scores"):
+        train.main(args(EXAMPLE, tiny_model_dir, tmp_path, "--kd-weight", "1", "--run-name", "nokd"))
+    with pytest.raises(UserError, match="--matryoshka-dims 64"):
+        train.main([*common, "--run-name", "bad-mrl", "--matryoshka-dims", "64"])
+
+
+def test_probe_at_each_validation_and_merge_sweep_exports_the_chosen_mix(scored, tiny_model_dir, tmp_path):
+    from bge.embedder import Embedder
+    from bge.merge import merge_state_dicts
+    train.main(args(scored / "scored.jsonl", tiny_model_dir, tmp_path, "--run-name", "guard", "--epochs", "1",
+                    "--general-probe", str(scored / "probe.tsv"), "--merge-sweep", "0.5,1", "--probe-tolerance", "1"))
+    run = tmp_path / "guard"
+    validations = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val/ndcg@10" in l]
+    assert [v["step"] for v in validations] == [0, 6] and all("probe/spearman" in v for v in validations)
+    results = json.loads((run / "results.json").read_text())
+    sweep = results["merge_sweep"]
+    assert set(sweep) == {"0", "0.5", "1"} and all("probe/spearman" in s for s in sweep.values())
+    assert sweep["0"] == {k: v for k, v in validations[0].items() if k != "step"}  # the base model, from step 0
+    ratio = results["merge_ratio"]  # tolerance 1: the best validation score wins
+    assert sweep[f"{ratio:g}"]["val/ndcg@10"] == max(s["val/ndcg@10"] for s in sweep.values())
+    for name in ("base", "fine_tuned", "merged"):
+        assert {"ndcg@10", "probe/spearman", "probe/pearson"} <= set(results[name])
+    assert results["base"]["probe/spearman"] == pytest.approx(validations[0]["probe/spearman"], abs=1e-9)
+    base = Embedder.load(str(tiny_model_dir), device="cpu").model.state_dict()
+    expected = merge_state_dicts(base, Embedder.load(str(run / "best"), device="cpu").model.state_dict(), ratio)
+    exported = Embedder.load(str(run / "merged"), device="cpu").model.state_dict()
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+    with pytest.raises(UserError, match="not both"):
+        train.main(args(scored / "scored.jsonl", tiny_model_dir, tmp_path, "--merge-sweep", "0.5", "--merge-ratio", "0.5"))

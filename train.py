@@ -33,7 +33,7 @@ from bge.checkpoint import atomic_write_text, latest_state, load_state, save_sta
 from bge.config import TrainConfig, config_from_dict, parse_args
 from bge.console import console, progress, run_cli
 from bge.distill import Teacher
-from bge.embedder import Embedder
+from bge.embedder import Embedder, native_cpu_bf16
 from bge.errors import UserError
 from bge.evaluation import evaluate_probe, load_eval_data
 from bge.loss import l1_penalty, matryoshka
@@ -82,7 +82,10 @@ def precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | Non
     """(autocast dtype or None for fp32, GradScaler for fp16 only)."""
     choice = cfg.precision
     if choice == "auto":
-        choice = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            choice = "bf16" if native_cpu_bf16() else "fp32"
     if choice == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs CUDA; use bf16 or fp32 on CPU")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]

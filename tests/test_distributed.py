@@ -78,7 +78,7 @@ def test_torchrun_train_checkpoints_resumes_and_matches_one_process(tmp_path, no
     data = scifact_slice(tmp_path / "scifact")
     common = ["--data", str(data), "--split", "train", "--model", str(no_dropout_model), "--out-dir", str(tmp_path),
               "--max-steps", "12", "--save-every", "1", "--eval-every", "6", "--lr", "1e-3", "--max-passage-length", "64",
-              "--max-query-length", "24", "--device", "cpu"]
+              "--max-query-length", "24", "--device", "cpu", "--precision", "fp32"]
     train = str(REPO / "train.py")
     single = subprocess.run([sys.executable, train, *common, "--batch-size", "8", "--run-name", "one"],
                             capture_output=True, text=True, env=env())

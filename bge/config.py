@@ -114,7 +114,7 @@ class TrainConfig:
                          ("auto", "fp32", "bf16", "fp16"))
     compile: bool = opt(False, "torch.compile the encoder", "speed")
     packed: bool = opt(False, "run projections and feed-forward on real tokens only (no FLOPs on padding); off by "
-                       "default: measured slower than padded at SciFact's 12% padding, CPU and H200 (README)", "speed")
+                       "default: measured slower than padded at SciFact's 12%% padding, CPU and H200 (README)", "speed")
     attention: str = opt("sdpa", "packed attention: sdpa (padded view) or flex (FlexAttention document mask; "
                          "CUDA, no attention dropout)", "speed", ("sdpa", "flex"))
     grad_cache: int = opt(0, "GradCache chunk size in texts: big batches in fixed memory, same gradients (0 = off)",

@@ -37,6 +37,15 @@ def test_every_field_has_help_and_a_section():
         assert f.metadata["help"] and f.metadata["section"] and f.name in actions
 
 
+def test_help_formats_every_field(capsys):
+    """--help renders every help string (argparse %-formats them: a bare % would crash it)."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"--{f.name.replace('_', '-')}" in out for f in dataclasses.fields(TrainConfig))
+
+
 def test_preset_toml_flat_and_sectioned_keys_and_cli_precedence(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text('epochs = 7\n[loss]\ntemperature = 0.05\nin_batch_negatives = false\n')

@@ -28,4 +28,4 @@ timeout 100 python3 benchmarks/gpu_check.py --check .gpu/models/base --batch-siz
 common=(--batch-size 64 --max-query-length 64 --max-passage-length 256 --steps 20 --warmup 3 --vs sentence-transformers --vs-variants bf16,fp32)
 timeout 230 python3 benchmarks/train.py --model .gpu/models/base --variants bf16,bf16+packed,bf16+packed+compile --repeats 2 "${common[@]}" --json "$out/train-base.json"
 timeout 90 python3 benchmarks/train.py --model .gpu/models/minilm --variants bf16+packed,bf16+packed+compile --repeats 1 "${common[@]}" --json "$out/train-minilm.json"
-timeout 60 python3 benchmarks/encode.py --model .gpu/models/base --n 2000 --batch-size 128 --vs sentence-transformers --json "$out/encode-base.json"
+timeout 60 python3 benchmarks/encode.py --model .gpu/models/base --n 2000 --batch-size 128 --precisions bf16 --vs sentence-transformers --json "$out/encode-base.json"

@@ -36,3 +36,13 @@ def test_training_benchmark_runs_both_sides_with_equal_fp32_losses(tmp_path, tin
         assert runs[0]["samples_per_s"] > 0 and runs[0]["peak_memory_gb"] > 0 and 0 < runs[0]["mfu"] < 1
     assert result["loss_check"]["max_abs_diff"] <= 1e-4
     assert len(result["loss_check"]["bge"]) == 3
+
+
+def test_encode_benchmark_compares_like_with_like(tmp_path, tiny_model_dir):
+    out = tmp_path / "encode.json"
+    r = run("benchmarks/encode.py", "--model", str(tiny_model_dir), "--n", "12", "--batch-size", "4", "--repeats", "1",
+            "--max-length", "64", "--precisions", "fp32,bf16", "--vs", "sentence-transformers", "--json", str(out))
+    assert set(json.loads(out.read_text())["results"]) == {"bge fp32", "bge bf16", "sentence-transformers fp32",
+                                                          "sentence-transformers bf16"}
+    cosine = float(r.stdout.split("agreement (fp32): min cosine bge vs sentence-transformers ")[1].split()[0])
+    assert cosine > 0.99999  # same model, same fp32 arithmetic: the same embeddings

@@ -398,12 +398,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the ending: base vs fine-tuned (and merged) on the held-out test set and the probe --------------
     probe_rows = {name: probe_scores(m) for name, m in (("base", base), ("fine_tuned", tuned), ("merged", merged)) if m}
-    per_task = {}
+    per_task, tables = {}, []  # the base-vs-fine-tuned tables come last, after the diagnostics that explain them
     for job in (t for t in tasks.values() if t.test_data is not None):
         r = job.test(base, tuned, cpu_bf16, run_dir / "best")
         b, t = r.base | probe_rows["base"], r.fine_tuned | probe_rows["fine_tuned"]
         m = job.test(base, merged, cpu_bf16, run_dir / "merged").fine_tuned | probe_rows["merged"] if merged else None
-        console.print(results_table(f"{job.name} · {r.title}", b, t, (*job.table_metrics, *probe_rows["base"]), m, ratio))
+        tables.append(results_table(f"{job.name} · {r.title}", b, t, (*job.table_metrics, *probe_rows["base"]), m, ratio))
         per_task[job.name] = {**r.counts, "base": b, "fine_tuned": t, "change": {k: t[k] - b[k] for k in b}}
         if m is not None:
             per_task[job.name].update(merged=m, merged_change={k: m[k] - b[k] for k in b})
@@ -415,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
             if png:
                 console.print(f"score distributions plotted in {png}")
             per_task[job.name]["diagnostics"] = r.comparison.to_dict()
+    for table in tables:
+        console.print(table)
     if per_task:
         results.update(per_task[first.name] if len(tasks) == 1 else {"tasks": per_task})
     elif probe is not None:  # no test set: the probe alone

@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     for job in (t for t in tasks.values() if t.test_data is not None):
         r = job.test(base, tuned, cpu_bf16, run_dir / "best")
         b, t = r.base | probe_rows["base"], r.fine_tuned | probe_rows["fine_tuned"]
-        m = job.test(base, merged, cpu_bf16, run_dir / "merged").fine_tuned | probe_rows["merged"] if merged else None
+        m = job.test_scores(merged, cpu_bf16, run_dir / "merged") | probe_rows["merged"] if merged else None
         tables.append(results_table(f"{job.name} · {r.title}", b, t, (*job.table_metrics, *probe_rows["base"]), m, ratio))
         per_task[job.name] = {**r.counts, "base": b, "fine_tuned": t, "change": {k: t[k] - b[k] for k in b}}
         if m is not None:

@@ -192,6 +192,16 @@ def parse_example(obj: dict, where: str, problems: list[str]) -> Example | None:
     return Example(query, pos, neg, prompt, pos_scores, neg_scores, qid="" if qid is None else str(qid))
 
 
+def claim_qid(ex: Example, first_line: dict[str, int], where: str, problems: list[str]) -> bool:
+    """Give a training line its query id (its own `qid`, as bge.mine writes the BEIR id; else its line number) and
+    check that no earlier line took it: the split and the evaluation key queries by id."""
+    ex.qid = ex.qid or str(ex.line)
+    if first_line.setdefault(ex.qid, ex.line) != ex.line:
+        problems.append(f"{where}: qid {ex.qid!r} is already used on line {first_line[ex.qid]}")
+        return False
+    return True
+
+
 def load_examples(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[Example], list[str]]:
     """Training examples of a JSONL file and the problems of the lines skipped. Without skip_bad_lines any
     problem raises DataError listing every bad line."""
@@ -203,9 +213,8 @@ def load_examples(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[
         ex = parse_example(obj, f"{path}:{n}", problems)
         if ex is None:
             continue
-        ex.qid, ex.line = ex.qid or str(n), n
-        if first_line.setdefault(ex.qid, n) != n:  # the split and the evaluation key queries by id
-            problems.append(f"{path}:{n}: qid {ex.qid!r} is already used on line {first_line[ex.qid]}")
+        ex.line = n
+        if not claim_qid(ex, first_line, f"{path}:{n}", problems):
             continue
         out.append(ex)
     if problems and not skip_bad_lines:
@@ -532,9 +541,8 @@ def load_training_file(path: str | Path, task: str = "auto", skip_bad_lines: boo
         if item is None:
             continue
         if kind == "retrieval":
-            item.qid = item.qid or str(n)  # bge.mine writes the BEIR query id; else the line number
-            if first_line.setdefault(item.qid, n) != n:  # the split and the evaluation key queries by id
-                problems.append(f"{where}: qid {item.qid!r} is already used on line {first_line[item.qid]}")
+            item.line = n
+            if not claim_qid(item, first_line, where, problems):
                 continue
         item.line = n
         getattr(out, kind).append(item)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_sequence, unpack_sequence
 
 from bge.errors import UserError
-from bge.model import Encoder
+from bge.model import Encoder, run_layers
 
 # how a layer's two LSTMs run over x in one layout: (forward LSTM, backward LSTM, x) -> (..., 2 * hidden)
 Recur = Callable[[nn.LSTM, nn.LSTM, torch.Tensor], torch.Tensor]
@@ -194,12 +194,7 @@ class BiLSTMEncoder(nn.Module):
                 m.p = self.cfg.dropout
 
     def _run_layers(self, x: torch.Tensor, recur: Recur) -> torch.Tensor:
-        for layer in self.layers:
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, recur, use_reentrant=False)
-            else:
-                x = layer(x, recur)
-        return x
+        return run_layers(self.layers, x, recur, self.grad_checkpointing and self.training)
 
     def _embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.drop(self.proj(self.emb(input_ids)))

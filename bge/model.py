@@ -132,6 +132,14 @@ class Layer(nn.Module):
         return self.ln2(x + self.drop(self.ffn_out(self.act(self.ffn_in(x)))))
 
 
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, how: Callable, checkpointing: bool) -> torch.Tensor:
+    """x through each layer(x, how) in turn; with checkpointing, each layer's activations are recomputed in the
+    backward pass instead of kept (less memory, one more forward). Shared by the transformer and the BiLSTM."""
+    for layer in layers:
+        x = torch.utils.checkpoint.checkpoint(layer, x, how, use_reentrant=False) if checkpointing else layer(x, how)
+    return x
+
+
 class Encoder(nn.Module):
     """BERT-style encoder returning token states (`forward`) or normalised sentence embeddings (`embed`)."""
 
@@ -205,12 +213,7 @@ class Encoder(nn.Module):
         return torch.arange(attention_mask.shape[-1], device=attention_mask.device).expand_as(attention_mask)
 
     def _run_layers(self, x: torch.Tensor, attend: Callable) -> torch.Tensor:
-        for layer in self.layers:
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, attend, use_reentrant=False)
-            else:
-                x = layer(x, attend)
-        return x
+        return run_layers(self.layers, x, attend, self.grad_checkpointing and self.training)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states (B, L, H) for a padded batch; padding positions hold don't-care values."""

@@ -83,6 +83,11 @@ class Task:
         """Base and fine-tuned (best/, loaded as `tuned`) on the held-out test set."""
         raise NotImplementedError
 
+    def test_scores(self, model: Embedder, cpu_bf16: bool, folder: Path) -> dict[str, float]:
+        """One model's test metrics, as test() reports the fine-tuned one's (for a base/fine-tuned mix, say);
+        `folder` is where the model was exported (a classification head beside it is used)."""
+        raise NotImplementedError
+
     def describe(self) -> str:
         n = lambda d: 0 if d is None else self.size(d)
         return f"{self.name}: {len(self.train)} training, {n(self.val)} validation, {n(self.test_data)} test"
@@ -151,10 +156,16 @@ class RetrievalTask(Task):
                                 max_length=self.cfg.max_passage_length, cpu_bf16=cpu_bf16, show_progress=False)
         return ev.metrics.summary
 
+    def _test(self, model: Embedder, cpu_bf16: bool):
+        return evaluate_retrieval(model, self.test_data, ks=TEST_KS, batch_size=self.cfg.eval_batch_size,
+                                  max_length=self.cfg.max_passage_length, cpu_bf16=cpu_bf16,
+                                  cache_dir=Path(self.cfg.out_dir) / "cache")
+
+    def test_scores(self, model, cpu_bf16, folder):
+        return self._test(model, cpu_bf16).metrics.summary
+
     def test(self, base, tuned, cpu_bf16, best_dir):
-        kw = dict(ks=TEST_KS, batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_passage_length,
-                  cpu_bf16=cpu_bf16, cache_dir=Path(self.cfg.out_dir) / "cache")
-        b, t = (evaluate_retrieval(m, self.test_data, **kw) for m in (base, tuned))
+        b, t = (self._test(m, cpu_bf16) for m in (base, tuned))
         comparison = None
         if self.cfg.explain > 0:
             comparison = compare(("base", "fine-tuned"), (b.metrics.per_query, t.metrics.per_query),
@@ -207,10 +218,13 @@ class STSTask(Task):
     def validate(self, embedder, cpu_bf16):
         return self._sts(embedder, self.val, cpu_bf16)
 
+    def test_scores(self, model, cpu_bf16, folder):
+        return self._sts(model, self.test_data, cpu_bf16)
+
     def test(self, base, tuned, cpu_bf16, best_dir):
         n = len(self.test_data.scores)
-        return TestResult(f"held-out test: {n} pairs", self._sts(base, self.test_data, cpu_bf16),
-                          self._sts(tuned, self.test_data, cpu_bf16), {"test_pairs": n})
+        return TestResult(f"held-out test: {n} pairs", self.test_scores(base, cpu_bf16, None),
+                          self.test_scores(tuned, cpu_bf16, best_dir), {"test_pairs": n})
 
 
 # ---- classification ----------------------------------------------------------------------------------------
@@ -293,9 +307,12 @@ class ClassificationTask(Task):
     def validate(self, embedder, cpu_bf16):
         return self._scores(embedder, self.val, self.head_snapshot(), cpu_bf16)
 
+    def test_scores(self, model, cpu_bf16, folder):
+        head = ClassifierHead.load(folder) if (folder / HEAD_FILE).exists() else None
+        return self._scores(model, self.test_data, head, cpu_bf16)
+
     def test(self, base, tuned, cpu_bf16, best_dir):
-        head = ClassifierHead.load(best_dir) if (best_dir / HEAD_FILE).exists() else None
-        t = self._scores(tuned, self.test_data, head, cpu_bf16)
+        t = self.test_scores(tuned, cpu_bf16, best_dir)
         b = self._scores(base, self.test_data, None, cpu_bf16)
         b |= {k: float("nan") for k in t if k.startswith("head_")}  # the base model has no head
         n = len(self.test_data.texts)

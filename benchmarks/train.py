@@ -32,19 +32,24 @@ from bge.hub import resolve_model
 
 
 # ---- the batches ---------------------------------------------------------------------------------------
+def scifact_pairs(rng: random.Random) -> tuple[list[tuple[str, str]], list[str]]:
+    """SciFact's train (query, relevant abstract) text pairs in rng's shuffled order, and every abstract."""
+    corpus = {}
+    for line in open(SCIFACT / "corpus.jsonl", encoding="utf-8"):
+        d = json.loads(line)
+        corpus[d["_id"]] = (d.get("title", "") + " " + d["text"]).strip()
+    queries = {json.loads(l)["_id"]: json.loads(l)["text"] for l in open(SCIFACT / "queries.jsonl", encoding="utf-8")}
+    pairs = [l.split("\t")[:2] for l in open(SCIFACT / "qrels" / "train.tsv").read().splitlines()[1:]]
+    pairs = [(queries[q], corpus[d]) for q, d in pairs]
+    rng.shuffle(pairs)
+    return pairs, list(corpus.values())
+
+
 def make_batches(tokenizer, a) -> list[dict[str, list[list[int]]]]:
     """Deterministic batches of token ids: {"q": B queries, "p": B*group passages (positive first per query)}."""
     rng = random.Random(a.seed)
     if a.lengths == "scifact":
-        corpus = {}
-        for line in open(SCIFACT / "corpus.jsonl", encoding="utf-8"):
-            d = json.loads(line)
-            corpus[d["_id"]] = (d.get("title", "") + " " + d["text"]).strip()
-        queries = {json.loads(l)["_id"]: json.loads(l)["text"] for l in open(SCIFACT / "queries.jsonl", encoding="utf-8")}
-        pairs = [l.split("\t")[:2] for l in open(SCIFACT / "qrels" / "train.tsv").read().splitlines()[1:]]
-        pairs = [(queries[q], corpus[d]) for q, d in pairs]
-        rng.shuffle(pairs)
-        docs = list(corpus.values())
+        pairs, docs = scifact_pairs(rng)
         q_ids = tokenizer.tokenize([q for q, _ in pairs], max_length=a.max_query_length)
         p_ids = tokenizer.tokenize([p for _, p in pairs], max_length=a.max_passage_length)
         n_ids = tokenizer.tokenize(rng.sample(docs, min(len(docs), len(pairs) * (a.group_size - 1) or 1)),

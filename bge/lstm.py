@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_sequence, unpack_sequence
 
+from bge.dropout import Dropout
 from bge.errors import UserError
 from bge.model import Encoder, run_layers
 
@@ -67,7 +68,7 @@ class GatedLayer(nn.Module):
         self.bwd = nn.LSTM(cfg.width, cfg.hidden_size, batch_first=True)  # reads each sequence reversed
         self.gate = nn.Linear(2 * cfg.width, cfg.width)
         self.ln = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, recur: Recur) -> torch.Tensor:
         h = recur(self.fwd, self.bwd, x)
@@ -128,7 +129,7 @@ class BiLSTMEncoder(nn.Module):
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.embed_size, padding_idx=cfg.pad_token_id)
         self.proj = nn.Linear(cfg.embed_size, cfg.width) if cfg.embed_size != cfg.width else nn.Identity()
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(GatedLayer(cfg) for _ in range(cfg.num_layers))
         self.pool = GatedAttentionPool(cfg.width, cfg.hidden_size)
         self.out = nn.Linear(cfg.width, cfg.dim)

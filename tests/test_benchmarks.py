@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny sizes, CPU): the GPU check's correctness harness, and the training benchmark's
 side-by-side run with its fp32 loss-trajectory check against sentence-transformers."""
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,17 @@ def test_encode_benchmark_compares_like_with_like(tmp_path, tiny_model_dir):
                                                           "sentence-transformers bf16"}
     cosine = float(r.stdout.split("agreement (fp32): min cosine bge vs sentence-transformers ")[1].split()[0])
     assert cosine > 0.99999  # same model, same fp32 arithmetic: the same embeddings
+
+
+def test_padding_report_bucketing_keeps_every_pair_and_cuts_padding():
+    from benchmarks.padding import bucketed, costs
+    rng = random.Random(0)
+    pairs = [([1] * rng.randint(3, 20), [2] * rng.randint(5, 90)) for _ in range(64)]
+    plain, sorted_pools = bucketed(pairs, 8, 1, seed=0), bucketed(pairs, 8, 4, seed=0)
+    key = lambda batches: sorted((tuple(q), tuple(p)) for b in batches for q, p in zip(b["q"], b["p"]))
+    assert key(plain) == key(sorted_pools) == sorted((tuple(q), tuple(p)) for q, p in pairs)
+    assert all(len(b["q"]) == 8 for b in sorted_pools)
+    (share_plain, att_plain), (share_sorted, att_sorted) = costs(plain), costs(sorted_pools)
+    assert share_sorted < share_plain and att_sorted < att_plain
+    one = [{"q": [[1] * 2, [1] * 6]}]  # padded to 8: 8 real tokens of 16; L^2: 2 * 64 padded over 4 + 36 real
+    assert costs(one) == (0.5, 128 / 40)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import SCIFACT, machine, print_table, write_json
+from benchmarks.common import SCIFACT, print_table, write_json
 from bge.hub import resolve_model
 
 

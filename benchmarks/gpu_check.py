@@ -10,7 +10,6 @@ Prints a table and exits non-zero when a path disagrees. Runs on CPU too (slowly
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path

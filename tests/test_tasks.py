@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import train
 from bge.batching import split_by_keys
 from bge.config import parse_args
-from bge.data import Labelled, Pair, load_training_file
+from bge.data import Labelled, Pair
 from bge.embedder import Embedder
 from bge.errors import UserError
 from bge.evaluation import ClassifierHead

@@ -50,7 +50,7 @@ def step_grads(model, tok, batch, device, **fast) -> tuple[float, dict[str, torc
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-PATHS = ("fp32 packed", "bf16", "bf16 packed", "bf16 packed compile", "bf16 packed compile flex")
+PATHS = ("fp32 packed", "bf16", "bf16 compile", "bf16 packed", "bf16 packed compile", "bf16 packed compile flex")
 
 
 def check(folder: Path, device: torch.device, batch_size: int, paths: tuple[str, ...] = PATHS) -> list[dict]:

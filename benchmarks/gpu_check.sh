@@ -23,11 +23,11 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 BGE_SCIFACT=.gpu/scifact
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__, 'transformers', transformers.__version__, 'sentence-transformers', st.__version__)" | tee -a "$out/device.txt"
-timeout 60 python3 benchmarks/gpu_check.py --make-models .gpu/models --tokenizer .gpu/tokenizer
-timeout 100 python3 benchmarks/gpu_check.py --check .gpu/models/base --batch-size 32 --json "$out/check.json"
+timeout 40 python3 benchmarks/gpu_check.py --make-models .gpu/models --tokenizer .gpu/tokenizer
+timeout 90 python3 benchmarks/gpu_check.py --check .gpu/models/base --batch-size 32 --json "$out/check.json"
 common=(--batch-size 64 --max-query-length 64 --max-passage-length 256 --steps 20 --warmup 3 --vs sentence-transformers --vs-variants fp32,bf16)
 # ratios against sentence-transformers' default (fp32) first, then its bf16; packed+compile did not finish compiling
 # within its limit on the H200 (2026-11-26), plain compile did
-timeout 240 python3 benchmarks/train.py --model .gpu/models/base --variants bf16,bf16+compile --repeats 1 "${common[@]}" --json "$out/train-base.json"
-timeout 80 python3 benchmarks/train.py --model .gpu/models/minilm --variants bf16 --repeats 1 "${common[@]}" --json "$out/train-minilm.json"
+timeout 210 python3 benchmarks/train.py --model .gpu/models/base --variants bf16,bf16+compile --repeats 1 "${common[@]}" --json "$out/train-base.json"
+timeout 60 python3 benchmarks/train.py --model .gpu/models/minilm --variants bf16 --repeats 1 "${common[@]}" --json "$out/train-minilm.json"
 timeout 60 python3 benchmarks/encode.py --model .gpu/models/base --n 2000 --batch-size 128 --precisions bf16 --vs sentence-transformers --json "$out/encode-base.json"

@@ -36,11 +36,11 @@ from bge.distill import Teacher
 from bge.embedder import Embedder, native_cpu_bf16
 from bge.errors import UserError
 from bge.evaluation import evaluate_probe, load_eval_data
-from bge.loss import l1_penalty, matryoshka
+from bge.loss import LossFn, l1_penalty, matryoshka
 from bge.lstm import BiLSTMEncoder
 from bge.merge import choose_ratio, merged_embedder, parse_ratios
 from bge.optim import decayed, default_lr, freeze, get_lr, make_optimizer, param_groups
-from bge.step import LossFn, forward_backward, make_embed
+from bge.step import forward_backward, make_embed
 from bge.tasks import TaskSampler, export, load_tasks, metric_label, validate
 
 REPO = Path(__file__).resolve().parent

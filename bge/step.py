@@ -15,8 +15,9 @@ from typing import Callable
 
 import torch
 
+from bge.loss import LossFn
+
 Embed = Callable[[list[list[int]]], torch.Tensor]  # token id lists -> (n, d) float32 embeddings
-LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def make_embed(fn: Callable, pad: Callable, device: torch.device, *, amp_dtype: torch.dtype | None = None,

@@ -33,9 +33,8 @@ from bge.embedder import Embedder
 from bge.errors import UserError
 from bge.evaluation import (HEAD_FILE, ClassifierHead, evaluate_classification, evaluate_retrieval, evaluate_sts,
                             load_eval_data)
-from bge.loss import (cosent, cosine_mse, distill_loss, false_negative_mask, head_cross_entropy, info_nce, label_mask,
-                      pair_order_accuracy, teacher_score_kl)
-from bge.step import LossFn
+from bge.loss import (LossFn, cosent, cosine_mse, distill_loss, false_negative_mask, head_cross_entropy, info_nce,
+                      label_mask, pair_order_accuracy, teacher_score_kl)
 from bge.tokenizer import Tokenizer
 
 VAL_KS = (1, 10, 100)

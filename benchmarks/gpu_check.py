@@ -42,15 +42,16 @@ def make_models(out: Path, tokenizer_dir: Path, sizes: list[str]) -> None:
         print(f"wrote {out / name}")
 
 
-def step_grads(model, tok, batch, device, **fast) -> tuple[float, dict[str, torch.Tensor]]:
+def step_grads(model, embed, batch, device) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    embed = make_embed(model.embed, tok.pad, device, **fast)
     labels = torch.arange(len(batch["q"]), device=device)
     loss, _ = forward_backward(embed, batch, lambda e: (info_nce(e["q"], e["p"], labels, 0.05)[0], {}), device=device)
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-PATHS = ("fp32 packed", "bf16", "bf16 compile", "bf16 packed", "bf16 packed compile", "bf16 packed compile flex")
+# cheap eager paths first, then the compiled ones (a minute or more of compilation each on the device)
+PATHS = ("fp32 packed", "bf16", "bf16 packed", "bf16 compile", "bf16 cudagraphs", "bf16 packed compile",
+         "bf16 packed compile flex")
 
 
 def check(folder: Path, device: torch.device, batch_size: int, paths: tuple[str, ...] = PATHS) -> list[dict]:
@@ -65,17 +66,24 @@ def check(folder: Path, device: torch.device, batch_size: int, paths: tuple[str,
     text = lambda lo, hi: " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
     batch = {"q": tok.tokenize([text(4, 20) for _ in range(batch_size)]),
              "p": tok.tokenize([text(30, 200) for _ in range(batch_size)], max_length=256)}
-    ref_loss, ref = step_grads(model, tok, batch, device)
+    ref_loss, ref = step_grads(model, make_embed(model.embed, tok.pad, device), batch, device)
     rows = []
     for name in paths:
         switches = set(name.split())
         model.attention = "flex" if "flex" in switches else "sdpa"  # FlexAttention's document mask: CUDA
-        loss, g = step_grads(model, tok, batch, device, amp_dtype=torch.bfloat16 if "bf16" in switches else None,
-                             packed="packed" in switches, compile="compile" in switches)
+        graphs = "cudagraphs" in switches  # compiled, then recorded and replayed as CUDA graphs
+        embed = make_embed(model.embed, tok.pad, device, amp_dtype=torch.bfloat16 if "bf16" in switches else None,
+                           packed="packed" in switches, compile=graphs or "compile" in switches,
+                           compile_mode="reduce-overhead" if graphs else "default")
+        for _ in range(3 if graphs else 1):  # the first calls warm up and record; the third replays the graphs
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            loss, g = step_grads(model, embed, batch, device)
         cos = F.cosine_similarity(torch.cat([g[n].flatten() for n in ref]), torch.cat([ref[n].flatten() for n in ref]), 0).item()
         tol = (1e-4, 0.99999) if "fp32" in switches else (2e-2, 0.99)  # fp32 paths agree to rounding; bf16 to ~1e-2
         ok = abs(loss - ref_loss) <= tol[0] * max(1.0, abs(ref_loss)) and cos >= tol[1]
         rows.append({"path": name, "loss": loss, "fp32 eager loss": ref_loss, "grad cosine": cos, "ok": ok})
+        print(f"{name}: loss {loss:.5f} (fp32 eager {ref_loss:.5f}), grad cosine {cos:.6f}, ok {ok}", flush=True)
     model.attention = "sdpa"
     return rows
 

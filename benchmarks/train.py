@@ -9,7 +9,10 @@ configuration: samples/s and real (non-padding) tokens/s (median of --repeats pr
 step, peak memory (RSS on CPU, max allocated on CUDA), and model FLOP utilisation against this device's own
 matmul peak measured in the same process. --check-loss compares the fp32 loss trajectories with dropout off.
 
-Variants are `+`-joined switches: fp32 | bf16 | fp16, packed, compile, gradcache=N, ckpt (gradient checkpointing).
+Variants are `+`-joined switches: fp32 | bf16 | fp16, packed, compile, cudagraphs (compile with CUDA graphs:
+mode "reduce-overhead"), gradcache=N, ckpt (gradient checkpointing). --profile adds, per configuration, how busy
+the device was over two profiled steps (on CUDA: kernel time / wall time; low = the step waits on Python and
+kernel launches, not on arithmetic) and the operators that took most of it.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from benchmarks.common import SCIFACT, print_table, write_json
+from bge.console import console
 from bge.hub import resolve_model
 
 
@@ -122,11 +126,14 @@ def worker(a) -> dict:
         n_linear = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.ndim == 2)
         hidden, layers = model.cfg.hidden_size, model.cfg.num_layers
         opt = make_optimizer(model, lr=a.lr, weight_decay=0.01, fused=device.type in ("cpu", "cuda"))
-        embed = make_embed(model.embed, tokenizer.pad, device, amp_dtype=dtype, compile="compile" in switches,
-                           packed="packed" in switches)
+        graphs = "cudagraphs" in switches
+        embed = make_embed(model.embed, tokenizer.pad, device, amp_dtype=dtype, compile=graphs or "compile" in switches,
+                           compile_mode="reduce-overhead" if graphs else "default", packed="packed" in switches)
         labels = torch.arange(a.batch_size, device=device) * a.group_size
 
         def step(batch):
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             loss, _ = forward_backward(embed, batch, lambda e: (info_nce(e["q"], e["p"], labels, a.temperature)[0], {}),
                                        chunk_size=gradcache, device=device)
             opt.step()
@@ -185,9 +192,38 @@ def worker(a) -> dict:
     seconds = sum(times)
     memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"samples_per_s": a.batch_size * len(timed) / seconds, "tokens_per_s": tokens / seconds,
-            "s_per_step": statistics.median(times), "peak_memory_gb": memory / 1e9, "mfu": flops / seconds / peak,
-            "matmul_peak_tflops": peak / 1e12, "losses": losses}
+    result = {"samples_per_s": a.batch_size * len(timed) / seconds, "tokens_per_s": tokens / seconds,
+              "s_per_step": statistics.median(times), "peak_memory_gb": memory / 1e9, "mfu": flops / seconds / peak,
+              "matmul_peak_tflops": peak / 1e12, "losses": losses}
+    if a.profile:
+        try:  # a diagnosis, never a reason to lose the throughput figures above
+            result["profile"] = profile(step, timed[:2], device)
+        except Exception as e:
+            result["profile"] = {"error": f"{type(e).__name__}: {e}"}
+    return result
+
+
+def profile(step, batches: list, device: torch.device, top: int = 8) -> dict:
+    """Run `batches` under torch.profiler: the device's busy share of the wall time (on CUDA, summed kernel and copy
+    time / wall; None on CPU, where the operators are the wall time) and the operators with the most self time."""
+    from torch.profiler import ProfilerActivity
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    ranked = sorted(events, key=key, reverse=True)[:top]
+    busy = sum(e.self_device_time_total for e in events) / 1e6 / wall if cuda else None
+    return {"wall_s_per_step": wall / len(batches), "device_busy": busy,
+            "top": [[e.key[:80], key(e) / 1e3 / len(batches)] for e in ranked]}  # ms per step
 
 
 # ---- the orchestrator ------------------------------------------------------------------------------------
@@ -210,6 +246,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true", help="profile two more steps per configuration (device busy "
+                   "share, top operators)")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--side", default="bge", help=argparse.SUPPRESS)
@@ -225,18 +263,25 @@ def main() -> None:
         for k in ("model", "batch_size", "group_size", "max_query_length", "max_passage_length", "lengths", "steps",
                   "warmup", "temperature", "lr", "seed", "device"):
             argv += ["--" + k.replace("_", "-"), str(getattr(a, k))]
-        out = subprocess.run(argv + (["--no-dropout"] if no_dropout else []), capture_output=True, text=True)
+        argv += (["--no-dropout"] if no_dropout else []) + (["--profile"] if a.profile and not no_dropout else [])
+        out = subprocess.run(argv, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{side} {variant} failed:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    configs = [("bge", v) for v in a.variants.split(",")]
-    if a.vs:
-        configs += [("st", v) for v in a.vs_variants.split(",")]
+    # the reference (sentence-transformers' first variant) first: a run cut short still has something to compare to
+    configs = ([("st", v) for v in a.vs_variants.split(",")] if a.vs else []) + [("bge", v) for v in a.variants.split(",")]
     results: dict[str, list[dict]] = {f"{s} {v}": [] for s, v in configs}
+    summary = {"args": {k: v for k, v in vars(a).items() if k not in ("worker", "side", "variant", "no_dropout")},
+               "results": results}
     for _ in range(a.repeats):  # interleaved, so drifting machine load hits every configuration alike
         for side, variant in configs:
-            results[f"{side} {variant}"].append(run(side, variant))
+            r = run(side, variant)
+            results[f"{side} {variant}"].append(r)
+            busy = (r.get("profile") or {}).get("device_busy")
+            console.print(f"{side} {variant}: {r['samples_per_s']:.1f} samples/s, {r['s_per_step']:.3f} s/step, "
+                          f"MFU {100 * r['mfu']:.1f}%" + (f", device busy {100 * busy:.0f}%" if busy else ""))
+            write_json(a.json, summary)  # after every process, so a run cut short keeps what it measured
 
     def med(name, key):
         return statistics.median(r[key] for r in results[name])
@@ -252,8 +297,9 @@ def main() -> None:
         rows.append([name.replace("st ", "sentence-transformers "), span(name, "samples_per_s", "{:.1f}"),
                      span(name, "tokens_per_s", "{:,.0f}"), f"{med(name, 's_per_step'):.2f}",
                      f"{med(name, 'peak_memory_gb'):.2f}", f"{100 * med(name, 'mfu'):.1f}%", ratio])
-    summary = {"args": {k: v for k, v in vars(a).items() if k not in ("worker", "side", "variant", "no_dropout")},
-               "results": results}
+        busy = [b for r in results[name] if (b := (r.get("profile") or {}).get("device_busy")) is not None]
+        if a.profile and a.device.startswith("cuda"):
+            rows[-1].append(f"{100 * statistics.median(busy):.0f}%" if busy else "n/a")
     if a.check_loss and a.vs:
         ours, theirs = run("bge", "fp32", no_dropout=True)["losses"], run("st", "fp32", no_dropout=True)["losses"]
         diff = max(abs(x - y) for x, y in zip(ours, theirs))
@@ -267,7 +313,8 @@ def main() -> None:
     print_table(f"training step · {Path(str(resolve_model(a.model))).name} · batch {a.batch_size} x group "
                 f"{a.group_size} · max len {a.max_query_length}/{a.max_passage_length} · lengths {a.lengths} · "
                 f"padding {100 * summary['padding_share']:.0f}% of padded tokens",
-                ["", "samples/s", "real tokens/s", "s/step", "peak GB", "MFU", "vs ST"], rows)
+                ["", "samples/s", "real tokens/s", "s/step", "peak GB", "MFU", "vs ST"]
+                + (["device busy"] if a.profile and a.device.startswith("cuda") else []), rows)
     write_json(a.json, summary)
 
 

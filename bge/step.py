@@ -21,11 +21,14 @@ Embed = Callable[[list[list[int]]], torch.Tensor]  # token id lists -> (n, d) fl
 
 
 def make_embed(fn: Callable, pad: Callable, device: torch.device, *, amp_dtype: torch.dtype | None = None,
-               compile: bool = False, packed: bool = False) -> Embed:
+               compile: bool = False, compile_mode: str = "default", packed: bool = False) -> Embed:
     """The function a step embeds texts with: pad the token ids (per call, so per GradCache chunk), run
     fn(input_ids, mask, packed=...) (model.embed, or its DDP wrapper) under autocast (bf16/fp16) or in fp32,
-    and return float32 embeddings."""
-    fn = torch.compile(fn, dynamic=True) if compile else fn  # compiles a view: the raw module is what we save
+    and return float32 embeddings. compile_mode is torch.compile's mode: "reduce-overhead" replays CUDA graphs
+    (one per input shape), which removes the per-kernel launch cost; the caller then marks each step's start
+    with torch.compiler.cudagraph_mark_step_begin()."""
+    # compiles a view: the raw module is what we save
+    fn = torch.compile(fn, dynamic=True, mode=compile_mode) if compile else fn
 
     def embed(ids: list[list[int]]) -> torch.Tensor:
         input_ids, mask = pad(ids)

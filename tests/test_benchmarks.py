@@ -17,12 +17,14 @@ def run(*argv):
 
 def test_gpu_check_cpu_path(tmp_path, minilm_dir):
     run("benchmarks/gpu_check.py", "--make-models", str(tmp_path), "--sizes", "tiny", "--tokenizer", str(minilm_dir))
-    # compiled paths are left to the device run (minutes of compilation on 2 cores), and FlexAttention has no
-    # backward on CPU (its forward is checked against the padded path in test_model.py)
+    # the packed compiled paths are left to the device run (minutes of compilation on 2 cores), and FlexAttention
+    # has no backward on CPU (its forward is checked against the padded path in test_model.py); "cudagraphs" is
+    # torch.compile's reduce-overhead mode, which on CPU compiles without graphs: the code path still runs here
+    paths = ["fp32 packed", "bf16", "bf16 packed", "bf16 compile", "bf16 cudagraphs"]
     run("benchmarks/gpu_check.py", "--check", str(tmp_path / "tiny"), "--device", "cpu", "--batch-size", "6",
-        "--paths", "fp32 packed,bf16,bf16 packed", "--json", str(tmp_path / "check.json"))
+        "--paths", ",".join(paths), "--json", str(tmp_path / "check.json"))
     rows = json.loads((tmp_path / "check.json").read_text())["rows"]
-    assert [r["path"] for r in rows] == ["fp32 packed", "bf16", "bf16 packed"]
+    assert [r["path"] for r in rows] == paths
     assert all(r["ok"] for r in rows) and rows[0]["grad cosine"] > 0.99999
 
 
@@ -30,11 +32,14 @@ def test_training_benchmark_runs_both_sides_with_equal_fp32_losses(tmp_path, tin
     out = tmp_path / "bench.json"
     run("benchmarks/train.py", "--model", str(tiny_model_dir), "--lengths", "12,40", "--batch-size", "4",
         "--steps", "2", "--warmup", "1", "--repeats", "1", "--variants", "fp32,bf16+packed",
-        "--vs", "sentence-transformers", "--check-loss", "--json", str(out))
+        "--vs", "sentence-transformers", "--check-loss", "--profile", "--json", str(out))
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"bge fp32", "bge bf16+packed", "st fp32"}
     for runs in result["results"].values():
         assert runs[0]["samples_per_s"] > 0 and runs[0]["peak_memory_gb"] > 0 and 0 < runs[0]["mfu"] < 1
+        top = runs[0]["profile"]["top"]  # the profiled steps' costliest operators, in ms per step
+        assert len(top) == 8 and all(ms > 0 for _, ms in top) and top == sorted(top, key=lambda t: -t[1])
+        assert {"aten::mm", "aten::addmm", "aten::bmm"} & {name for name, _ in top}  # it profiled the model
     assert result["loss_check"]["max_abs_diff"] <= 1e-4
     assert len(result["loss_check"]["bge"]) == 3
 

@@ -205,7 +205,10 @@ def worker(a) -> dict:
 
 def profile(step, batches: list, device: torch.device, top: int = 8) -> dict:
     """Run `batches` under torch.profiler: the device's busy share of the wall time (on CUDA, summed kernel and copy
-    time / wall; None on CPU, where the operators are the wall time) and the operators with the most self time."""
+    time / wall; None on CPU, where the operators are the wall time), the operators with the most self time on the
+    device (CUDA) or CPU, and on CUDA the kernels with the most time. The profiler slows the host side, so the busy
+    share is a lower bound for the unprofiled step."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -219,11 +222,15 @@ def profile(step, batches: list, device: torch.device, top: int = 8) -> dict:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
     events = prof.key_averages()
+    # an operator's self device time is the kernels it launched, so operators and kernels are ranked apart: summed
+    # together they would count each kernel twice
+    ops = [e for e in events if e.device_type == DeviceType.CPU]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    ranked = sorted(events, key=key, reverse=True)[:top]
-    busy = sum(e.self_device_time_total for e in events) / 1e6 / wall if cuda else None
-    return {"wall_s_per_step": wall / len(batches), "device_busy": busy,
-            "top": [[e.key[:80], key(e) / 1e3 / len(batches)] for e in ranked]}  # ms per step
+    ms = lambda evs: [[e.key[:80], key(e) / 1e3 / len(batches)] for e in sorted(evs, key=key, reverse=True)[:top]]
+    return {"wall_s_per_step": wall / len(batches),
+            "device_busy": sum(k.self_device_time_total for k in kernels) / 1e6 / wall if cuda else None,
+            "top": ms(ops), "kernels": ms(kernels) if cuda else []}  # ms per step
 
 
 # ---- the orchestrator ------------------------------------------------------------------------------------

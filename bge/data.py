@@ -203,25 +203,14 @@ def claim_qid(ex: Example, first_line: dict[str, int], where: str, problems: lis
 
 
 def load_examples(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[Example], list[str]]:
-    """Training examples of a JSONL file and the problems of the lines skipped. Without skip_bad_lines any
-    problem raises DataError listing every bad line."""
-    path = Path(path)
-    problems: list[str] = []
-    out = []
-    first_line: dict[str, int] = {}  # qid -> the line that used it first
-    for n, obj in read_json_objects(path, problems):
-        ex = parse_example(obj, f"{path}:{n}", problems)
-        if ex is None:
-            continue
-        ex.line = n
-        if not claim_qid(ex, first_line, f"{path}:{n}", problems):
-            continue
-        out.append(ex)
-    if problems and not skip_bad_lines:
-        raise DataError(path, problems, hint="fix them, or pass --skip-bad-lines to drop them")
-    if not out:
-        raise UserError(f"{path}: no training examples")
-    return out, problems
+    """The query/pos/neg lines of a JSONL file (read by load_training_file as a retrieval file) and the problems of the
+    lines skipped, for the tools that need retrieval lines only (mining, scoring, retrieval evaluation)."""
+    data, problems = load_training_file(path, "retrieval", skip_bad_lines)
+    if data.sts or data.classification:
+        first = (data.sts or data.classification)[0]
+        raise UserError(f"{path}:{first.line}: this needs query/pos lines, and this line is an "
+                        f"{'STS' if data.sts else 'classification'} line (its 'type')")
+    return data.retrieval, problems
 
 
 def examples_from_beir(data: RetrievalData) -> list[Example]:

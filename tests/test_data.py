@@ -193,3 +193,13 @@ def test_retrieval_set_over_a_given_corpus_keeps_its_ids_and_adds_missing_passag
     assert list(data.corpus.items())[:3] == list(corpus.items()) and len(data.corpus) == 4
     added = next(d for d, t in data.corpus.items() if t == "new")
     assert added not in corpus and data.qrels == {"7": {"d0": 1}}
+
+
+def test_retrieval_only_readers_name_a_line_of_another_task(tmp_path):
+    # mining, scoring and retrieval evaluation read query/pos lines only: a typed STS line is named, not misparsed
+    sts = {"type": "sts", "sentence1": "a", "sentence2": "b", "score": 3}
+    path = write(tmp_path, [json.dumps(GOOD), json.dumps(sts)])
+    with pytest.raises(UserError, match=r"train.jsonl:2: this needs query/pos lines, and this line is an STS line"):
+        load_examples(path)
+    with pytest.raises(DataError, match=r":2: field 'type' must be one of"):
+        load_examples(write(tmp_path, [json.dumps(GOOD), json.dumps({**GOOD, "type": "banana"})], "typo.jsonl"))

@@ -57,13 +57,15 @@ class Dropout(nn.Dropout):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, p: float) -> torch.Tensor:
     """scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p) for (B, heads, L, d) inputs and a
     (B, 1, 1, L) boolean key mask, written out so the dropout on the probabilities uses the cheap mask. Used on
-    CPU while training with attention dropout; otherwise SDPA's fused kernels are faster. No row is fully
+    CPU while training (bge.model says when); SDPA's fused kernels are faster for inference. No row is fully
     masked (every text keeps its [CLS]), so the plain softmax is safe."""
     B, h, L, d = q.shape
     bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_mask, float("-inf"))
     scores = torch.baddbmm(bias.expand(B, h, 1, L).reshape(B * h, 1, L), q.reshape(B * h, L, d),
                            k.reshape(B * h, L, d).transpose(1, 2), alpha=d**-0.5)
     probs = torch.softmax(scores, dim=-1)
+    if p == 0:
+        return torch.bmm(probs, v.reshape(B * h, L, d)).view(B, h, L, d)
     keep, scale = keep_mask(probs.shape, p, q.device)
     # the scale is applied to the (L x d) output rather than the (L x L) probabilities: one pass fewer
     return (torch.bmm(torch.where(keep, probs, 0), v.reshape(B * h, L, d)) * scale).view(B, h, L, d)

@@ -115,3 +115,22 @@ def test_encoder_training_step_drops_at_the_configured_rates():
     model.set_dropout(hidden=0.0, attention=0.0)
     model.train()
     torch.testing.assert_close(model.embed(ids, mask), e, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_training_without_attention_dropout_matches_eval():
+    # in bf16 training at p = 0 the encoder takes the written-out attention (SDPA's bf16 backward is slow on CPU);
+    # eval takes SDPA: the two must compute the same function, to bf16 rounding
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=40,
+                      hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = Encoder(cfg)
+    for layer in model.layers:  # BERT's N(0, 0.02) leaves attention a small share of each layer's output
+        torch.nn.init.normal_(layer.qkv.weight, std=0.5)
+        torch.nn.init.normal_(layer.out.weight, std=0.5)
+    ids = torch.randint(1, 50, (4, 30))
+    mask = (torch.arange(30) < torch.tensor([30, 12, 2, 25])[:, None]).long()
+    real = mask.bool()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e = model.eval()(ids, mask)[real].float()
+        t = model.train()(ids, mask)[real].float()
+    assert F.cosine_similarity(e, t, dim=-1).min() > 0.999

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from bge.console import console
 from bge.errors import UserError
+from bge.tokenizer import PAD_TO_MULTIPLE
 from bge.runs import machine, speed_passages  # noqa: F401  (machine: the benchmarks' captions use it from here)
 
 # where SciFact lives: ../shared/data beside the checkout, or $BGE_SCIFACT (a device machine gets a carried copy)
@@ -24,6 +25,19 @@ def scifact_passages(n: int, words: tuple[int, int] = (150, 250), path: Path = S
         return speed_passages(path, n, words)
     except UserError as e:
         raise SystemExit(str(e)) from None
+
+
+def padding_costs(batches: list[dict[str, list[list[int]]]]) -> tuple[float, float]:
+    """(padding share of padded tokens, padded attention L^2 / real L^2) over every side of every batch."""
+    real = padded = att_real = att_padded = 0
+    for b in batches:
+        for side in b.values():
+            longest = -(-max(len(x) for x in side) // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE  # as Tokenizer.pad pads
+            real += sum(len(x) for x in side)
+            padded += len(side) * longest
+            att_real += sum(len(x) ** 2 for x in side)
+            att_padded += len(side) * longest**2
+    return 1 - real / padded, att_padded / att_real
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> list[float]:

@@ -18,24 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import padding_costs, print_table, write_json
 from benchmarks.train import scifact_pairs
 from bge.hub import resolve_model
-from bge.tokenizer import PAD_TO_MULTIPLE
 from bge.weights import load_model
-
-
-def costs(batches: list[dict[str, list[list[int]]]]) -> tuple[float, float]:
-    """(padding share of padded tokens, padded attention L^2 / real L^2) over every side of every batch."""
-    real = padded = att_real = att_padded = 0
-    for b in batches:
-        for side in b.values():
-            longest = -(-max(len(x) for x in side) // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE  # as Tokenizer.pad pads
-            real += sum(len(x) for x in side)
-            padded += len(side) * longest
-            att_real += sum(len(x) ** 2 for x in side)
-            att_padded += len(side) * longest**2
-    return 1 - real / padded, att_padded / att_real
 
 
 def bucketed(pairs: list[tuple[list[int], list[int]]], batch_size: int, pool: int, seed: int) -> list[dict]:
@@ -68,7 +54,7 @@ def main() -> None:
     at_cap = sum(len(pp) == a.max_passage_length for _, pp in pairs) / len(pairs)
     rows, summary = [], {"pairs": len(pairs), "passages_at_max_length": at_cap, "pools": {}}
     for pool in (int(x) for x in a.pools.split(",")):
-        share, att = costs(bucketed(pairs, a.batch_size, pool, a.seed))
+        share, att = padding_costs(bucketed(pairs, a.batch_size, pool, a.seed))
         summary["pools"][pool] = {"padding_share": share, "attention_padded_over_real": att}
         rows.append(["random batches" if pool == 1 else f"bucketed, pools of {pool} batches", f"{100 * share:.1f}%",
                      f"{att:.3f}"])

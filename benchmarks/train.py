@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import SCIFACT, print_table, write_json
+from benchmarks.common import SCIFACT, padding_costs, print_table, write_json
 from bge.console import console
 from bge.hub import resolve_model
 
@@ -299,13 +299,14 @@ def main() -> None:
 
     ref = f"st {a.vs_variants.split(',')[0]}" if a.vs else None
     rows = []
+    show_busy = a.profile and a.device.startswith("cuda")  # the CPU profile has no device time
     for name in results:
         ratio = f"{med(name, 'samples_per_s') / med(ref, 'samples_per_s'):.2f}x" if ref else ""
         rows.append([name.replace("st ", "sentence-transformers "), span(name, "samples_per_s", "{:.1f}"),
                      span(name, "tokens_per_s", "{:,.0f}"), f"{med(name, 's_per_step'):.2f}",
                      f"{med(name, 'peak_memory_gb'):.2f}", f"{100 * med(name, 'mfu'):.1f}%", ratio])
         busy = [b for r in results[name] if (b := (r.get("profile") or {}).get("device_busy")) is not None]
-        if a.profile and a.device.startswith("cuda"):
+        if show_busy:
             rows[-1].append(f"{100 * statistics.median(busy):.0f}%" if busy else "n/a")
     if a.check_loss and a.vs:
         ours, theirs = run("bge", "fp32", no_dropout=True)["losses"], run("st", "fp32", no_dropout=True)["losses"]
@@ -314,14 +315,12 @@ def main() -> None:
         print(f"fp32 loss trajectories, dropout off, {len(ours)} steps: max |bge - sentence-transformers| = {diff:.2e}")
     from bge.weights import load_model
     batches = make_batches(load_model(resolve_model(a.model))[1], a)
-    real = sum(len(x) for b in batches for ids in b.values() for x in ids)
-    padded = sum(len(ids) * -(-max(len(x) for x in ids) // 8) * 8 for b in batches for ids in b.values())
-    summary["padding_share"] = 1 - real / padded  # of the padded layout's tokens; the packed layout has none
+    summary["padding_share"] = padding_costs(batches)[0]  # of the padded layout's tokens; the packed layout has none
     print_table(f"training step · {Path(str(resolve_model(a.model))).name} · batch {a.batch_size} x group "
                 f"{a.group_size} · max len {a.max_query_length}/{a.max_passage_length} · lengths {a.lengths} · "
                 f"padding {100 * summary['padding_share']:.0f}% of padded tokens",
                 ["", "samples/s", "real tokens/s", "s/step", "peak GB", "MFU", "vs ST"]
-                + (["device busy"] if a.profile and a.device.startswith("cuda") else []), rows)
+                + (["device busy"] if show_busy else []), rows)
     write_json(a.json, summary)
 
 

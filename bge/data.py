@@ -529,11 +529,9 @@ def load_training_file(path: str | Path, task: str = "auto", skip_bad_lines: boo
         item = {"retrieval": parse_example, "sts": parse_pair, "classification": parse_labelled}[kind](obj, where, problems)
         if item is None:
             continue
-        if kind == "retrieval":
-            item.line = n
-            if not claim_qid(item, first_line, where, problems):
-                continue
         item.line = n
+        if kind == "retrieval" and not claim_qid(item, first_line, where, problems):
+            continue
         getattr(out, kind).append(item)
     if problems and not skip_bad_lines:
         raise DataError(path, problems, hint="fix them, or pass --skip-bad-lines to drop them")

@@ -55,7 +55,8 @@ def test_encode_benchmark_compares_like_with_like(tmp_path, tiny_model_dir):
 
 
 def test_padding_report_bucketing_keeps_every_pair_and_cuts_padding():
-    from benchmarks.padding import bucketed, costs
+    from benchmarks.common import padding_costs as costs
+    from benchmarks.padding import bucketed
     rng = random.Random(0)
     pairs = [([1] * rng.randint(3, 20), [2] * rng.randint(5, 90)) for _ in range(64)]
     plain, sorted_pools = bucketed(pairs, 8, 1, seed=0), bucketed(pairs, 8, 4, seed=0)

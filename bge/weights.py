@@ -28,9 +28,11 @@ BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # non-persis
 KEPT_AS_IS = ("pooler.",)  # carried through to the exported file so AutoModel finds its pooler
 
 ST_MODULES = "sentence_transformers.models."
-POOLING_MODES = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens"}
-UNSUPPORTED_POOLING = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
-                       "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+POOLING_MODES = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens"}  # ours: the legacy keys
+LEGACY_POOLING_KEYS = {**POOLING_MODES, "max": "pooling_mode_max_tokens",
+                       "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+                       "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
+UNSUPPORTED_POOLING = tuple(k for m, k in LEGACY_POOLING_KEYS.items() if m not in POOLING_MODES)
 BGE_CONFIG = "bge_config.json"  # our own architectures (the BiLSTM); HF ones have config.json
 TOKENIZER_KEYS = ("max_length", "query_prompt")  # kept in bge_config.json next to the architecture
 
@@ -118,7 +120,9 @@ def load_weights(model: Encoder, tensors: dict[str, torch.Tensor], source: str) 
 
 
 def read_pooling(folder: Path) -> tuple[str, bool]:
-    """(pooling, normalize) from sentence-transformers' modules.json; CLS + normalise (BGE's) when absent."""
+    """(pooling, normalize) from sentence-transformers' modules.json; CLS + normalise (BGE's) when absent.
+    Pooling configs come in two shapes: `pooling_mode: "mean"` (sentence-transformers 6) or one boolean per mode
+    (`pooling_mode_mean_tokens: true`, older versions); a mode bge does not implement is an error, never a guess."""
     modules = _read_json(folder / "modules.json")
     if not modules:
         return "cls", True
@@ -126,10 +130,17 @@ def read_pooling(folder: Path) -> tuple[str, bool]:
     for m in modules:
         kind = m.get("type", "").rsplit(".", 1)[-1]
         if kind == "Pooling":
-            cfg = _read_json(folder / m["path"] / "config.json", {})
-            if any(cfg.get(k) for k in UNSUPPORTED_POOLING):
-                raise UserError(f"{folder / m['path'] / 'config.json'}: only cls and mean pooling are supported")
-            pooling = "mean" if cfg.get(POOLING_MODES["mean"]) else "cls"
+            path = folder / m["path"] / "config.json"
+            cfg = _read_json(path, {})
+            mode = cfg.get("pooling_mode")
+            if mode is None:
+                mode = [name for name, key in LEGACY_POOLING_KEYS.items() if cfg.get(key)] or "cls"
+            modes = [mode] if isinstance(mode, str) else list(mode)
+            if len(modes) != 1 or modes[0] not in POOLING_MODES:
+                raise UserError(f"{path}: pooling {'+'.join(map(str, modes))}; bge implements cls and mean pooling only")
+            if modes[0] == "mean" and cfg.get("include_prompt") is False:
+                raise UserError(f"{path}: mean pooling without the prompt tokens (include_prompt false) is not supported")
+            pooling = modes[0]
         normalize |= kind == "Normalize"
     return pooling, normalize
 

@@ -102,6 +102,7 @@ def test_tiny_random_models_match_transformers(flavour, tmp_path):
 @pytest.mark.parametrize("pooling,prompt", [("mean", ""), ("cls", QUERY_PROMPTS["en"])])
 def test_export_round_trip(minilm, tmp_path, pooling, prompt):
     model, tok = minilm
+    model.eval()  # the comparison with transformers below calls the model directly: no dropout
     model.cfg.pooling, tok.query_prompt = pooling, prompt
     try:
         emb = Embedder(model, tok, device="cpu")
@@ -128,6 +129,28 @@ def test_export_round_trip(minilm, tmp_path, pooling, prompt):
     again = Embedder.load(str(out), device="cpu")
     assert again.model.cfg.pooling == pooling and again.tokenizer.query_prompt == prompt
     assert torch.allclose(torch.from_numpy(again.encode(TEXTS, is_query=True)), ours_q, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_folder_saved_by_sentence_transformers_loads(minilm_dir, tmp_path, pooling):
+    # sentence-transformers 6 writes `"pooling_mode": "mean"` where older versions wrote one boolean per mode; read
+    # either way, the embeddings must be theirs (a CLS guess on a mean-pooled model gave cosine 0.59)
+    st = SentenceTransformer(str(minilm_dir), device="cpu")
+    st[1].pooling_mode = pooling
+    st.save(str(tmp_path / "st"))
+    pool_cfg = json.loads(next((tmp_path / "st").glob("1_Pooling/config.json")).read_text())
+    assert pool_cfg.get("pooling_mode") == pooling  # the new format is the one under test
+    ours = torch.from_numpy(Embedder.load(str(tmp_path / "st"), device="cpu").encode(TEXTS))
+    assert F.cosine_similarity(ours, torch.from_numpy(st.encode(TEXTS))).min() >= 0.99999
+    # the older format, and a pooling bge does not implement (an error, not a silent CLS)
+    legacy = {"word_embedding_dimension": 384, "pooling_mode_cls_token": pooling == "cls",
+              "pooling_mode_mean_tokens": pooling == "mean"}
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps(legacy))
+    again = torch.from_numpy(Embedder.load(str(tmp_path / "st"), device="cpu").encode(TEXTS))
+    assert torch.allclose(again, ours, atol=1e-6)
+    (tmp_path / "st" / "1_Pooling" / "config.json").write_text('{"pooling_mode": "max"}')
+    with pytest.raises(UserError, match="cls and mean pooling only"):
+        Embedder.load(str(tmp_path / "st"), device="cpu")
 
 
 def test_half_precision_and_prefixed_files_load(minilm, minilm_dir, tmp_path):

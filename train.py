@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     base = Embedder.load(cfg.model, device=device, query_prompt=tokenizer.query_prompt)
     tuned = Embedder.load(str(run_dir / "best"), device=device)
     merged, ratio = None, (cfg.merge_ratio if cfg.merge_ratio >= 0 else None)
+    sweep: dict[float, dict[str, float]] = {}
     if merge_ratios:
         # both ends were validated during training (a state saved by an older version lacks them)
         sweep = {0.0: trainer["base_val"] or validation_scores(base), 1.0: trainer["best_val"] or validation_scores(tuned)}
@@ -397,7 +398,10 @@ def main(argv: list[str] | None = None) -> None:
         results["merge_ratio"] = ratio
 
     # ---- the ending: base vs fine-tuned (and merged) on the held-out test set and the probe --------------
-    probe_rows = {name: probe_scores(m) for name, m in (("base", base), ("fine_tuned", tuned), ("merged", merged)) if m}
+    # the probe was scored when each of these models was validated (base at step 0, best/ at its step): reuse it
+    validated = {"base": trainer["base_val"], "fine_tuned": trainer["best_val"], "merged": sweep.get(ratio)}
+    probe_rows = {name: {k: v for k, v in (validated[name] or {}).items() if k.startswith("probe/")} or probe_scores(m)
+                  for name, m in (("base", base), ("fine_tuned", tuned), ("merged", merged)) if m}
     per_task, tables = {}, []  # the base-vs-fine-tuned tables come last, after the diagnostics that explain them
     for job in (t for t in tasks.values() if t.test_data is not None):
         r = job.test(base, tuned, cpu_bf16, run_dir / "best")

@@ -29,6 +29,8 @@ class TrainConfig:
     split: str = opt("train", "qrels split to train on when --data is a BEIR folder", "data")
     val: str = opt("", "validation set (JSONL or BEIR folder); default: carved from --data", "data")
     test: str = opt("", "test set (JSONL or BEIR folder); default: carved from --data", "data")
+    split_seed: int = opt(-1, "seed of the held-out split (negative = --seed): fix it to compare training seeds on "
+                          "one test set", "data")
     val_ratio: float = opt(0.15, "share of queries carved out for validation", "data")
     test_ratio: float = opt(0.15, "share of queries carved out for the final test", "data")
     skip_bad_lines: bool = opt(False, "drop malformed lines (and say how many) instead of stopping", "data")

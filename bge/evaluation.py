@@ -108,34 +108,81 @@ def _write_cache(path: Path, ids: list[str], emb: torch.Tensor, metadata: dict[s
                         f"--cache-dir") from None
 
 
+class CorpusCache:
+    """Corpus embeddings by cache key (model fingerprint, max length, precision, corpus): in memory, and in `folder`
+    on disk when one is given (read always, written when `write`). A training run validates a model and later tests
+    the same weights (the base model at step 0, best/ at its step): the memory keeps the first model's embeddings
+    and the latest `keep` others, so neither is encoded twice. Views made with `view()` share one memory."""
+
+    def __init__(self, folder: str | Path | None = None, *, write: bool = True, keep: int = 2,
+                 max_bytes: int = 2**30, memory: dict | None = None):
+        self.folder, self.write, self.keep, self.max_bytes = (Path(folder) if folder else None), write, keep, max_bytes
+        self.memory = {} if memory is None else memory  # key -> (ids, emb, metadata); order = recency; first pinned
+
+    def view(self, *, write: bool) -> "CorpusCache":
+        """The same memory and folder, with another disk-write policy."""
+        return CorpusCache(self.folder, write=write, keep=self.keep, max_bytes=self.max_bytes, memory=self.memory)
+
+    def path(self, key: str) -> Path | None:
+        return self.folder / f"{key}.safetensors" if self.folder else None
+
+    def get(self, key: str, ids: list[str], dim: int) -> torch.Tensor | None:
+        hit = self.memory.get(key)
+        if hit is not None and hit[0] == ids:
+            if key != next(iter(self.memory)):  # refresh recency (the pinned first entry stays first)
+                self.memory[key] = self.memory.pop(key)
+            if self.folder and self.write and not self.path(key).exists():  # validated in memory, kept now
+                _write_cache(self.path(key), ids, hit[1], hit[2])
+            return hit[1]
+        emb = _read_cache(self.path(key), ids, dim) if self.folder else None
+        if emb is not None:
+            self._remember(key, ids, emb, {})
+        return emb
+
+    def put(self, key: str, ids: list[str], emb: torch.Tensor, metadata: dict[str, str]) -> None:
+        self._remember(key, ids, emb, metadata)
+        if self.folder and self.write:
+            _write_cache(self.path(key), ids, emb, metadata)
+
+    def _remember(self, key: str, ids: list[str], emb: torch.Tensor, metadata: dict[str, str]) -> None:
+        if emb.numel() * emb.element_size() > self.max_bytes:
+            return  # a corpus too big to hold in memory: the disk (if any) serves it
+        self.memory.pop(key, None)
+        self.memory[key] = (ids, emb, metadata)
+        pinned, *rest = self.memory
+        while rest and (len(rest) > self.keep or
+                        sum(e.numel() * e.element_size() for _, e, _ in self.memory.values()) > self.max_bytes):
+            del self.memory[rest.pop(0)]
+
+
 def encode_corpus(embedder: Embedder, corpus: dict[str, str], *, batch_size: int = 64, max_length: int | None = None,
-                  cache_dir: str | Path | None = None, cpu_bf16: bool = False,
+                  cache_dir: str | Path | CorpusCache | None = None, cpu_bf16: bool = False,
                   show_progress: bool | None = None) -> CorpusEmbeddings:
     """Embeddings of every passage (no instruction), in `corpus` order.
 
-    With `cache_dir`, looks in `{cache_dir}/{key}.safetensors`, the key hashing the model fingerprint, the effective
-    max length, the precision and the corpus (ids and texts); on a miss it encodes and writes that file. Without
-    `cache_dir` nothing is hashed: pass None when the model changes between calls (validation during training)."""
+    With `cache_dir` (a folder, or a CorpusCache with memory), looks the embeddings up by a key that hashes the model
+    fingerprint, the effective max length, the precision and the corpus (ids and texts): in `{cache_dir}/{key}.safetensors`;
+    on a miss it encodes and writes that file. Without `cache_dir` nothing is hashed."""
     ids = list(corpus)
     if not ids:
         raise UserError("the corpus is empty")
     texts = [corpus[i] for i in ids]
     length = effective_max_length(embedder, max_length)
     start = time.perf_counter()
-    path = None
-    if cache_dir is not None:
+    cache = cache_dir if isinstance(cache_dir, CorpusCache) or cache_dir is None else CorpusCache(cache_dir)
+    if cache is not None:
         key = {"model": embedder.fingerprint(), "max_length": length,
                "precision": encode_precision(embedder, cpu_bf16), "corpus": corpus_hash(ids, texts)}
-        path = Path(cache_dir) / f"{cache_key(**key)}.safetensors"
-        emb = _read_cache(path, ids, embedder.dim)
+        stem = cache_key(**key)
+        emb = cache.get(stem, ids, embedder.dim)
         if emb is not None:
-            return CorpusEmbeddings(ids, emb, 0, len(ids), time.perf_counter() - start, path)
+            return CorpusEmbeddings(ids, emb, 0, len(ids), time.perf_counter() - start, cache.path(stem))
     emb = embedder.encode(texts, batch_size=batch_size, max_length=length, as_numpy=False, cpu_bf16=cpu_bf16,
                           show_progress=show_progress, description="encoding corpus")
-    if path is not None:
+    if cache is not None:
         meta = {k: str(v) for k, v in key.items()} | {"format": str(CACHE_FORMAT), "model_name": embedder.name}
-        _write_cache(path, ids, emb, meta)
-    return CorpusEmbeddings(ids, emb, len(ids), 0, time.perf_counter() - start, path)
+        cache.put(stem, ids, emb, meta)
+    return CorpusEmbeddings(ids, emb, len(ids), 0, time.perf_counter() - start, cache.path(stem) if cache else None)
 
 
 # ---- queries and search ---------------------------------------------------------------------------------
@@ -199,7 +246,7 @@ def check_dims(embedder: Embedder, dims: Sequence[int]) -> list[int]:
 
 
 def search(embedder: Embedder, data: RetrievalData, *, k: int = 100, batch_size: int = 64,
-           max_length: int | None = None, query_prompt: str | None = None, cache_dir: str | Path | None = None,
+           max_length: int | None = None, query_prompt: str | None = None, cache_dir: str | Path | CorpusCache | None = None,
            device: str | torch.device | None = None, ignore_identical_ids: bool = False, cpu_bf16: bool = False,
            show_progress: bool | None = None, dims: Sequence[int] = ()) -> Ranking:
     """Exact dense retrieval of the top k passages for every query of `data` (see encode_corpus, encode_queries and
@@ -236,7 +283,7 @@ class RetrievalEval:
 
 def evaluate_retrieval(embedder: Embedder, data: RetrievalData, *, ks: Sequence[int] = DEFAULT_KS,
                        batch_size: int = 64, max_length: int | None = None, query_prompt: str | None = None,
-                       cache_dir: str | Path | None = None, device: str | torch.device | None = None,
+                       cache_dir: str | Path | CorpusCache | None = None, device: str | torch.device | None = None,
                        ignore_identical_ids: bool = False, cpu_bf16: bool = False,
                        show_progress: bool | None = None, dims: Sequence[int] = ()) -> RetrievalEval:
     """nDCG, MRR, recall, MAP and precision at each k (bge.metrics.retrieval_metrics, trec_eval's definitions) of

@@ -31,7 +31,8 @@ from bge.data import (ClassificationData, Example, Labelled, Pair, RetrievalData
 from bge.diagnostics import Comparison, compare
 from bge.embedder import Embedder
 from bge.errors import UserError
-from bge.evaluation import (HEAD_FILE, ClassifierHead, evaluate_classification, evaluate_retrieval, evaluate_sts,
+from bge.evaluation import (HEAD_FILE, ClassifierHead, CorpusCache, evaluate_classification, evaluate_retrieval,
+                            evaluate_sts,
                             load_eval_data)
 from bge.loss import (LossFn, cosent, cosine_mse, distill_loss, false_negative_mask, head_cross_entropy, info_nce,
                       label_mask, pair_order_accuracy, teacher_score_kl)
@@ -119,6 +120,9 @@ class RetrievalTask(Task):
     def __init__(self, train: list[Example], val, test, cfg: TrainConfig):
         super().__init__(train, val, test, cfg)
         self.teacher = None  # bge.distill.Teacher with --distill-from: its embeddings are targets too
+        # one memory for validation and test: the base model validated at step 0 and best/ validated at its step are
+        # tested without encoding the corpus again; only the test writes the on-disk cache
+        self.cache = CorpusCache(Path(cfg.out_dir) / "cache")
         self.group_size = cfg.group_size if any(ex.neg for ex in train) else 1
         if self.group_size != cfg.group_size:
             self.notes.append("no hard negatives in the data: training with in-batch negatives only")
@@ -152,13 +156,13 @@ class RetrievalTask(Task):
 
     def validate(self, embedder, cpu_bf16):
         ev = evaluate_retrieval(embedder, self.val, ks=VAL_KS, batch_size=self.cfg.eval_batch_size,
-                                max_length=self.cfg.max_passage_length, cpu_bf16=cpu_bf16, show_progress=False)
+                                max_length=self.cfg.max_passage_length, cpu_bf16=cpu_bf16, show_progress=False,
+                                cache_dir=self.cache.view(write=False))
         return ev.metrics.summary
 
     def _test(self, model: Embedder, cpu_bf16: bool):
         return evaluate_retrieval(model, self.test_data, ks=TEST_KS, batch_size=self.cfg.eval_batch_size,
-                                  max_length=self.cfg.max_passage_length, cpu_bf16=cpu_bf16,
-                                  cache_dir=Path(self.cfg.out_dir) / "cache")
+                                  max_length=self.cfg.max_passage_length, cpu_bf16=cpu_bf16, cache_dir=self.cache)
 
     def test_scores(self, model, cpu_bf16, folder):
         return self._test(model, cpu_bf16).metrics.summary
@@ -172,7 +176,8 @@ class RetrievalTask(Task):
                                  n=self.cfg.explain, precision=self.cfg.threshold_precision)
         d = self.test_data
         return TestResult(f"held-out test: {len(d.queries)} queries, {len(d.corpus)} passages", b.metrics.summary,
-                          t.metrics.summary, {"test_queries": b.metrics.n_scored, "test_corpus": len(d.corpus)},
+                          t.metrics.summary, {"test_queries": b.metrics.n_scored, "test_corpus": len(d.corpus),
+                                              "test_passages_encoded": b.ranking.n_encoded + t.ranking.n_encoded},
                           comparison)
 
 
@@ -424,9 +429,10 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
     else:
         val_ratio = 0.0 if cfg.val else cfg.val_ratio
         test_ratio = 0.0 if cfg.test else cfg.test_ratio
-        split = {"seed": cfg.seed, "val_ratio": val_ratio, "test_ratio": test_ratio, "train": [], "val": [], "test": []}
+        seed = cfg.split_seed if cfg.split_seed >= 0 else cfg.seed
+        split = {"seed": seed, "val_ratio": val_ratio, "test_ratio": test_ratio, "train": [], "val": [], "test": []}
         for task, rows in items.items():
-            for part, idx in split_items(task, rows, val_ratio, test_ratio, cfg.seed).items():
+            for part, idx in split_items(task, rows, val_ratio, test_ratio, seed).items():
                 split[part] += [item_id(rows[i]) for i in idx]
         if write:  # under torchrun every rank computes the same split; rank 0 writes it
             atomic_write_text(split_file, json.dumps(split) + "\n")

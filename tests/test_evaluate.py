@@ -12,7 +12,7 @@ import torch
 
 from bge import Embedder, UserError
 from bge.data import DataError, RetrievalData, STSData, load_beir, load_sts
-from bge.evaluation import encode_corpus, evaluate_retrieval, evaluate_sts, load_eval_data, search
+from bge.evaluation import CorpusCache, encode_corpus, evaluate_retrieval, evaluate_sts, load_eval_data, search
 from bge.model import Encoder, ModelConfig
 from bge.tokenizer import Tokenizer
 from bge.weights import save
@@ -172,6 +172,38 @@ def test_cache_second_run_encodes_nothing_and_changes_invalidate(tiny, tmp_path,
     with torch.no_grad():
         tiny.model.layers[1].ffn_out.weight[0, 0] -= 1e-3
     assert encoded(tiny, data.corpus) == 40 and encoded(tiny, data.corpus) == 0
+
+
+def test_memory_cache_keeps_the_first_model_and_the_latest_and_writes_only_when_asked(tiny, tmp_path, monkeypatch):
+    # a training run validates (memory only) and then tests (disk too): the base model validated first stays, the
+    # `keep` latest others stay, and a test view writes a remembered model's embeddings to disk without encoding
+    spy = EncodeSpy(monkeypatch)
+    corpus = toy_data().corpus
+    cache = CorpusCache(tmp_path / "cache", keep=1)
+    val, test = cache.view(write=False), cache
+
+    def encoded(view) -> int:
+        spy.passages = 0
+        encode_corpus(tiny, corpus, cache_dir=view)
+        return spy.passages
+
+    assert encoded(val) == 40 and encoded(val) == 0 and not (tmp_path / "cache").exists()  # base: memory only
+    w = tiny.model.layers[1].ffn_out.weight
+    steps = [w.detach().clone()] + [w.detach() + k for k in (1.0, 2.0)]  # base, step 1, step 2
+
+    def at(k: int):
+        with torch.no_grad():
+            w.copy_(steps[k])
+        return val
+
+    assert encoded(at(1)) == 40
+    assert encoded(at(2)) == 40 and encoded(test) == 0  # step 2 evicts step 1 (keep=1), never the base
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # the test wrote what it found in memory
+    assert encoded(at(1)) == 40  # step 1 was evicted
+    assert encoded(at(0)) == 0  # the base model is pinned
+    # a corpus bigger than the memory budget is not held
+    small = CorpusCache(None, max_bytes=100)
+    assert encoded(small) == 40 and encoded(small) == 40 and small.memory == {}
 
 
 def test_without_cache_dir_nothing_is_fingerprinted(tiny, monkeypatch):

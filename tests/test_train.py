@@ -48,6 +48,8 @@ def test_run_folder_holds_everything(data, tiny_model_dir, tmp_path):
     assert results["steps"] == 12 and results["train_queries"] == 42  # 6 batches of 8 per epoch
     assert set(results["base"]) == set(results["fine_tuned"]) and "ndcg@10" in results["change"]
     assert results["test_queries"] == 9
+    # base and best/ were validated on the same corpus: their test encodes no passage again (bge.evaluation.CorpusCache)
+    assert results["test_passages_encoded"] == 0 and results["test_corpus"] > 0
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "loss" in l] == list(range(1, 13))
     assert [l["step"] for l in lines if "val/ndcg@10" in l] == [0, 6, 12]

@@ -41,10 +41,10 @@ from bge.lstm import BiLSTMEncoder
 from bge.merge import choose_ratio, merged_embedder, parse_ratios
 from bge.optim import decayed, default_lr, freeze, get_lr, make_optimizer, param_groups
 from bge.step import forward_backward, make_embed
-from bge.tasks import TaskSampler, export, load_tasks, metric_label, validate
+from bge.tasks import TaskSampler, export, labelled, load_tasks, metric_label, validate
 
 REPO = Path(__file__).resolve().parent
-RESUMABLE_OVERRIDES = {"epochs", "max_steps", "patience", "eval_every", "save_every", "device", "compile",
+RESUMABLE_OVERRIDES = {"epochs", "max_steps", "cache_dir", "patience", "eval_every", "save_every", "device", "compile",
                        "eval_batch_size", "resume", "explain", "threshold_precision"}  # what may change when a run continues
 
 
@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     embed = make_embed(net or model.embed, tokenizer.pad, device, amp_dtype=amp_dtype, compile=cfg.compile,
                        packed=packed)
     cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16  # evaluate in the arithmetic we train in
+    retrieval = tasks.get("retrieval")
+    if cfg.mine_negatives and retrieval is not None and not any(ex.neg for ex in retrieval.train):
+        retrieval.mine_negatives(embedder, cpu_bf16)  # the base model: before any step, and again (cached) on resume
+        console.print(retrieval.notes[-1])
     teacher = load_teacher(cfg, device, model.dim, cpu_bf16)
     if teacher is not None:
         if "retrieval" not in tasks:
@@ -369,8 +373,9 @@ def main(argv: list[str] | None = None) -> None:
         export(embedder, tasks, run_dir / "best")
 
     # ---- the forgetting guard: base and fine-tuned weights mixed (LM-Cocktail), chosen on validation -----
-    first = next(iter(tasks.values()))
-    best_key = first.metric if len(tasks) == 1 else "mean"
+    judged = labelled(tasks)  # what is validated and reported: not --unlabeled's pseudo-pairs
+    first = next(iter(judged.values()))
+    best_key = first.metric if len(judged) == 1 else "mean"
     results = {"run": str(run_dir), "config": cfg.to_dict(), "best_step": trainer["best_step"], f"best_val_{best_key}": trainer["best"],
                "steps": trainer["step"], "train_seconds": trainer["train_seconds"], "skipped_steps": trainer["bad_steps_total"],
                **{f"train_{'queries' if t.name == 'retrieval' else t.name}": len(t.train) for t in tasks.values()}}
@@ -422,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     for table in tables:
         console.print(table)
     if per_task:
-        results.update(per_task[first.name] if len(tasks) == 1 else {"tasks": per_task})
+        results.update(per_task[first.name] if len(judged) == 1 else {"tasks": per_task})
     elif probe is not None:  # no test set: the probe alone
         console.print(results_table(f"general probe · {probe.name}", probe_rows["base"], probe_rows["fine_tuned"],
                                     tuple(probe_rows["base"]), probe_rows.get("merged"), ratio))

@@ -73,8 +73,10 @@ def split_by_keys(keys: list[set[int]], val_ratio: float, test_ratio: float, see
 class Sampler:
     """Batches of example indices: a fresh shuffle each epoch, and never the same query twice in a batch."""
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, min_size: int = 1):
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, min_size: int = 1,
+                 per_epoch: int | None = None):
         self.batch_size, self.seed, self.min_size = batch_size, seed, min_size  # min_size: one query per rank
+        self.per_epoch = per_epoch  # take only the first per_epoch of each epoch's shuffle (a large unlabeled pool)
         self.query_hash = [text_hash(ex.query) for ex in examples]
         self._epoch, self._batches = -1, []
         self._lengths: dict[int, int] = {}
@@ -90,6 +92,7 @@ class Sampler:
             return self._batches
         order = list(range(len(self.query_hash)))
         random.Random(f"{self.seed}/epoch/{epoch}").shuffle(order)
+        order = order[: self.per_epoch]
         batches, batch, seen, waiting = [], [], set(), []
         for i in order + [None]:  # None: the end, after which only waiting queries are left
             if i is not None and self.query_hash[i] in seen:
@@ -149,15 +152,21 @@ class Batch:
         return [(default_prompt if p is None else p) + q for q, p in zip(self.queries, self.prompts)]
 
 
-def make_batch(examples: list[Example], indices: list[int], *, group_size: int, seed: int, epoch: int) -> Batch:
-    """For each example: one positive drawn from `pos` and group_size-1 negatives drawn from `neg` (repeated
-    when there are too few, as FlagEmbedding does; none when the line has none: in-batch negatives only)."""
+def make_batch(examples: list[Example], indices: list[int], *, group_size: int, seed: int, epoch: int,
+               positives: list[int] | None = None) -> Batch:
+    """For each example: one positive drawn from `pos` (or the one `positives` names: every (query, positive) pair
+    an item of its own) and group_size-1 negatives drawn from `neg` (repeated when there are too few, as
+    FlagEmbedding does; none when the line has none: in-batch negatives only)."""
     queries, prompts, passages, pos_index, owner, scores = [], [], [], [], [], []
     pos_hashes = []
     for b, i in enumerate(indices):
         ex = examples[i]
-        rng = random.Random(f"{seed}/{epoch}/{i}")
-        j = rng.randrange(len(ex.pos))
+        if positives is None:
+            rng = random.Random(f"{seed}/{epoch}/{i}")
+            j = rng.randrange(len(ex.pos))
+        else:
+            j = positives[b]
+            rng = random.Random(f"{seed}/{epoch}/{i}/{j}")
         negs = []
         if ex.neg and group_size > 1:
             pool = list(range(len(ex.neg))) * math.ceil((group_size - 1) / len(ex.neg))

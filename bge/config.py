@@ -40,6 +40,11 @@ class TrainConfig:
                     ("auto", "retrieval", "sts", "classification"))
     corpus: str = opt("", "evaluation corpus for the queries carved out of a JSONL --data: a BEIR folder or a JSONL "
                           "of passages, plus the file's own passages (default: the file's passages only)", "data")
+    unlabeled: str = opt("off", "pseudo-pairs from the corpus's unlabeled passages as an extra task (bge/unlabeled.py): "
+                         "title (title -> body), ict (a sentence -> the rest of its passage), both, or off", "data",
+                         ("off", "title", "ict", "both"))
+    unlabeled_ratio: float = opt(1.0, "--unlabeled pairs drawn per epoch, as a multiple of the labelled training items",
+                                 "data")
     # model
     model: str = opt("auto", "base model: a folder, a hub id, all-MiniLM-L6-v2, or auto", "model")
     query_prompt: str = opt("auto", "query instruction; 'auto' = the model's own, '' = none", "model")
@@ -60,6 +65,15 @@ class TrainConfig:
     # batch and loss
     batch_size: int = opt(32, "queries per optimiser micro-step (each brings group_size passages)", "loss")
     group_size: int = opt(4, "passages per query: 1 positive + group_size-1 hard negatives", "loss")
+    positives: str = opt("one", "each epoch a query brings one positive drawn from its pos (one: FlagEmbedding's), "
+                         "or every (query, positive) pair is an item of its own (all: sentence-transformers')", "loss",
+                         ("one", "all"))
+    mine_negatives: int = opt(0, "retrieval data without hard negatives: mine this many per training query with the "
+                              "base model before training (bge/mine.py; cached); 0 = off", "loss")
+    mine_range: str = opt("10-100", "mining: sample negatives from these ranks (A-B: ranks A+1..B, skipping the top A)",
+                          "loss")
+    mine_margin: str = opt("5%", "mining: drop candidates scoring above (1 - p) x the weakest positive (5%%) or above it "
+                           "minus an absolute margin (0.05): likely unlabelled positives", "loss")
     temperature: float = opt(0.02, "softmax temperature on cosine scores (BGE: 0.02)", "loss")
     in_batch_negatives: bool = opt(True, "use the other queries' passages as negatives", "loss")
     symmetric: bool = opt(False, "add the passage-to-query InfoNCE term", "loss")
@@ -139,6 +153,8 @@ class TrainConfig:
                                        "model's for a mix to be chosen", "guard")
     # run
     out_dir: str = opt("checkpoints", "where run folders go", "run")
+    cache_dir: str = opt("", "where corpus embeddings and mined negatives are cached (default: <out-dir>/cache); runs "
+                         "that share it encode the base model's corpus once", "run")
     run_name: str = opt("", "run folder name (default: data name + time)", "run")
     resume: str = opt("", "continue the run in this folder from its last saved state", "run")
     explain: int = opt(5, "retrieval diagnostics at the end: the N test queries whose nDCG@10 changed most (0 = off)",
@@ -223,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         section = f.metadata["section"]
         g = groups.setdefault(section, p.add_argument_group(section))
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata['help']} (default: {f.default!r})"
+        default = repr(f.default).replace("%", "%%")  # argparse formats help strings with %
+        help_ = f"{f.metadata['help']} (default: {default})"
         if _field_type(f) is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
         else:

@@ -35,7 +35,7 @@ from bge.data import (Example, RetrievalData, examples_from_beir, load_beir, loa
                       retrieval_from_examples)
 from bge.embedder import Embedder
 from bge.errors import UserError
-from bge.evaluation import encode_corpus, encode_queries, rank, unit
+from bge.evaluation import CorpusCache, encode_corpus, encode_queries, rank, unit
 
 FILTERS = ("positive id", "positive text", "duplicate", "margin")
 
@@ -95,23 +95,26 @@ def sample(kept: list[int], n: int, seed: int, qid: str) -> list[int]:
 
 def mine(embedder: Embedder, data: RetrievalData, examples: list[Example], *, negatives: int = 15,
          rank_range: tuple[int, int] = (10, 200), margin: tuple[float, bool] | None = None, seed: int = 0,
-         batch_size: int = 64, max_length: int | None = None, cache_dir: str | Path | None = None,
-         cpu_bf16: bool = False) -> tuple[list[dict], dict]:
+         batch_size: int = 64, max_length: int | None = None, query_max_length: int | None = None,
+         cache_dir: str | Path | CorpusCache | None = None, cpu_bf16: bool = False,
+         show_progress: bool | None = None) -> tuple[list[dict], dict]:
     """Training lines with mined negatives, one per example (whose qid keys data.queries and data.qrels), and a
-    report: counts per filter, candidates, negatives written, queries left with fewer than `negatives`."""
+    report: counts per filter, candidates, negatives written, queries left with fewer than `negatives`. Queries are
+    truncated at `query_max_length` (default: `max_length`)."""
     start, stop = rank_range
     corpus = encode_corpus(embedder, data.corpus, batch_size=batch_size, max_length=max_length, cache_dir=cache_dir,
-                           cpu_bf16=cpu_bf16)
+                           cpu_bf16=cpu_bf16, show_progress=show_progress)
     queries = {ex.qid: ex.query for ex in examples}
     prompts = {ex.qid: ex.prompt for ex in examples if ex.prompt is not None}
-    qids, q_emb = encode_queries(embedder, queries, prompts, batch_size=batch_size, max_length=max_length,
-                                 cpu_bf16=cpu_bf16)
+    qids, q_emb = encode_queries(embedder, queries, prompts, batch_size=batch_size,
+                                 max_length=query_max_length or max_length, cpu_bf16=cpu_bf16,
+                                 show_progress=show_progress)
     ranked = rank(qids, q_emb, corpus.ids, corpus.emb, stop)
     q_unit, c_unit = unit(q_emb), unit(corpus.emb)
     row = {d: i for i, d in enumerate(corpus.ids)}
     totals = Counter()
     lines = []
-    with progress() as bar:
+    with progress(disable=show_progress is False) as bar:
         task = bar.add_task("filtering candidates", total=len(examples))
         for qi, ex in enumerate(examples):
             pos_ids = {d for d, g in data.qrels[ex.qid].items() if g > 0}

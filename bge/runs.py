@@ -35,7 +35,7 @@ from bge.errors import UserError
 SCIFACT = Path(os.environ.get("BGE_SCIFACT") or Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact")
 METRICS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "R@10"), ("recall@100", "R@100"))
 # settings that say where or how a run was executed, not what was trained: never a column
-BOOKKEEPING = {"out_dir", "run_name", "resume", "device", "eval_batch_size", "threads", "eval_every", "save_every"}
+BOOKKEEPING = {"out_dir", "cache_dir", "run_name", "resume", "device", "eval_batch_size", "threads", "eval_every", "save_every"}
 SPEED_FILE = "speed.json"
 
 

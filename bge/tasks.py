@@ -12,6 +12,8 @@ dataset. train.py runs one loop; per micro-batch it asks the task for (token-id 
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -36,7 +38,9 @@ from bge.evaluation import (HEAD_FILE, ClassifierHead, CorpusCache, evaluate_cla
                             load_eval_data)
 from bge.loss import (LossFn, cosent, cosine_mse, distill_loss, false_negative_mask, head_cross_entropy, info_nce,
                       label_mask, pair_order_accuracy, teacher_score_kl)
+from bge.mine import mine, parse_margin, parse_range
 from bge.tokenizer import Tokenizer
+from bge.unlabeled import KINDS, MIN_WORDS, pseudo_pairs, read_passages, unique
 
 VAL_KS = (1, 10, 100)
 TEST_KS = (1, 3, 5, 10, 100)
@@ -60,6 +64,8 @@ class Task:
     metric = ""  # the validation metric that chooses best/
     metric_label = ""
     table_metrics: tuple[str, ...] = ()  # rows of the ending's table
+    labelled = True  # False: training signal only (pseudo-pairs), never validated, tested or reported
+    per_epoch: int | None = None  # items drawn per epoch (None: all of them)
 
     def __init__(self, train: list, val, test, cfg: TrainConfig):
         self.train, self.val, self.test_data, self.cfg = train, val, test, cfg
@@ -120,19 +126,53 @@ class RetrievalTask(Task):
     def __init__(self, train: list[Example], val, test, cfg: TrainConfig):
         super().__init__(train, val, test, cfg)
         self.teacher = None  # bge.distill.Teacher with --distill-from: its embeddings are targets too
+        self.full: RetrievalData | None = None  # the whole evaluation set of --data (load_tasks sets it)
         # one memory for validation and test: the base model validated at step 0 and best/ validated at its step are
         # tested without encoding the corpus again; only the test writes the on-disk cache
-        self.cache = CorpusCache(Path(cfg.out_dir) / "cache")
+        self.cache = CorpusCache(cache_folder(cfg))
         self.group_size = cfg.group_size if any(ex.neg for ex in train) else 1
-        if self.group_size != cfg.group_size:
+        if self.group_size != cfg.group_size and not cfg.mine_negatives:  # (mining fills them before training)
             self.notes.append("no hard negatives in the data: training with in-batch negatives only")
+        # what the sampler draws: queries (each brings one positive drawn per epoch), or every (query, positive) pair
+        self.items = ([(i, j) for i, ex in enumerate(train) for j in range(len(ex.pos))] if cfg.positives == "all"
+                      else [(i, None) for i in range(len(train))])
 
     def anchors(self) -> list[str]:
-        return [ex.query for ex in self.train]
+        return [self.train[i].query for i, _ in self.items]
+
+    def mine_negatives(self, base: Embedder, cpu_bf16: bool) -> None:
+        """Fill the training queries' `neg` with --mine-negatives passages mined by the base model from the run's
+        corpus (bge.mine: ranks --mine-range, the --mine-margin filter). Only training queries are mined; the base
+        model's corpus embeddings go to the task's memory, where step-0 validation and the base's test find them.
+        The negatives are kept in the cache folder, keyed by everything they depend on."""
+        cfg = self.cfg
+        key = json.dumps([self.full.fingerprint(), base.fingerprint(), [ex.qid for ex in self.train], cfg.mine_negatives,
+                          cfg.mine_range, cfg.mine_margin, cfg.seed, cfg.max_passage_length, cfg.max_query_length,
+                          cpu_bf16, MINE_FORMAT])
+        path = cache_folder(cfg) / f"mined-{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.json"
+        cached = _read_mined(path, len(self.train))
+        if cached is None:
+            lines, report = mine(base, self.full, self.train, negatives=cfg.mine_negatives,
+                                 rank_range=parse_range(cfg.mine_range), margin=parse_margin(cfg.mine_margin),
+                                 seed=cfg.seed, batch_size=cfg.eval_batch_size, max_length=cfg.max_passage_length,
+                                 query_max_length=cfg.max_query_length, cache_dir=self.cache.view(write=False),
+                                 cpu_bf16=cpu_bf16, show_progress=False)
+            cached = {"negatives": [line["neg"] for line in lines], "report": report}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(cached, ensure_ascii=False) + "\n")
+        for ex, neg in zip(self.train, cached["negatives"]):
+            ex.neg = neg
+        r = cached["report"]
+        self.group_size = cfg.group_size
+        self.notes.append(f"mined {r['written']:,} hard negatives for {r['queries']:,} training queries with the base "
+                          f"model (ranks {cfg.mine_range}, margin {cfg.mine_margin}; {r['removed']['margin']:,} "
+                          f"likely positives dropped); --group-size {cfg.group_size} draws {cfg.group_size - 1} per query")
 
     def micro_batch(self, indices, epoch, tokenizer, device, info=None):
         cfg = self.cfg
-        batch = make_batch(self.train, indices, group_size=self.group_size, seed=cfg.seed, epoch=epoch)
+        picked = [self.items[k] for k in indices]
+        batch = make_batch(self.train, [i for i, _ in picked], group_size=self.group_size, seed=cfg.seed, epoch=epoch,
+                           positives=None if cfg.positives == "one" else [j for _, j in picked])
         inputs = {"q": tokenizer.tokenize(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length),
                   "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length)}
         teacher = self.teacher
@@ -179,6 +219,37 @@ class RetrievalTask(Task):
                           t.metrics.summary, {"test_queries": b.metrics.n_scored, "test_corpus": len(d.corpus),
                                               "test_passages_encoded": b.ranking.n_encoded + t.ranking.n_encoded},
                           comparison)
+
+
+def cache_folder(cfg: TrainConfig) -> Path:
+    """--cache-dir, else <out-dir>/cache."""
+    return Path(cfg.cache_dir or Path(cfg.out_dir) / "cache")
+
+
+MINE_FORMAT = 1  # bump when what a mined-negatives cache file holds changes
+
+
+def _read_mined(path: Path, n: int) -> dict | None:
+    """A cached mining result for n training queries, or None (absent or damaged: mine again)."""
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        return cached if len(cached["negatives"]) == n and "report" in cached else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class UnlabeledTask(RetrievalTask):
+    """Pseudo-pairs from the corpus's own passages (bge.unlabeled): retrieval's batches and loss, in-batch negatives,
+    `per_epoch` pairs drawn afresh each epoch; no held-out set (it is training signal, not a task to report)."""
+
+    name, labelled = "unlabeled", False
+
+    def __init__(self, train: list[Example], cfg: TrainConfig, per_epoch: int):
+        super().__init__(train, None, None, cfg)
+        self.per_epoch, self.notes = min(per_epoch, len(train)), []
+
+    def describe(self) -> str:
+        return f"unlabeled: {self.per_epoch} of {len(self.train)} pseudo-pairs per epoch"
 
 
 # ---- STS / regression --------------------------------------------------------------------------------------
@@ -334,8 +405,8 @@ class TaskSampler:
 
     def __init__(self, tasks: dict[str, Task], batch_size: int, seed: int, min_size: int = 1):
         self.seed = seed
-        self.samplers = {name: Sampler([Example(text, []) for text in t.anchors()], batch_size, seed, min_size=min_size)
-                         for name, t in tasks.items()}
+        self.samplers = {name: Sampler([Example(text, []) for text in t.anchors()], batch_size, seed, min_size=min_size,
+                                       per_epoch=t.per_epoch) for name, t in tasks.items()}
         self._epoch, self._order = -1, []
 
     def epoch_batches(self, epoch: int) -> list[tuple[str, list[int]]]:
@@ -401,6 +472,11 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
     """The run's tasks with their training items, validation and test sets, and the split. Without --val/--test
     files, items are carved out of --data by seed (per task, no shared text across splits) and the split is written
     to the run folder. A --val/--test file validates or tests the task of its kind; nothing is carved then."""
+    for flag, parse in (("mine_range", parse_range), ("mine_margin", parse_margin)):
+        try:
+            parse(getattr(cfg, flag))
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"--{flag.replace('_', '-')}: {e}") from None
     for name, ok, want in (("threshold_precision", 0 < cfg.threshold_precision <= 1, "in (0, 1]"),
                            ("l1", cfg.l1 >= 0, "0 or more"), ("head_lr", cfg.head_lr > 0, "positive"),
                            ("cosent_scale", cfg.cosent_scale > 0, "positive"), ("explain", cfg.explain >= 0, "0 or more")):
@@ -456,7 +532,27 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
             else:
                 sets.append(held_out(task, rows, split[part], full, f"{path.name}/{part}"))
         tasks[task] = TASK_TYPES[task](train, *sets, cfg)
+    if "retrieval" in tasks:
+        tasks["retrieval"].full = full  # the corpus hard negatives are mined from
+    if cfg.unlabeled != "off":
+        tasks["unlabeled"] = unlabeled_task(cfg, tasks, path)
     return tasks, split
+
+
+def unlabeled_task(cfg: TrainConfig, tasks: dict[str, Task], path: Path) -> UnlabeledTask:
+    """Pseudo-pairs (--unlabeled) from the run's corpus: a BEIR --data's corpus, else --corpus and the passages of
+    the file's lines, without titles for the latter."""
+    retrieval = tasks.get("retrieval")
+    if retrieval is None:
+        raise UserError(f"--unlabeled {cfg.unlabeled} makes query/passage pairs; --data has no retrieval lines")
+    passages = read_passages(path) if path.is_dir() else read_passages(cfg.corpus) if cfg.corpus else []
+    if not path.is_dir():
+        passages += [("", t) for ex in retrieval.train for t in ex.pos + ex.neg]
+    pairs = pseudo_pairs(unique(passages), KINDS[cfg.unlabeled], cfg.seed)
+    if not pairs:
+        raise UserError(f"--unlabeled {cfg.unlabeled}: no passage of {cfg.corpus or path} gives a pair (titles of "
+                        f"{MIN_WORDS}+ words, or passages of 3+ sentences)")
+    return UnlabeledTask(pairs, cfg, per_epoch=max(1, round(cfg.unlabeled_ratio * len(retrieval.items))))
 
 
 # ---- validation across tasks, and the exported model --------------------------------------------------------------
@@ -465,18 +561,25 @@ def validate(tasks: dict[str, Task], embedder: Embedder, cpu_bf16: bool) -> tupl
     best/: the task's own metric (nDCG@10, Spearman, kNN macro-F1), or for several tasks the mean of theirs. None when
     no task has a validation set."""
     metrics, primary = {}, []
-    for name, task in tasks.items():
+    judged = labelled(tasks)
+    for name, task in judged.items():
         if task.val is None:
             continue
         scores = task.validate(embedder, cpu_bf16)
-        metrics |= {(f"{name}/{k}" if len(tasks) > 1 else k): v for k, v in scores.items()}
+        metrics |= {(f"{name}/{k}" if len(judged) > 1 else k): v for k, v in scores.items()}
         primary.append(scores[task.metric])
     return metrics, (sum(primary) / len(primary) if primary else None)
 
 
 def metric_label(tasks: dict[str, Task]) -> str:
     """What the best/ score is, for the log line."""
-    return next(iter(tasks.values())).metric_label if len(tasks) == 1 else "mean of the tasks' metrics"
+    judged = labelled(tasks)
+    return next(iter(judged.values())).metric_label if len(judged) == 1 else "mean of the tasks' metrics"
+
+
+def labelled(tasks: dict[str, Task]) -> dict[str, Task]:
+    """The tasks whose data has labels: those validated, tested and reported (not --unlabeled's pseudo-pairs)."""
+    return {name: t for name, t in tasks.items() if t.labelled}
 
 
 def export(embedder: Embedder, tasks: dict[str, Task], folder: Path) -> None:

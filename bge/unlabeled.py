@@ -1,0 +1,73 @@
+"""Training pairs from the domain's unlabeled passages: most users have far more passages than labelled queries.
+
+    title  a passage's title as the query, its body as the positive (the (title, body) pairs of E5 and GTE)
+    ict    inverse cloze (Lee et al., 2019): one sentence of a passage as the query, the rest of the passage as
+           the positive; the sentence is taken out of its context, so the pair cannot be matched by copying words
+
+The pairs are drawn once per run from the passages, by seed: each passage gives at most one pair of each kind.
+train.py trains on them as a task of their own (bge.tasks.UnlabeledTask): their own micro-batches, in-batch
+negatives, a share of each epoch set by --unlabeled-ratio. The passages are the run's corpus, so the test queries'
+passages are among them, but never a test query: the text is what a user has before any label.
+"""
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+from bge.data import DataError, Example, read_json_objects
+from bge.errors import UserError
+
+# a sentence ends at . ! or ? followed by space and something that can start a sentence
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[\"'])")
+MIN_WORDS = 4  # shorter titles and sentences say too little to be a query
+KINDS = {"title": ("title",), "ict": ("ict",), "both": ("title", "ict"), "off": ()}
+
+
+def sentences(text: str) -> list[str]:
+    """The text cut at sentence ends (a heuristic for prose: abbreviations like 'e.g. A' cut too early)."""
+    return [s.strip() for s in SENTENCE_END.split(text.strip()) if s.strip()]
+
+
+def pseudo_pairs(passages: list[tuple[str, str]], kinds: tuple[str, ...], seed: int) -> list[Example]:
+    """(title, body) passages -> training examples: a title pair and an inverse-cloze pair per passage where the
+    passage allows (a title of MIN_WORDS words; three sentences or more, one of them MIN_WORDS long)."""
+    rng = random.Random(f"{seed}/unlabeled")
+    out = []
+    for n, (title, body) in enumerate(passages):
+        title, body = title.strip(), body.strip()
+        if "title" in kinds and len(title.split()) >= MIN_WORDS and len(body.split()) >= MIN_WORDS:
+            out.append(Example(title, [body], qid=f"title:{n}"))
+        if "ict" in kinds:
+            sents = sentences(body)
+            usable = [k for k, s in enumerate(sents) if len(s.split()) >= MIN_WORDS]
+            if len(sents) >= 3 and usable:
+                k = rng.choice(usable)
+                rest = " ".join(sents[:k] + sents[k + 1:])
+                out.append(Example(sents[k], [f"{title} {rest}".strip()], qid=f"ict:{n}"))
+    return out
+
+
+def read_passages(path: str | Path) -> list[tuple[str, str]]:
+    """(title, text) of each line of a passage JSONL ({"title"?, "text"}), or of a BEIR folder's corpus.jsonl."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "corpus.jsonl"
+    if not path.exists():
+        raise UserError(f"{path}: no such file (unlabeled passages come from a BEIR folder or a JSONL of passages)")
+    problems: list[str] = []
+    out = []
+    for n, obj in read_json_objects(path, problems):
+        text, title = obj.get("text"), obj.get("title") or ""
+        if not isinstance(text, str) or not isinstance(title, str):
+            problems.append(f"{path}:{n}: text (and title, if present) must be strings")
+            continue
+        out.append((title, text))
+    if problems:
+        raise DataError(path, problems)
+    return out
+
+
+def unique(passages: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The passages without repeats of the same (title, text), in first-seen order."""
+    return list(dict.fromkeys(passages))

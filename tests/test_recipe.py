@@ -1,0 +1,198 @@
+"""The pieces of the fine-tuning recipe that issue 15 measured: every (query, positive) pair as an item, pseudo-pairs
+from unlabeled passages, hard negatives mined by the base model inside train.py (cached), the split fixed across
+training seeds, and the quality benchmark's plumbing (both sides trained and scored on one split)."""
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import train
+from bge.batching import Sampler, make_batch, normalise
+from bge.config import parse_args
+from bge.data import Example
+from bge.errors import UserError
+from bge.tasks import TaskSampler, labelled, load_tasks
+from bge.unlabeled import pseudo_pairs, sentences
+
+REPO = Path(__file__).resolve().parents[1]
+TOPICS = ["brake pads", "chain wear", "tubeless sealant", "spoke tension", "bottom bracket", "derailleur hanger",
+          "tyre pressure", "headset bearings", "disc rotors", "cable stretch", "saddle height", "wheel truing"]
+
+
+def write_beir(folder: Path) -> Path:
+    """A small invented BEIR folder: 36 titled passages of four sentences, 24 queries with one relevant passage."""
+    (folder / "qrels").mkdir(parents=True)
+    docs, queries, qrels = [], [], ["query-id\tcorpus-id\tscore"]
+    for i in range(36):
+        t = TOPICS[i % 12]
+        docs.append({"_id": f"d{i}", "title": f"Notes on {t} for touring bikes, part {i}",
+                     "text": f"Check the {t} every {i + 2} rides. Worn {t} cost watts and safety. "
+                             f"Replace the {t} when the gauge reads {i % 5}. Workshop case {i} shows why it matters."})
+    for i in range(24):
+        queries.append({"_id": f"q{i}", "text": f"how often should I look at the {TOPICS[i % 12]} (case {i})"})
+        qrels.append(f"q{i}\td{i}\t1")
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (folder / "qrels" / "train.tsv").write_text("\n".join(qrels) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def beir(tmp_path_factory):
+    return write_beir(tmp_path_factory.mktemp("data") / "bikes")
+
+
+def args(data, model, out, *extra):
+    return ["--data", str(data), "--model", str(model), "--out-dir", str(out), "--batch-size", "4",
+            "--max-passage-length", "48", "--max-query-length", "16", "--eval-batch-size", "64", "--lr", "1e-3",
+            "--explain", "0", *extra]
+
+
+# ---- every (query, positive) pair ---------------------------------------------------------------------------
+def test_make_batch_uses_the_named_positive_and_masks_the_others():
+    ex = [Example("q0", ["a", "b", "c"], ["n1", "n2"]), Example("q1", ["d"], [])]
+    b = make_batch(ex, [0, 1], group_size=2, seed=0, epoch=0, positives=[2, 0])
+    assert b.passages[0] == "c" and b.passages[2] == "d"
+    assert b.query_pos_hashes.shape == (2, 3)  # every positive of q0 is known to the false-negative mask
+    drawn = {make_batch(ex, [0], group_size=1, seed=0, epoch=e).passages[0] for e in range(30)}
+    assert drawn == {"a", "b", "c"}  # without `positives` one is drawn per epoch, each in turn
+
+
+def test_positives_all_makes_every_pair_an_item_once_per_epoch(tmp_path):
+    data = tmp_path / "d.jsonl"
+    lines = [{"query": f"query {i}", "pos": [f"passage {i} {k}" for k in range(1 + i % 3)]} for i in range(30)]
+    data.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    for mode in ("one", "all"):
+        cfg, _ = parse_args(["--data", str(data), "--positives", mode, "--out-dir", str(tmp_path)])
+        tasks, _ = load_tasks(cfg, tmp_path / mode, write=False)
+        task = tasks["retrieval"]
+        want = [(i, j) for i, ex in enumerate(task.train) for j in range(len(ex.pos))] if mode == "all" else \
+            [(i, None) for i in range(len(task.train))]
+        assert task.items == want and len(task.anchors()) == len(want)
+        sampler = TaskSampler(tasks, 4, seed=1)
+        for epoch in range(2):
+            drawn = Counter()
+            for step in range(epoch * len(sampler), (epoch + 1) * len(sampler)):
+                _, _, indices = sampler.batch(step)
+                queries = [task.train[task.items[k][0]].query for k in indices]
+                assert len(set(queries)) == len(queries)  # never one query twice in a batch
+                drawn.update(indices)
+            assert sorted(drawn) == list(range(len(want))) and set(drawn.values()) == {1}  # each item once an epoch
+
+
+# ---- pseudo-pairs from unlabeled passages ----------------------------------------------------------------------
+def test_sentences_and_pseudo_pairs():
+    assert sentences("One two three four. Five six seven eight! (Nine) ten? 10 apples.") == [
+        "One two three four.", "Five six seven eight!", "(Nine) ten?", "10 apples."]
+    passages = [("A useful title with words", "First sentence is long enough. Second one is long too. Third ends it here."),
+                ("", "Only two sentences here are given. The second one is here."),
+                ("Short", "Body text with many words in it. More words in a second sentence. And a third one now.")]
+    pairs = pseudo_pairs(passages, ("title", "ict"), seed=0)
+    kinds = Counter(ex.qid.split(":")[0] for ex in pairs)
+    assert kinds == {"title": 1, "ict": 2}  # no title pair for '' or 'Short'; no ICT pair with two sentences
+    title = next(ex for ex in pairs if ex.qid == "title:0")
+    assert title.query == passages[0][0] and title.pos == [passages[0][1]]
+    for ex in (e for e in pairs if e.qid.startswith("ict")):
+        n = int(ex.qid.split(":")[1])
+        assert ex.query in passages[n][1] and ex.query not in ex.pos[0]  # the sentence is taken out of its context
+        assert len(ex.pos[0]) > len(passages[n][0])
+    assert pseudo_pairs(passages, ("ict",), seed=3) == pseudo_pairs(passages, ("ict",), seed=3)
+
+
+def test_sampler_per_epoch_draws_a_fresh_subset_each_epoch():
+    s = Sampler([Example(f"q{i}", ["p"]) for i in range(50)], 4, seed=0, per_epoch=10)
+    firsts = [sorted(i for b in s.epoch_batches(e) for i in b) for e in range(3)]
+    assert all(len(f) == 10 == len(set(f)) for f in firsts) and firsts[0] != firsts[1]
+
+
+def test_unlabeled_task_trains_alongside_and_is_never_reported(beir, tiny_model_dir, tmp_path):
+    cfg, _ = parse_args(["--data", str(beir), "--unlabeled", "both", "--unlabeled-ratio", "0.5",
+                         "--out-dir", str(tmp_path)])
+    tasks, split = load_tasks(cfg, tmp_path / "split", write=False)
+    u = tasks["unlabeled"]
+    assert list(labelled(tasks)) == ["retrieval"] and u.val is None and u.test_data is None
+    assert len(u.train) == 36 * 2 and u.per_epoch == round(0.5 * len(tasks["retrieval"].train))
+    test_queries = {tasks["retrieval"].test_data.queries[q] for q in tasks["retrieval"].test_data.queries}
+    assert not test_queries & {ex.query for ex in u.train}  # passages, never a held-out query
+    train.main(args(beir, tiny_model_dir, tmp_path, "--run-name", "u", "--epochs", "2", "--unlabeled", "both",
+                    "--unlabeled-ratio", "0.5"))
+    lines = [json.loads(l) for l in (tmp_path / "u" / "metrics.jsonl").read_text().splitlines()]
+    assert {l["task"] for l in lines if "task" in l} == {"retrieval", "unlabeled"}
+    assert any("val/ndcg@10" in l for l in lines)  # validation keeps its plain names
+    results = json.loads((tmp_path / "u" / "results.json").read_text())
+    assert "fine_tuned" in results and "tasks" not in results and results["train_unlabeled"] == 72
+    with pytest.raises(UserError, match="no retrieval lines"):
+        sts = tmp_path / "sts.jsonl"
+        sts.write_text("".join(json.dumps({"sentence1": f"a {i}", "sentence2": f"b {i}", "score": i % 5}) + "\n"
+                               for i in range(20)))
+        load_tasks(parse_args(["--data", str(sts), "--unlabeled", "ict", "--out-dir", str(tmp_path)])[0], tmp_path / "s", write=False)
+
+
+# ---- hard negatives mined inside train.py -------------------------------------------------------------------
+def test_mined_negatives_are_never_positives_cached_and_share_the_base_encoding(beir, tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    import bge.tasks
+
+    calls = []
+    real = bge.tasks.mine
+    monkeypatch.setattr(bge.tasks, "mine", lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = args(beir, tiny_model_dir, tmp_path, "--epochs", "1", "--mine-negatives", "3", "--mine-range", "0-20",
+                  "--mine-margin", "0.0", "--group-size", "3")
+    train.main([*common, "--run-name", "a"])
+    assert calls == [1]
+    cached = list((tmp_path / "cache").glob("mined-*.json"))
+    assert len(cached) == 1
+    negatives = json.loads(cached[0].read_text())["negatives"]
+    split = json.loads((tmp_path / "a" / "split.json").read_text())
+    corpus = {json.loads(l)["_id"]: json.loads(l) for l in (beir / "corpus.jsonl").read_text().splitlines()}
+    assert len(negatives) == len(split["train"]) and all(len(n) == 3 for n in negatives)
+    for qid, negs in zip(split["train"], negatives):  # the training queries, in order
+        own = corpus["d" + str(qid).split(":")[-1].lstrip("q")]
+        assert normalise(f"{own['title']} {own['text']}") not in {normalise(n) for n in negs}
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["test_passages_encoded"] == 0
+    # a second run with the same base model and data mines nothing: the cache answers
+    train.main([*common, "--run-name", "b"])
+    assert calls == [1]
+    with pytest.raises(UserError, match="--mine-range"):
+        train.main([*common, "--run-name", "c", "--mine-range", "20-10"])
+
+
+# ---- the split stays put while the training seed moves ---------------------------------------------------------
+def test_split_seed_fixes_the_test_set_across_seeds(beir, tmp_path):
+    def test_ids(*extra):
+        cfg, _ = parse_args(["--data", str(beir), "--out-dir", str(tmp_path), *extra])
+        return load_tasks(cfg, tmp_path / "_".join(extra), write=False)[1]["test"]
+
+    assert test_ids("--seed", "1", "--split-seed", "7") == test_ids("--seed", "2", "--split-seed", "7")
+    assert test_ids("--seed", "1") != test_ids("--seed", "2")  # without it, --seed draws the split as before
+    # and the test set does not depend on the validation share (groups are dealt to test first)
+    assert test_ids("--split-seed", "7", "--val-ratio", "0") == test_ids("--split-seed", "7")
+
+
+# ---- the quality benchmark ------------------------------------------------------------------------------------
+def test_quality_benchmark_trains_both_sides_on_one_split_and_resumes(beir, tiny_model_dir, tmp_path):
+    out = tmp_path / "q"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--data", str(beir), "--model", str(tiny_model_dir),
+           "--seeds", "1,2", "--out", str(out), "--max-length", "48", "--precision", "fp32",
+           "--bge", "tiny=--epochs 1 --batch-size 4 --lr 1e-3 --max-passage-length 48 --explain 0",
+           "--st", "tiny=--batch-size 4 --lr 1e-3"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    q = json.loads((out / "quality.json").read_text())
+    assert set(q["recipes"]) == {"base", "bge tiny", "st tiny"}
+    for name in ("bge tiny", "st tiny"):
+        row = q["recipes"][name]
+        assert len(row["ndcg@10"]["per_seed"]) == 2 and row["train_seconds"] > 0
+    st_pairs = q["recipes"]["st tiny"]["runs"]["1"]["pairs"]
+    assert st_pairs == 24 - q["test_queries"]  # every non-test query's pair, one positive each
+    # a second call trains nothing: each (recipe, seed) was saved when it ended
+    logs = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/log.txt")}
+    assert len(logs) == 4
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/log.txt")} == logs
+    assert json.loads((out / "quality.json").read_text())["recipes"]["st tiny"]["ndcg@10"] == q["recipes"]["st tiny"]["ndcg@10"]

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from bge.dropout import Dropout, attention, fast_path
+from bge.dropout import Dropout, attention, written_out
 from bge.errors import UserError
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -194,11 +194,8 @@ class Encoder(nn.Module):
     def _attend_padded(self, qkv: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(qkv)
         p = self.cfg.attention_dropout if self.training else 0.0
-        # On CPU while training, attention is written out (bge/dropout.py): SDPA's dropout there is the slow serial
-        # one on its unfused path, and without dropout its fused bf16 backward is 3-6x slower than the written-out
-        # one below about 200 tokens (even at 192, faster from 224 on; 2-core Xeon with AMX, torch 2.13; in fp32
-        # SDPA is faster at every length)
-        if fast_path(q) and (p > 0 or (self.training and q.dtype == torch.bfloat16 and q.shape[2] <= 192)):
+        # on CPU while training, attention is written out where that is faster (bge/dropout.py says when)
+        if written_out(q, p, self.training):
             ctx = attention(q, k, v, key_mask, p)
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)

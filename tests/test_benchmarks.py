@@ -67,3 +67,13 @@ def test_padding_report_bucketing_keeps_every_pair_and_cuts_padding():
     assert share_sorted < share_plain and att_sorted < att_plain
     one = [{"q": [[1] * 2, [1] * 6]}]  # padded to 8: 8 real tokens of 16; L^2: 2 * 64 padded over 4 + 36 real
     assert costs(one) == (0.5, 128 / 40)
+
+
+def test_cpu_attention_benchmark_reports_both_paths_and_the_tables_limit(tmp_path):
+    from bge.dropout import WRITTEN_OUT_UP_TO, cpu_kind
+    out = tmp_path / "attention.json"
+    run("benchmarks/attention_cpu.py", "--lengths", "8,24", "--heads", "2", "--dim", "8", "--repeats", "1",
+        "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["cpu_kind"] == cpu_kind() and result["limit"] == WRITTEN_OUT_UP_TO[cpu_kind()]
+    assert [r["length"] for r in result["rows"]] == [8, 24] and all(r["sdpa_ms"] > 0 for r in result["rows"])

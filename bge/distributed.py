@@ -83,8 +83,8 @@ class EmbedModule(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
-        return self.encoder.embed(input_ids, attention_mask, packed=packed)
+    def forward(self, input_ids, attention_mask: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
+        return self.encoder.embed(input_ids, attention_mask, packed=packed)  # input_ids may be a Packed batch
 
 
 def wrap(model: nn.Module, info: DistInfo) -> DDP | None:

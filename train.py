@@ -27,7 +27,7 @@ import torch
 from rich.progress import TextColumn
 from rich.table import Table
 
-from bge import diagnostics, distributed
+from bge import diagnostics, distributed, packing
 from bge.batching import Prefetcher
 from bge.checkpoint import atomic_write_text, latest_state, load_state, save_state
 from bge.config import TrainConfig, config_from_dict, parse_args
@@ -39,13 +39,15 @@ from bge.evaluation import evaluate_probe, load_eval_data
 from bge.loss import LossFn, l1_penalty, matryoshka
 from bge.lstm import BiLSTMEncoder
 from bge.merge import choose_ratio, merged_embedder, parse_ratios
-from bge.optim import decayed, default_lr, freeze, get_lr, make_optimizer, param_groups
+from bge.optim import decayed, default_lr, freeze, get_lr, make_optimizer, param_groups, step_if
+from bge.runs import Stopwatch
 from bge.step import forward_backward, make_embed
 from bge.tasks import TaskSampler, export, labelled, load_tasks, metric_label, validate
 
 REPO = Path(__file__).resolve().parent
 RESUMABLE_OVERRIDES = {"epochs", "max_steps", "cache_dir", "patience", "eval_every", "save_every", "device", "compile",
-                       "eval_batch_size", "resume", "explain", "threshold_precision"}  # what may change when a run continues
+                       "eval_batch_size", "resume", "explain", "threshold_precision", "log_every",
+                       "compile_mode"}  # what may change when a run continues
 
 
 # ---- set-up helpers ----------------------------------------------------------------------------------
@@ -126,7 +128,12 @@ def results_table(title: str, base: dict, tuned: dict, metrics: tuple[str, ...],
 
 # ---- the run -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
+    clock = Stopwatch()  # this process's wall time by phase: results.json's `timing`
     cfg, explicit = parse_args(argv)
+    if cfg.attention == "varlen" and (not cfg.packed or cfg.arch != "bert"):
+        raise UserError("--attention varlen is a layout of the transformer's packed path: pass --packed (and --arch bert)")
+    if cfg.token_bucket and not (cfg.packed and cfg.attention == "varlen"):
+        raise UserError("--token-bucket pads the varlen layout: pass --packed --attention varlen")
     info = distributed.init(cfg.device)  # one process per device under torchrun; else a single one
     console.quiet = not info.main  # rank 0 speaks for all
     if cfg.resume:
@@ -206,8 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     # the BiLSTM's packed layout (PackedSequence) pays on CUDA (cuDNN) but runs token by token on CPU, while its
     # padded layout is exact too (bge/lstm.py): padding never reaches a real token's state either way
     packed = cfg.packed and (cfg.arch == "bert" or device.type == "cuda")
+    # varlen: packed on the host; a padded bucket reports the longest text any task may have as its max_len
+    varlen = cfg.packed and cfg.attention == "varlen"
+    longest = min(max(cfg.max_query_length, cfg.max_passage_length), tokenizer.position_limit)
+    pack = functools.partial(packing.pack, pad_id=tokenizer.pad_id, multiple=cfg.token_bucket, max_length=longest)
     embed = make_embed(net or model.embed, tokenizer.pad, device, amp_dtype=amp_dtype, compile=cfg.compile,
-                       packed=packed)
+                       compile_mode=cfg.compile_mode, packed=packed, pack=pack if varlen else None)
     cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16  # evaluate in the arithmetic we train in
     retrieval = tasks.get("retrieval")
     if cfg.mine_negatives and retrieval is not None and not any(ex.neg for ex in retrieval.train):
@@ -260,8 +271,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def validation_scores(m: Embedder) -> dict[str, float]:
         """val/<metric> of every task (bge.tasks.validate), val/score (what chooses best/) and probe/<metric>."""
-        scores, score = validate(tasks, m, cpu_bf16)
-        return {f"val/{k}": v for k, v in scores.items()} | {"val/score": score} | probe_scores(m)
+        with clock("validation"):
+            scores, score = validate(tasks, m, cpu_bf16)
+            return {f"val/{k}": v for k, v in scores.items()} | {"val/score": score} | probe_scores(m)
 
     def evaluate_and_keep_best(step: int) -> bool:
         """Validate (rank 0; the others wait); export best/ when the task's metric (bge.tasks.validate) improves;
@@ -277,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer["base_val"] = scores
         if trainer["best"] is None or score > trainer["best"]:
             trainer.update(best=score, best_step=step, stale_evals=0, best_val=scores)
-            export(embedder, tasks, run_dir / "best")
+            with clock("export"):
+                export(embedder, tasks, run_dir / "best")
         else:
             trainer["stale_evals"] += 1
         probe_note = next((f" · {k} {v:.4f}" for k, v in scores.items() if k.startswith("probe/")), "")  # headline
@@ -297,80 +310,103 @@ def main(argv: list[str] | None = None) -> None:
                                                                device, info if cross_device else None)
 
     # ---- the loop ----------------------------------------------------------------------------------
+    # Nothing in a step waits for the device: its loss, accuracy and NaN flag stay there, and every log_every steps
+    # (and before validating or saving) one read-back logs them all; a non-finite step is skipped on the device
     batches = Prefetcher(build, trainer["micro_step"])  # tokenisation off the critical path
     model.train()
+    log_every = cfg.log_every or (10 if device.type == "cuda" else 1)
+    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
     stats = TextColumn("loss {task.fields[loss]:.4f} · acc {task.fields[acc]:.2f} · lr {task.fields[lr]:.2e} · "
                        "{task.fields[tps]:,.0f} tok/s")
     stop = False
+    clock.enter("train")
     with progress(stats) as bar:
         task = bar.add_task("training", total=total_steps, completed=trainer["step"], loss=0.0, acc=0.0, lr=0.0, tps=0.0)
+        pending = []  # (step, epoch, task, lr, tokens, [loss, acc, finite] on the device) not read back yet
+
+        def read_back() -> None:
+            """Log the pending steps in order (the loop's only wait for the device); stop a run that keeps failing."""
+            rows = distributed.all_mean(torch.stack([v for *_, v in pending]), info).tolist()
+            seconds, tokens = time.perf_counter() - since, sum(r[4] for r in pending)
+            trainer["train_seconds"] += seconds
+            trainer["tokens"] += tokens
+            for (step, epoch, task_name, lr_now, _, _), (loss, acc, finite) in zip(pending, rows):
+                if finite:
+                    trainer["bad_steps"] = 0
+                else:  # skipped on the device; count it, and give up when it keeps happening
+                    trainer["bad_steps"] += 1
+                    trainer["bad_steps_total"] += 1
+                    if trainer["bad_steps"] >= cfg.max_bad_steps:
+                        raise UserError(f"the loss was NaN/inf for {cfg.max_bad_steps} steps in a row (step {step}); "
+                                        f"try a lower --lr, --precision fp32, or check the data")
+                log_line({"step": step, "epoch": epoch, "task": task_name, "loss": loss, "acc": acc, "lr": lr_now,
+                          "tokens_per_s": tokens / seconds, "skipped": not finite})
+            bar.update(task, completed=step, loss=loss, acc=acc, lr=lr_now, tps=tokens / seconds)
+            pending.clear()
+
         while trainer["step"] < total_steps and not stop:
-            t0 = time.perf_counter()
-            step_loss, step_acc, tokens, finite = 0.0, 0.0, 0, True
+            if not pending:  # just read back (and perhaps validated or saved): the training clock starts here
+                since = time.perf_counter()
+            values = torch.zeros(2, dtype=torch.float64, device=device)  # loss, accuracy: means over micro-batches
+            finite, tokens = torch.ones((), dtype=torch.bool, device=device), 0
             for micro in range(cfg.grad_accum):
                 epoch, task_name, inputs, loss_fn = batches.get(trainer["micro_step"])
                 tokens += sum(len(x) for ids in inputs.values() for x in ids)
                 if matryoshka_dims:  # the same loss again on each truncated, renormalised size
                     loss_fn = functools.partial(matryoshka, loss_fn, dims=matryoshka_dims)
                 scale = (scaler.get_scale() if scaler else 1.0) / cfg.grad_accum
+                if graphs:  # the CUDA graphs' outputs from the last micro-step may be overwritten from here on
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss, stats = forward_backward(embed, inputs, loss_fn, chunk_size=cfg.grad_cache, loss_scale=scale,
                                                device=device, no_sync=net.no_sync if net else None,
-                                               sync=micro == cfg.grad_accum - 1)
-                finite &= bool(torch.isfinite(loss))
-                step_loss += distributed.mean(loss.item(), info) / cfg.grad_accum
-                step_acc += distributed.mean(stats["acc"].item(), info) / cfg.grad_accum
+                                               sync=micro == cfg.grad_accum - 1, together=varlen, skip_nonfinite=False)
+                finite &= torch.isfinite(loss)
+                values += torch.stack([loss, stats["acc"].to(loss.device)]).double() / cfg.grad_accum
                 trainer["micro_step"] += 1
             finite = distributed.all_true(finite, info)
 
             lr_now = get_lr(trainer["step"], lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, schedule=cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now * group.get("lr_scale", 1.0)
-            if finite:
-                if cfg.l1 > 0:  # once per optimiser step, on the scale the loss gradients are on
-                    (l1_penalty(l1_params) * cfg.l1 * (scaler.get_scale() if scaler else 1.0)).backward()
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if cfg.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.clip_grad)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                trainer["bad_steps"] = 0
-            else:  # skip the update, count it, and give up when it keeps happening
-                trainer["bad_steps"] += 1
-                trainer["bad_steps_total"] += 1
-                if trainer["bad_steps"] >= cfg.max_bad_steps:
-                    raise UserError(f"the loss was NaN/inf for {cfg.max_bad_steps} steps in a row (step {trainer['step']}); "
-                                    f"try a lower --lr, --precision fp32, or check the data")
+            # a non-finite step's gradients are NaN/inf: whatever l1 and clipping do to them, the update skips them
+            if cfg.l1 > 0:  # once per optimiser step, on the scale the loss gradients are on
+                (l1_penalty(l1_params) * cfg.l1 * (scaler.get_scale() if scaler else 1.0)).backward()
+            if scaler:
+                scaler.unscale_(optimizer)
+            if cfg.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.clip_grad)
+            if scaler:  # skips steps with non-finite gradients itself (and lowers its scale)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                step_if(optimizer, finite)
             optimizer.zero_grad(set_to_none=True)
             trainer["step"] += 1
             step = trainer["step"]
+            pending.append((step, epoch, task_name, lr_now, tokens, torch.cat([values, finite.double()[None]])))
 
-            seconds = time.perf_counter() - t0
-            trainer["train_seconds"] += seconds
-            trainer["tokens"] += tokens
-            log_line({"step": step, "epoch": epoch, "task": task_name, "loss": step_loss, "acc": step_acc, "lr": lr_now,
-                      "tokens_per_s": tokens / seconds, "skipped": not finite})
-            bar.update(task, completed=step, loss=step_loss, acc=step_acc, lr=lr_now, tps=tokens / seconds)
-
-            if step % eval_every == 0 or step == total_steps:
+            evaluate, save = step % eval_every == 0 or step == total_steps, step % save_every == 0 or step == total_steps
+            if step % log_every == 0 or evaluate or save:
+                read_back()
+            if evaluate:
                 stop = evaluate_and_keep_best(step)
                 if stop:
                     console.print(f"early stop: no improvement in {cfg.patience} validations")
-            if step % save_every == 0 or step == total_steps or stop:
+            if save or stop:
                 rng = distributed.rng_states(info)  # every rank's dropout RNG, for an exact resume
                 if info.main:
-                    save_state(run_dir, step, trained, optimizer, trainer, rng=rng)
+                    with clock("checkpoint"):
+                        save_state(run_dir, step, trained, optimizer, trainer, rng=rng)
                 distributed.barrier(info)
     if not info.main:  # rank 0 exports and evaluates; the others are done
         distributed.shutdown(info)
         return
     log.close()
-    export(embedder, tasks, run_dir / "final")
-    if trainer["best"] is None:  # nothing to choose by: the last weights are the best we know
-        export(embedder, tasks, run_dir / "best")
+    clock.enter("test")  # the ending: the test set (and the merge sweep's validation and the exports, timed apart)
+    with clock("export"):
+        export(embedder, tasks, run_dir / "final")
+        if trainer["best"] is None:  # nothing to choose by: the last weights are the best we know
+            export(embedder, tasks, run_dir / "best")
 
     # ---- the forgetting guard: base and fine-tuned weights mixed (LM-Cocktail), chosen on validation -----
     judged = labelled(tasks)  # what is validated and reported: not --unlabeled's pseudo-pairs
@@ -399,7 +435,8 @@ def main(argv: list[str] | None = None) -> None:
         results["merge_sweep"] = {f"{r:g}": s for r, s in sorted(sweep.items())}
     if ratio is not None:
         merged = merged_embedder(base, tuned, ratio)
-        export(merged, tasks, run_dir / "merged")
+        with clock("export"):
+            export(merged, tasks, run_dir / "merged")
         results["merge_ratio"] = ratio
 
     # ---- the ending: base vs fine-tuned (and merged) on the held-out test set and the probe --------------
@@ -432,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print(results_table(f"general probe · {probe.name}", probe_rows["base"], probe_rows["fine_tuned"],
                                     tuple(probe_rows["base"]), probe_rows.get("merged"), ratio))
         results.update(probe_rows)
+    results["timing"] = clock.report()  # seconds by phase (this process), peak RSS: benchmarks/run_time.py
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     console.print(f"wrote {run_dir / 'results.json'}; fine-tuned model in {run_dir / 'best'}")
     distributed.shutdown(info)

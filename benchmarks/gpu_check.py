@@ -4,12 +4,15 @@
     python benchmarks/gpu_check.py --check checkpoints/gpu/base        # fast paths vs fp32 eager
 
 For a model folder: the loss and parameter gradients of one contrastive step with bf16 autocast (+ packed,
-+ torch.compile, + FlexAttention on CUDA) against the fp32 eager padded step on the same batch, dropout off.
-Prints a table and exits non-zero when a path disagrees. Runs on CPU too (slowly; CI runs a tiny version).
++ torch.compile, + FlexAttention on CUDA, + varlen: FlashAttention over sequence offsets on CUDA, `jagged` forcing
+the jagged-SDPA kernel that varlen takes when attention dropout is on, `bucket` padding to a multiple of 256 tokens)
+against the fp32 eager padded step on the same batch, dropout off. Prints a table and exits non-zero when a path
+disagrees. Runs on CPU too (slowly; CI runs a tiny version), where varlen attends through the padded view.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import sys
 from pathlib import Path
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import print_table, write_json
+from bge import packing
 from bge.loss import info_nce
 from bge.model import Encoder, ModelConfig
 from bge.step import forward_backward, make_embed
@@ -42,15 +46,17 @@ def make_models(out: Path, tokenizer_dir: Path, sizes: list[str]) -> None:
         print(f"wrote {out / name}")
 
 
-def step_grads(model, embed, batch, device) -> tuple[float, dict[str, torch.Tensor]]:
+def step_grads(model, embed, batch, device, together: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     labels = torch.arange(len(batch["q"]), device=device)
-    loss, _ = forward_backward(embed, batch, lambda e: (info_nce(e["q"], e["p"], labels, 0.05)[0], {}), device=device)
+    loss, _ = forward_backward(embed, batch, lambda e: (info_nce(e["q"], e["p"], labels, 0.05)[0], {}), device=device,
+                               together=together)
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 # cheap eager paths first, then the compiled ones (a minute or more of compilation each on the device)
-PATHS = ("fp32 packed", "bf16", "bf16 packed", "bf16 compile", "bf16 cudagraphs", "bf16 packed compile",
+PATHS = ("fp32 packed", "fp32 varlen", "bf16", "bf16 packed", "bf16 varlen", "bf16 varlen jagged", "bf16 varlen bucket",
+         "bf16 compile", "bf16 cudagraphs", "bf16 varlen bucket cudagraphs", "bf16 packed compile",
          "bf16 packed compile flex")
 
 
@@ -72,13 +78,22 @@ def check(folder: Path, device: torch.device, batch_size: int, paths: tuple[str,
         switches = set(name.split())
         model.attention = "flex" if "flex" in switches else "sdpa"  # FlexAttention's document mask: CUDA
         graphs = "cudagraphs" in switches  # compiled, then recorded and replayed as CUDA graphs
+        varlen = "varlen" in switches
+        pack = functools.partial(packing.pack, pad_id=tok.pad_id, multiple=256 if "bucket" in switches else 0,
+                                 max_length=256)
         embed = make_embed(model.embed, tok.pad, device, amp_dtype=torch.bfloat16 if "bf16" in switches else None,
                            packed="packed" in switches, compile=graphs or "compile" in switches,
-                           compile_mode="reduce-overhead" if graphs else "default")
-        for _ in range(3 if graphs else 1):  # the first calls warm up and record; the third replays the graphs
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            loss, g = step_grads(model, embed, batch, device)
+                           compile_mode="reduce-overhead" if graphs else "default", pack=pack if varlen else None)
+        flash = packing.varlen_attn
+        if "jagged" in switches:  # the kernel varlen takes when attention dropout is on, compared here without it
+            packing.varlen_attn = None
+        try:
+            for _ in range(3 if graphs else 1):  # the first calls warm up and record; the third replays the graphs
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                loss, g = step_grads(model, embed, batch, device, together=varlen)
+        finally:
+            packing.varlen_attn = flash
         cos = F.cosine_similarity(torch.cat([g[n].flatten() for n in ref]), torch.cat([ref[n].flatten() for n in ref]), 0).item()
         tol = (1e-4, 0.99999) if "fp32" in switches else (2e-2, 0.99)  # fp32 paths agree to rounding; bf16 to ~1e-2
         ok = abs(loss - ref_loss) <= tol[0] * max(1.0, abs(ref_loss)) and cos >= tol[1]

@@ -17,8 +17,9 @@ Recipes:
                      training queries: those of train.py's training AND validation split (ST uses no validation),
                      never a test query. OPTS override: --epochs, --lr, --batch-size, --scale, and --negatives N
                      (N hard negatives per pair as extra columns, from the data's `neg` or from --negatives-file).
-Each (recipe, seed) runs in a fresh process; its scores go to OUT/runs/<recipe>/seed<k>/score.json as soon as it
-ends, so an interrupted benchmark picks up where it stopped. The table shows mean ± sd over seeds and every seed's
+Seeds are the outer loop, recipes run in the order given (after the first seed every recipe has a number). Each
+(recipe, seed) runs in a fresh process; its scores go to OUT/runs/<recipe>/seed<k>/score.json as soon as it ends,
+so an interrupted benchmark picks up where it stopped. The table shows mean ± sd over seeds and every seed's
 number, the change from the base model, training time and the command's whole wall time; OUT/quality.json holds
 all of it.
 """
@@ -184,6 +185,13 @@ def spec_hash(a, kind: str, flags: str) -> str:
     return hashlib.blake2b(json.dumps(key).encode(), digest_size=8).hexdigest()
 
 
+class Recipe(argparse.Action):
+    """--bge and --st append (kind, NAME=FLAGS) to one list, so recipes run in the order they are given."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.recipes = [*(getattr(namespace, "recipes", None) or []), (option_string.lstrip("-"), value)]
+
+
 def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -201,8 +209,8 @@ def main() -> None:
     p.add_argument("--val-ratio", type=float, default=0.15)
     p.add_argument("--test-ratio", type=float, default=0.15)
     p.add_argument("--max-length", type=int, default=256, help="passage length, for training (ST) and scoring (all)")
-    p.add_argument("--bge", action="append", default=[], metavar="NAME=FLAGS", help="a bge recipe: train.py flags")
-    p.add_argument("--st", action="append", default=[], metavar="NAME=OPTS", help="a sentence-transformers recipe")
+    p.add_argument("--bge", action=Recipe, dest="recipes", metavar="NAME=FLAGS", help="a bge recipe: train.py flags")
+    p.add_argument("--st", action=Recipe, dest="recipes", metavar="NAME=OPTS", help="a sentence-transformers recipe")
     p.add_argument("--probe", default="", help="a general STS TSV scored for every model (e.g. STS-B dev)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="scoring precision for every model (auto: bf16 on CPUs with native bf16)")
@@ -224,14 +232,13 @@ def main() -> None:
     a.bf16 = a.precision == "bf16" or (a.precision == "auto" and native_cpu_bf16())
     seeds = [int(s) for s in a.seeds.split(",")]
     recipes = []
-    for kind, specs in (("bge", a.bge or ["default="]), ("st", a.st or ["default="])):
-        for spec in specs:
-            name, sep, flags = spec.partition("=")
-            if not sep or not name:
-                raise UserError(f"--{kind} {spec!r}: expected NAME=FLAGS")
-            if kind == "st":
-                st_parser().parse_args(shlex.split(flags))  # a typo fails now, not after an hour
-            recipes.append((kind, f"{kind} {name}", flags))
+    for kind, spec in a.recipes or [("bge", "default="), ("st", "default=")]:  # in the order given
+        name, sep, flags = spec.partition("=")
+        if not sep or not name:
+            raise UserError(f"--{kind} {spec!r}: expected NAME=FLAGS")
+        if kind == "st":
+            st_parser().parse_args(shlex.split(flags))  # a typo fails now, not after an hour
+        recipes.append((kind, f"{kind} {name}", flags))
 
     examples, full = load_data(a)
     parts = fixed_split(examples, a)
@@ -244,9 +251,9 @@ def main() -> None:
 
     base = score(Embedder.load(a.model), test, probe, a)
     rows = {"base": {"kind": "base", "seeds": {}, "scores": [base]}}
-    for kind, name, flags in recipes:
-        rows[name] = {"kind": kind, "flags": flags, "seeds": {}}
-        for seed in seeds:
+    rows |= {name: {"kind": kind, "flags": flags, "seeds": {}} for kind, name, flags in recipes}
+    for seed in seeds:  # seed by seed: after the first, every recipe has a number
+        for kind, name, flags in recipes:
             out = a.out / "runs" / name.replace(" ", "-") / f"seed{seed}"
             done = out / "score.json"
             h = spec_hash(a, kind, flags)
@@ -262,7 +269,8 @@ def main() -> None:
             rows[name]["seeds"][seed] = info
             console.print(f"  {name} seed {seed}: nDCG@10 {info['scores']['ndcg@10']:.4f} "
                           f"({info['train_seconds']:.0f} s training, {info['wall_seconds']:.0f} s wall)")
-        report(a, rows, seeds, base, test, parts)
+            report(a, rows, seeds, base, test, parts)
+    report(a, rows, seeds, base, test, parts)
 
 
 def report(a, rows: dict, seeds: list[int], base: dict, test, parts) -> None:

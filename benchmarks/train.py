@@ -9,14 +9,21 @@ configuration: samples/s and real (non-padding) tokens/s (median of --repeats pr
 step, peak memory (RSS on CPU, max allocated on CUDA), and model FLOP utilisation against this device's own
 matmul peak measured in the same process. --check-loss compares the fp32 loss trajectories with dropout off.
 
-Variants are `+`-joined switches: fp32 | bf16 | fp16, packed, compile, cudagraphs (compile with CUDA graphs:
-mode "reduce-overhead"), gradcache=N, ckpt (gradient checkpointing). --profile adds, per configuration, how busy
-the device was over two profiled steps (on CUDA: kernel time / wall time; low = the step waits on Python and
-kernel launches, not on arithmetic) and the operators that took most of it.
+Variants are `+`-joined switches: fp32 | bf16 | fp16, packed, varlen (the texts packed on the host, one forward per
+step, FlashAttention over sequence offsets on CUDA: train.py's --packed --attention varlen), bucket=N (varlen padded
+to a multiple of N tokens: few shapes, for CUDA graphs), compile, cudagraphs (compile with CUDA graphs: mode
+"reduce-overhead"), gradcache=N, ckpt (gradient checkpointing), adrop=P (attention dropout P instead of the model's;
+either side). sentence-transformers variants take fp32 | bf16, adrop=P, and cached=N (CachedMultipleNegativesRanking
+Loss, its GradCache, mini-batches of N). A configuration that fails (out of memory, say) is reported and the others
+still run. --profile adds, per configuration, how busy the device was over two profiled steps (on CUDA: kernel time
+/ wall time; low = the step waits on Python and kernel launches, not on arithmetic) and the operators that took most
+of it. --check-variants compares bge variants' loss trajectories with dropout off (the varlen path against the
+padded one, say), each against the first.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import resource
@@ -59,15 +66,16 @@ def make_batches(tokenizer, a) -> list[dict[str, list[list[int]]]]:
         n_ids = tokenizer.tokenize(rng.sample(docs, min(len(docs), len(pairs) * (a.group_size - 1) or 1)),
                                    max_length=a.max_passage_length)
     else:  # fixed synthetic lengths "q,p": random ids between [CLS] and [SEP]
-        ql, pl = (int(x) for x in a.lengths.split(","))
+        ql, pl = lengths_of(a)
         n = a.batch_size * (a.steps + a.warmup)
         rand = lambda L: [101] + [rng.randrange(1000, 29000) for _ in range(L - 2)] + [102]
         q_ids, p_ids, n_ids = [rand(ql) for _ in range(n)], [rand(pl) for _ in range(n)], [rand(pl) for _ in range(n * a.group_size)]
     batches, ni = [], 0
     for s in range(a.steps + a.warmup):
-        lo = (s * a.batch_size) % (len(q_ids) - a.batch_size)
+        # a batch larger than SciFact's 919 training pairs takes some twice (throughput, not quality, is measured)
+        lo = (s * a.batch_size) % (len(q_ids) - a.batch_size) if len(q_ids) > a.batch_size else 0
         q, p = [], []
-        for i in range(lo, lo + a.batch_size):
+        for i in (j % len(q_ids) for j in range(lo, lo + a.batch_size)):
             q.append(q_ids[i])
             p.append(p_ids[i])
             for _ in range(a.group_size - 1):
@@ -75,6 +83,11 @@ def make_batches(tokenizer, a) -> list[dict[str, list[list[int]]]]:
                 ni += 1
         batches.append({"q": q, "p": p})
     return batches
+
+
+def lengths_of(a) -> list[int]:
+    """The fixed synthetic lengths of --lengths q,p (none for scifact)."""
+    return [] if a.lengths == "scifact" else [int(x) for x in a.lengths.split(",")]
 
 
 def train_flops(n_linear_params: int, hidden: int, layers: int, batch: dict) -> float:
@@ -105,7 +118,10 @@ def worker(a) -> dict:
     device = torch.device(a.device)
     switches = set(a.variant.split("+"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(next((s for s in switches if s in ("bf16", "fp16")), ""), None)
-    gradcache = next((int(s.split("=")[1]) for s in switches if s.startswith("gradcache=")), 0)
+    value = lambda key, cast, default: next((cast(s.split("=")[1]) for s in switches if s.startswith(key + "=")),
+                                            default)
+    gradcache, bucket, cached = value("gradcache", int, 0), value("bucket", int, 0), value("cached", int, 0)
+    adrop = value("adrop", float, None)
     folder = resolve_model(a.model)
     from bge.weights import load_model
     model, tokenizer = load_model(folder)
@@ -113,6 +129,7 @@ def worker(a) -> dict:
     peak = matmul_peak(device, dtype or torch.float32)
 
     if a.side == "bge":
+        from bge import packing
         from bge.loss import info_nce
         from bge.optim import make_optimizer
         from bge.step import forward_backward, make_embed
@@ -121,38 +138,52 @@ def worker(a) -> dict:
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
             model.cfg.attention_dropout = 0.0
+        if adrop is not None and not a.no_dropout:
+            model.cfg.attention_dropout = adrop
         model.to(device).train()
         model.grad_checkpointing = "ckpt" in switches
         n_linear = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and p.ndim == 2)
         hidden, layers = model.cfg.hidden_size, model.cfg.num_layers
         opt = make_optimizer(model, lr=a.lr, weight_decay=0.01, fused=device.type in ("cpu", "cuda"))
-        graphs = "cudagraphs" in switches
+        graphs, varlen = "cudagraphs" in switches, "varlen" in switches
+        longest = min(max(a.max_query_length, a.max_passage_length, *lengths_of(a)), tokenizer.position_limit)
+        pack = functools.partial(packing.pack, pad_id=tokenizer.pad_id, multiple=bucket, max_length=longest)
         embed = make_embed(model.embed, tokenizer.pad, device, amp_dtype=dtype, compile=graphs or "compile" in switches,
-                           compile_mode="reduce-overhead" if graphs else "default", packed="packed" in switches)
+                           compile_mode="reduce-overhead" if graphs else "default", packed="packed" in switches,
+                           pack=pack if varlen else None)
         labels = torch.arange(a.batch_size, device=device) * a.group_size
 
         def step(batch):
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             loss, _ = forward_backward(embed, batch, lambda e: (info_nce(e["q"], e["p"], labels, a.temperature)[0], {}),
-                                       chunk_size=gradcache, device=device)
+                                       chunk_size=gradcache, device=device, together=varlen)
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss.item()
     else:
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.losses import MultipleNegativesRankingLoss
+        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
         st = SentenceTransformer(str(folder), device=str(device))
         if a.no_dropout:
             for m in st.modules():
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 0.0
             st[0].auto_model.config.attention_probs_dropout_prob = 0.0
+        elif adrop is not None:  # HF BERT reads its attention dropout rate from each self-attention's Dropout module
+            for name, m in st.named_modules():
+                if isinstance(m, torch.nn.Dropout) and ".attention.self." in name + ".":
+                    m.p = adrop
         st.train()
         bert = st[0].auto_model
         n_linear = sum(p.numel() for n, p in bert.named_parameters() if ".layer." in n and p.ndim == 2)
         hidden, layers = bert.config.hidden_size, bert.config.num_hidden_layers
-        loss_model = MultipleNegativesRankingLoss(st, scale=1.0 / a.temperature)
+        if cached:
+            loss_model = CachedMultipleNegativesRankingLoss(st, scale=1.0 / a.temperature, mini_batch_size=cached)
+            if dtype is not None:  # its re-forward runs inside backward, on CUDA in a thread without our autocast
+                bert.forward = torch.autocast(device.type, dtype=dtype)(bert.forward)
+        else:
+            loss_model = MultipleNegativesRankingLoss(st, scale=1.0 / a.temperature)
         decay = [p for p in st.parameters() if p.ndim >= 2]
         no_decay = [p for p in st.parameters() if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -249,6 +280,8 @@ def main() -> None:
     p.add_argument("--vs", choices=["sentence-transformers"], default=None)
     p.add_argument("--vs-variants", default="fp32", help="sentence-transformers variants (fp32, bf16)")
     p.add_argument("--check-loss", action="store_true", help="also compare fp32 loss trajectories, dropout off")
+    p.add_argument("--check-variants", default="", help="bge variants whose loss trajectories (dropout off) are "
+                   "compared with the first's, e.g. bf16,bf16+varlen")
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
@@ -272,18 +305,24 @@ def main() -> None:
             argv += ["--" + k.replace("_", "-"), str(getattr(a, k))]
         argv += (["--no-dropout"] if no_dropout else []) + (["--profile"] if a.profile and not no_dropout else [])
         out = subprocess.run(argv, capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"{side} {variant} failed:\n{out.stderr[-3000:]}")
+        if out.returncode:  # reported, and the other configurations still run (one shot on a lent GPU)
+            error = (out.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            console.print(f"[red]{side} {variant} failed[/]: {error}")
+            return {"error": error}
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     # the reference (sentence-transformers' first variant) first: a run cut short still has something to compare to
     configs = ([("st", v) for v in a.vs_variants.split(",")] if a.vs else []) + [("bge", v) for v in a.variants.split(",")]
     results: dict[str, list[dict]] = {f"{s} {v}": [] for s, v in configs}
+    failed: dict[str, str] = {}
     summary = {"args": {k: v for k, v in vars(a).items() if k not in ("worker", "side", "variant", "no_dropout")},
-               "results": results}
+               "results": results, "failed": failed}
     for _ in range(a.repeats):  # interleaved, so drifting machine load hits every configuration alike
         for side, variant in configs:
             r = run(side, variant)
+            if "error" in r:
+                failed.setdefault(f"{side} {variant}", r["error"])
+                continue
             results[f"{side} {variant}"].append(r)
             busy = (r.get("profile") or {}).get("device_busy")
             console.print(f"{side} {variant}: {r['samples_per_s']:.1f} samples/s, {r['s_per_step']:.3f} s/step, "
@@ -298,9 +337,14 @@ def main() -> None:
         return f"{fmt.format(statistics.median(vals))} ({fmt.format(vals[0])}–{fmt.format(vals[-1])})"
 
     ref = f"st {a.vs_variants.split(',')[0]}" if a.vs else None
+    ref = ref if ref and results.get(ref) else None
     rows = []
     show_busy = a.profile and a.device.startswith("cuda")  # the CPU profile has no device time
     for name in results:
+        if not results[name]:
+            rows.append([name.replace("st ", "sentence-transformers "), f"failed: {failed.get(name, '')[:60]}"]
+                        + [""] * (5 + show_busy))
+            continue
         ratio = f"{med(name, 'samples_per_s') / med(ref, 'samples_per_s'):.2f}x" if ref else ""
         rows.append([name.replace("st ", "sentence-transformers "), span(name, "samples_per_s", "{:.1f}"),
                      span(name, "tokens_per_s", "{:,.0f}"), f"{med(name, 's_per_step'):.2f}",
@@ -313,6 +357,16 @@ def main() -> None:
         diff = max(abs(x - y) for x, y in zip(ours, theirs))
         summary["loss_check"] = {"bge": ours, "sentence-transformers": theirs, "max_abs_diff": diff}
         print(f"fp32 loss trajectories, dropout off, {len(ours)} steps: max |bge - sentence-transformers| = {diff:.2e}")
+    if a.check_variants:
+        runs = {v: run("bge", v, no_dropout=True) for v in a.check_variants.split(",")}
+        first = next(iter(runs))
+        check = summary["trajectory_check"] = {v: {"losses": r.get("losses"), "error": r.get("error")}
+                                               for v, r in runs.items()}
+        for v, r in runs.items():
+            if v != first and "losses" in r and "losses" in runs[first]:
+                check[v]["max_abs_diff"] = max(abs(x - y) for x, y in zip(r["losses"], runs[first]["losses"]))
+                print(f"loss trajectory, dropout off, {len(r['losses'])} steps: max |{v} - {first}| = "
+                      f"{check[v]['max_abs_diff']:.2e}")
     from bge.weights import load_model
     batches = make_batches(load_model(resolve_model(a.model))[1], a)
     summary["padding_share"] = padding_costs(batches)[0]  # of the padded layout's tokens; the packed layout has none

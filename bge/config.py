@@ -124,15 +124,26 @@ class TrainConfig:
     save_every: int = opt(0, "write resumable trainer state every N steps (0 = at each validation)", "loop")
     patience: int = opt(0, "stop after N validations without improvement (0 = never)", "loop")
     max_bad_steps: int = opt(5, "stop when the loss is NaN/inf this many steps in a row", "loop")
+    log_every: int = opt(0, "read the loss, accuracy and NaN flag back from the device every N steps (metrics.jsonl "
+                         "still has every step; a NaN run stops at the read-back); 0 = every step on CPU, where "
+                         "reading back costs nothing, every 10 on CUDA, where it stalls the queue", "loop")
     seed: int = opt(42, "seed for the split, the sampler, dropout and initialisation", "loop")
     precision: str = opt("auto", "auto = bf16 autocast on CUDA (fp16 if unsupported) and on CPUs with native bf16 "
                          "(AVX512-BF16/AMX), else fp32", "loop",
                          ("auto", "fp32", "bf16", "fp16"))
     compile: bool = opt(False, "torch.compile the encoder", "speed")
+    compile_mode: str = opt("default", "torch.compile's mode when --compile is on: reduce-overhead records CUDA graphs "
+                            "once per input shape and replays them (pair it with --attention varlen --token-bucket)",
+                            "speed", ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     packed: bool = opt(False, "run projections and feed-forward on real tokens only (no FLOPs on padding); off by "
                        "default: measured slower than padded at SciFact's 12%% padding, CPU and H200 (README)", "speed")
-    attention: str = opt("sdpa", "packed attention: sdpa (padded view) or flex (FlexAttention document mask; "
-                         "CUDA, no attention dropout)", "speed", ("sdpa", "flex"))
+    attention: str = opt("sdpa", "packed attention: sdpa (padded view), flex (FlexAttention document mask; CUDA, no "
+                         "attention dropout) or varlen (texts packed on the host, one forward per micro-batch; CUDA: "
+                         "FlashAttention over the sequence offsets, jagged SDPA when attention dropout is on; "
+                         "elsewhere the padded view)", "speed", ("sdpa", "flex", "varlen"))
+    token_bucket: int = opt(0, "with --attention varlen: pad each micro-batch's packed tokens up to a multiple of N, so "
+                            "its shapes repeat and CUDA graphs (--compile-mode reduce-overhead) record once per "
+                            "bucket (0 = exact size)", "speed")
     grad_cache: int = opt(0, "GradCache chunk size in texts: big batches in fixed memory, same gradients (0 = off)",
                           "speed")
     grad_checkpointing: bool = opt(False, "recompute each layer's activations in the backward pass: less "

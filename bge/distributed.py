@@ -83,8 +83,8 @@ class EmbedModule(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
-        return self.encoder.embed(input_ids, attention_mask, packed=packed)
+    def forward(self, input_ids, attention_mask: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
+        return self.encoder.embed(input_ids, attention_mask, packed=packed)  # input_ids may be a Packed batch
 
 
 def wrap(model: nn.Module, info: DistInfo) -> DDP | None:
@@ -131,13 +131,23 @@ def cross_device_batch(q: torch.Tensor, p: torch.Tensor, batch, info: DistInfo) 
     return p_all, batch.pos_index.to(q.device) + p_offset, owner, hashes, q_offset, len(q) * info.world / n_all
 
 
-def all_true(flag: bool, info: DistInfo) -> bool:
-    """True on every rank only if it is true on every rank (skip a step together, never alone)."""
+def all_true(flag: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """A 0-d bool tensor, True on every rank only if it is true on every rank (skip a step together, never alone);
+    computed on the device, so the host does not wait for it."""
     if not info.enabled:
         return flag
-    t = torch.tensor([int(flag)], device=info.device)
+    t = flag.to(torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t)
+    return t.bool()
+
+
+def all_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The element-wise mean of a tensor over ranks (the logged loss and accuracy), on the device."""
+    if not info.enabled:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / info.world
 
 
 def mean(value: float, info: DistInfo) -> float:

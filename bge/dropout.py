@@ -11,9 +11,21 @@ scaled by 1 / (1 - that rate), so the expectation is exact. The masks come from 
 so torch.manual_seed, the RNG state saved in checkpoints and GradCache's replay reproduce them exactly.
 CUDA keeps torch's own dropout (Philox, parallel, fused into the attention kernels); so does torch.compile,
 which generates its own.
+
+Which attention a CPU trains with (`written_out`): the written-out one below whenever attention dropout is on, and in
+bf16 without dropout up to a length that depends on the CPU kind (SDPA's fused bf16 backward is the slow one below
+it). Measured, one layer's forward + backward at 12 heads, torch 2.13 (`benchmarks/attention_cpu.py`):
+  Intel Xeon with AMX (2 cores): SDPA 3-6x slower below about 200 tokens (40 ms against 7 at 16 tokens), about even
+      at 192, faster from 224 on;
+  AMD EPYC with AVX512-BF16, no AMX (2 cores): SDPA 1.1-4x slower up to 320 tokens, about even at 384-512.
+A table, not a probe at run time: on a shared 2-core VM the same comparison swung between 0.98x and 1.46x from one
+run to the next, so a probe would pick differently in different processes, and the two paths round differently
+in bf16: a resumed run would no longer reproduce the uninterrupted one. Both paths compute the same function
+(tests/test_dropout.py), so the table decides speed only. In fp32 SDPA is faster at every length.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -33,8 +45,29 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     return keep, LEVELS / (LEVELS - threshold)
 
 
+WRITTEN_OUT_UP_TO = {"amx": 192, "avx512_bf16": 320, "other": 192}  # tokens, by CPU kind (see above)
+
+
 def fast_path(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def cpu_kind() -> str:
+    """'amx' (Intel Sapphire Rapids and later), 'avx512_bf16' (AMD Zen 4/5, Cooper Lake) or 'other'."""
+    has = lambda name: bool(getattr(torch.cpu, name, lambda: False)())
+    return "amx" if has("_is_amx_tile_supported") else "avx512_bf16" if has("_is_avx512_bf16_supported") else "other"
+
+
+@functools.cache
+def written_out_limit() -> int:
+    """Up to how many tokens bf16 training without attention dropout takes the written-out attention on this CPU."""
+    return WRITTEN_OUT_UP_TO[cpu_kind()]
+
+
+def written_out(q: torch.Tensor, p: float, training: bool) -> bool:
+    """Whether attention on q (B, heads, L, d) with dropout rate p takes `attention` below rather than SDPA: on CPU,
+    with dropout (SDPA's is the serial one on its unfused path) or in bf16 training up to this CPU's limit."""
+    return fast_path(q) and (p > 0 or (training and q.dtype == torch.bfloat16 and q.shape[2] <= written_out_limit()))
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

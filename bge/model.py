@@ -8,7 +8,9 @@ Two input layouts share the same layers, which never look at the layout:
   padded: x is (B, L, H) and attention uses a key-padding mask;
   packed: x is (T, H), the T real tokens of the batch back to back, so the projections and the
           feed-forward (most of the FLOPs) spend nothing on padding; only attention sees a padded view
-          (or none at all with FlexAttention and a document mask, on CUDA).
+          (or none at all with FlexAttention and a document mask, on CUDA);
+  varlen: the packed layout built on the host (bge/packing.py: no device sync, static shapes if asked), with
+          attention through FlashAttention's variable-length kernel on CUDA and the padded view elsewhere.
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from bge.dropout import Dropout, attention, fast_path
+from bge import packing
+from bge.dropout import Dropout, attention, written_out
 from bge.errors import UserError
+from bge.packing import Packed
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact erf GELU, what BERT and BGE use
@@ -194,11 +198,8 @@ class Encoder(nn.Module):
     def _attend_padded(self, qkv: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(qkv)
         p = self.cfg.attention_dropout if self.training else 0.0
-        # On CPU while training, attention is written out (bge/dropout.py): SDPA's dropout there is the slow serial
-        # one on its unfused path, and without dropout its fused bf16 backward is 3-6x slower than the written-out
-        # one below about 200 tokens (even at 192, faster from 224 on; 2-core Xeon with AMX, torch 2.13; in fp32
-        # SDPA is faster at every length)
-        if fast_path(q) and (p > 0 or (self.training and q.dtype == torch.bfloat16 and q.shape[2] <= 192)):
+        # on CPU while training, attention is written out where that is faster (bge/dropout.py says when)
+        if written_out(q, p, self.training):
             ctx = attention(q, k, v, key_mask, p)
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
@@ -212,6 +213,21 @@ class Encoder(nn.Module):
         q, k, v = qkv.view(1, T, 3, self.cfg.num_heads, -1).permute(2, 0, 3, 1, 4)
         ctx = _flex_attention(q.is_cuda)(q, k, v, block_mask=block_mask)
         return ctx[0].transpose(0, 1).reshape(T, -1)
+
+    def _attend_varlen(self, qkv: torch.Tensor, batch: Packed) -> torch.Tensor:
+        """Varlen (T, 3H) -> (T, H): on CUDA over the sequence offsets (bge/packing.py), elsewhere through a padded
+        view of the same tokens (exact, and the fastest CPU attention with its cheap dropout)."""
+        T = qkv.shape[0]
+        if qkv.is_cuda:
+            q, k, v = qkv.view(T, 3, self.cfg.num_heads, -1).unbind(1)
+            p = self.cfg.attention_dropout if self.training else 0.0
+            return packing.attention(q, k, v, batch, p).reshape(T, -1)
+        S, W = len(batch.cu_seqlens) - 1, batch.max_len
+        where = batch.sequence * W + batch.positions  # each token's row in the (S * W) grid
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).unsqueeze(1)
+        key_mask = (torch.arange(W, device=qkv.device) < lengths)[:, None, None, :]
+        grid = qkv.new_zeros(S * W, qkv.shape[-1]).index_copy(0, where, qkv).view(S, W, -1)
+        return self._attend_padded(grid, key_mask).reshape(S * W, -1).index_select(0, where)
 
     # ---- forward --------------------------------------------------------------------------------
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -250,9 +266,20 @@ class Encoder(nn.Module):
 
         return self._run_layers(x, attend)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
-        """Pooled, (by default) L2-normalised sentence embeddings (B, H)."""
-        if packed:
+    def forward_varlen(self, batch: Packed) -> torch.Tensor:
+        """Last hidden states (T, H) of a varlen batch (bge.packing.pack, on this device): the rows of
+        forward(...)[attention_mask.bool()] for its texts, then don't-care rows for its padding tokens."""
+        positions = batch.positions + (self.cfg.pad_token_id + 1 if self.cfg.flavour == "xlm-roberta" else 0)
+        x = self.emb(batch.input_ids, positions, None)
+        return self._run_layers(x, lambda qkv: self._attend_varlen(qkv, batch))
+
+    def embed(self, input_ids: torch.Tensor | Packed, attention_mask: torch.Tensor | None = None,
+              packed: bool = False) -> torch.Tensor:
+        """Pooled, (by default) L2-normalised sentence embeddings (B, H). A Packed batch (bge.packing) takes the
+        varlen layout; then attention_mask and packed are not used."""
+        if isinstance(input_ids, Packed):
+            pooled = packing.pool(self.forward_varlen(input_ids), input_ids, self.cfg.pooling)
+        elif packed:
             states = self.forward_packed(input_ids, attention_mask)
             pooled = pool_packed(states, attention_mask, self.cfg.pooling)
         else:

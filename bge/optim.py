@@ -69,3 +69,14 @@ def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: t
     """AdamW over the trainable parameters (and the `extra` parameter groups, e.g. a head with its own lr_scale);
     the fused kernel (one launch for all tensors) where torch has it."""
     return torch.optim.AdamW(param_groups(model, weight_decay) + list(extra), lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def step_if(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """optimizer.step() where the 0-d bool tensor `ok` is True, and no change at all where it is False (parameters,
+    moments and step count stay as they were), decided on the device: the host never waits to find out. Fused AdamW
+    reads `found_inf` for this, the attribute through which torch's GradScaler skips its steps."""
+    optimizer.found_inf = (~ok).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf

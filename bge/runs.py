@@ -16,9 +16,12 @@ import io
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,8 +38,47 @@ from bge.errors import UserError
 SCIFACT = Path(os.environ.get("BGE_SCIFACT") or Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact")
 METRICS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "R@10"), ("recall@100", "R@100"))
 # settings that say where or how a run was executed, not what was trained: never a column
-BOOKKEEPING = {"out_dir", "cache_dir", "run_name", "resume", "device", "eval_batch_size", "threads", "eval_every", "save_every"}
+BOOKKEEPING = {"out_dir", "cache_dir", "run_name", "resume", "device", "eval_batch_size", "threads", "eval_every",
+               "save_every", "log_every"}
 SPEED_FILE = "speed.json"
+
+
+# ---- a run's wall time by phase --------------------------------------------------------------------------
+class Stopwatch:
+    """A process's wall time by phase, for results.json's `timing` (benchmarks/run_time.py prints it). `enter(name)`
+    sets the phase that time goes to from now on; `with clock(name):` lends the time to another phase and then
+    returns to the one before, so a validation inside training counts as validation only, and no second twice."""
+
+    def __init__(self, phase: str = "setup"):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._stack = [phase]
+        self._start = self._mark = time.perf_counter()
+
+    def _charge(self) -> None:
+        now = time.perf_counter()
+        self.seconds[self._stack[-1]] += now - self._mark
+        self._mark = now
+
+    def enter(self, phase: str) -> None:
+        self._charge()
+        self._stack[-1] = phase
+
+    @contextmanager
+    def __call__(self, phase: str):
+        self._charge()
+        self._stack.append(phase)
+        try:
+            yield
+        finally:
+            self._charge()
+            self._stack.pop()
+
+    def report(self) -> dict[str, float]:
+        """Seconds by phase, `total` (since the stopwatch started) and the process's peak RSS in GB so far."""
+        self._charge()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return {**{k: round(v, 3) for k, v in self.seconds.items()},
+                "total": round(self._mark - self._start, 3), "peak_rss_gb": round(rss / 1e9, 3)}
 
 
 # ---- the machine and the passages encoding speed is measured on -----------------------------------------

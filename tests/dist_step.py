@@ -1,8 +1,11 @@
 """One training step of train.py's machinery, run by tests/test_distributed.py under torchrun (2 ranks, gloo)
 and in a single process; rank 0 writes the global loss and the updated weights for the test to compare.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_step.py OUT_DIR MODEL_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_step.py OUT_DIR MODEL_DIR [varlen]
+
+With `varlen` the same steps run in the varlen layout (bge/packing.py, padded to a bucket), through DDP's wrapper.
 """
+import functools
 import json
 import sys
 from pathlib import Path
@@ -13,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from bge.tasks import retrieval_loss
-from bge import distributed
+from bge import distributed, packing
 from bge.batching import make_batch
 from bge.config import TrainConfig
 from bge.data import Example
@@ -38,6 +41,7 @@ def examples() -> list[Example]:
 
 def main() -> None:
     out_dir, model_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    varlen = sys.argv[3:] == ["varlen"]
     info = distributed.init("cpu")
     ex = examples()
     results = {}
@@ -48,12 +52,14 @@ def main() -> None:
         # visible weight differences; SGD moves the weights by exactly lr * gradient
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         net = distributed.wrap(model, info)
-        embed = make_embed(net or model.embed, tok.pad, info.device)
+        pack = functools.partial(packing.pack, pad_id=tok.pad_id, multiple=32, max_length=64) if varlen else None
+        embed = make_embed(net or model.embed, tok.pad, info.device, pack=pack)
         batch = make_batch(ex, distributed.shard(list(range(8)), info), group_size=group, seed=0, epoch=0)
         inputs = {"q": tok.tokenize(batch.queries), "p": tok.tokenize(batch.passages)}
         cfg = TrainConfig(temperature=0.05)
         loss, stats = forward_backward(embed, inputs, lambda e: retrieval_loss(e, batch, cfg, info if net else None),
-                                       chunk_size=chunk, device=info.device, no_sync=net.no_sync if net else None)
+                                       chunk_size=chunk, device=info.device, no_sync=net.no_sync if net else None,
+                                       together=varlen)
         grads = {f"grad.{n}": p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
         results[name] = distributed.mean(loss.item(), info)

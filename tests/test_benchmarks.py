@@ -20,12 +20,12 @@ def test_gpu_check_cpu_path(tmp_path, minilm_dir):
     # the packed compiled paths are left to the device run (minutes of compilation on 2 cores), and FlexAttention
     # has no backward on CPU (its forward is checked against the padded path in test_model.py); "cudagraphs" is
     # torch.compile's reduce-overhead mode, which on CPU compiles without graphs: the code path still runs here
-    paths = ["fp32 packed", "bf16", "bf16 packed", "bf16 compile", "bf16 cudagraphs"]
+    paths = ["fp32 packed", "fp32 varlen", "bf16", "bf16 packed", "bf16 varlen bucket", "bf16 compile", "bf16 cudagraphs"]
     run("benchmarks/gpu_check.py", "--check", str(tmp_path / "tiny"), "--device", "cpu", "--batch-size", "6",
         "--paths", ",".join(paths), "--json", str(tmp_path / "check.json"))
     rows = json.loads((tmp_path / "check.json").read_text())["rows"]
     assert [r["path"] for r in rows] == paths
-    assert all(r["ok"] for r in rows) and rows[0]["grad cosine"] > 0.99999
+    assert all(r["ok"] for r in rows) and rows[0]["grad cosine"] > 0.99999 and rows[1]["grad cosine"] > 0.99999
 
 
 def test_training_benchmark_runs_both_sides_with_equal_fp32_losses(tmp_path, tiny_model_dir):
@@ -42,6 +42,21 @@ def test_training_benchmark_runs_both_sides_with_equal_fp32_losses(tmp_path, tin
         assert {"aten::mm", "aten::addmm", "aten::bmm"} & {name for name, _ in top}  # it profiled the model
     assert result["loss_check"]["max_abs_diff"] <= 1e-4
     assert len(result["loss_check"]["bge"]) == 3
+
+
+def test_training_benchmark_varlen_gradcache_st_and_trajectory_check(tmp_path, tiny_model_dir):
+    # the new path's variants, sentence-transformers' GradCache loss, a configuration that fails without stopping the
+    # others, and the loss trajectories of two bge variants with dropout off
+    out = tmp_path / "bench.json"
+    r = run("benchmarks/train.py", "--model", str(tiny_model_dir), "--lengths", "12,40", "--batch-size", "4",
+            "--steps", "2", "--warmup", "1", "--repeats", "1", "--variants", "fp32+varlen+bucket=64+adrop=0,fp32+gradcache=x",
+            "--vs", "sentence-transformers", "--vs-variants", "fp32+cached=2", "--check-variants", "fp32,fp32+varlen",
+            "--json", str(out))
+    result = json.loads(out.read_text())
+    assert [len(runs) for runs in result["results"].values()] == [1, 1, 0]  # st first, then the bge variants
+    assert "bge fp32+gradcache=x failed" in r.stderr and "bge fp32+gradcache=x" in result["failed"]
+    check = result["trajectory_check"]
+    assert len(check["fp32"]["losses"]) == 3 and check["fp32+varlen"]["max_abs_diff"] <= 1e-5
 
 
 def test_encode_benchmark_compares_like_with_like(tmp_path, tiny_model_dir):
@@ -67,3 +82,27 @@ def test_padding_report_bucketing_keeps_every_pair_and_cuts_padding():
     assert share_sorted < share_plain and att_sorted < att_plain
     one = [{"q": [[1] * 2, [1] * 6]}]  # padded to 8: 8 real tokens of 16; L^2: 2 * 64 padded over 4 + 36 real
     assert costs(one) == (0.5, 128 / 40)
+
+
+def test_run_time_splits_a_real_train_command(tmp_path, tiny_model_dir):
+    data = tmp_path / "bikes.jsonl"
+    data.write_text("".join((REPO / "examples" / "bike_repair.jsonl").read_text().splitlines(keepends=True)[:40]))
+    out = tmp_path / "runtime.json"
+    r = run("benchmarks/run_time.py", "--json", str(out), "--", "--data", str(data), "--model", str(tiny_model_dir),
+            "--out-dir", str(tmp_path / "runs"), "--batch-size", "8", "--max-steps", "2", "--max-passage-length", "32")
+    result = json.loads(out.read_text())
+    timing = result["timing"]
+    assert Path(result["run"]).parent == tmp_path / "runs" and Path(result["run"]).name.startswith("runtime-")
+    assert {"setup", "train", "validation", "test", "export", "checkpoint", "total", "peak_rss_gb"} <= set(timing)
+    assert 0 < timing["total"] < result["wall_s"] and result["peak_rss_gb_os"] >= timing["peak_rss_gb"] * 0.9
+    assert "train.py wall time by phase" in r.stdout + r.stderr and "validation" in r.stdout + r.stderr
+
+
+def test_cpu_attention_benchmark_reports_both_paths_and_the_tables_limit(tmp_path):
+    from bge.dropout import WRITTEN_OUT_UP_TO, cpu_kind
+    out = tmp_path / "attention.json"
+    run("benchmarks/attention_cpu.py", "--lengths", "8,24", "--heads", "2", "--dim", "8", "--repeats", "1",
+        "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["cpu_kind"] == cpu_kind() and result["limit"] == WRITTEN_OUT_UP_TO[cpu_kind()]
+    assert [r["length"] for r in result["rows"]] == [8, 24] and all(r["sdpa_ms"] > 0 for r in result["rows"])

@@ -36,15 +36,21 @@ def no_dropout_model(tmp_path_factory, minilm_dir):
     return make_tiny_model(tmp_path_factory.mktemp("m") / "model", minilm_dir, dropout=0.0)
 
 
-def test_two_ranks_take_the_single_process_step(tmp_path, no_dropout_model):
+def one_and_two_ranks(tmp_path: Path, model: Path, *two_ranks_argv: str) -> tuple[Path, Path, dict, dict]:
+    """tests/dist_step.py in one process and under torchrun on 2 ranks (with two_ranks_argv): folders and losses."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     script = str(REPO / "tests" / "dist_step.py")
-    r = subprocess.run([sys.executable, script, str(one), str(no_dropout_model)], capture_output=True, text=True, env=env())
+    r = subprocess.run([sys.executable, script, str(one), str(model)], capture_output=True, text=True, env=env())
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(torchrun(2, script, str(two), str(no_dropout_model)), capture_output=True, text=True, env=env())
+    r = subprocess.run(torchrun(2, script, str(two), str(model), *two_ranks_argv), capture_output=True, text=True,
+                       env=env())
     assert r.returncode == 0, r.stderr[-3000:]
-    l1, l2 = json.loads((one / "losses.json").read_text()), json.loads((two / "losses.json").read_text())
+    return one, two, json.loads((one / "losses.json").read_text()), json.loads((two / "losses.json").read_text())
+
+
+def test_two_ranks_take_the_single_process_step(tmp_path, no_dropout_model):
+    one, two, l1, l2 = one_and_two_ranks(tmp_path, no_dropout_model)
     assert set(l1) == set(l2) == {"in-batch", "hard negatives", "hard negatives + gradcache"}
     for name in l1:
         assert abs(l1[name] - l2[name]) <= 1e-5, name
@@ -54,6 +60,17 @@ def test_two_ranks_take_the_single_process_step(tmp_path, no_dropout_model):
         assert max(a[k].abs().max().item() for k in grads) > 1e-4, name  # ... which are not trivially zero
         assert max((a[k] - b[k]).abs().max().item() for k in a if k not in grads) <= 1e-5, name  # the step
     assert l1["hard negatives"] != l1["in-batch"]  # the variants really differ
+
+
+def test_two_ranks_take_the_single_process_step_in_the_varlen_layout(tmp_path, no_dropout_model):
+    # DDP hands the Packed batch through its wrapper; the gradients must be the padded single-process step's
+    one, two, l1, l2 = one_and_two_ranks(tmp_path, no_dropout_model, "varlen")
+    assert set(l1) == set(l2) and len(l1) == 3
+    for name in l1:
+        assert abs(l1[name] - l2[name]) <= 1e-5, name
+        a, b = load_file(str(one / f"{name}.safetensors")), load_file(str(two / f"{name}.safetensors"))
+        grads = [k for k in a if k.startswith("grad.")]
+        assert max((a[k] - b[k]).abs().max().item() for k in grads) <= 1e-6, name
 
 
 def scifact_slice(folder: Path, n_queries: int = 40, n_other: int = 160) -> Path:

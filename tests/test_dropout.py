@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bge.dropout import Dropout, attention, dropout, keep_mask
+import bge.dropout
+import bge.model
+from bge.dropout import WRITTEN_OUT_UP_TO, Dropout, attention, cpu_kind, dropout, keep_mask, written_out
 from bge.model import Encoder, ModelConfig
 
 
@@ -134,3 +136,33 @@ def test_bf16_training_without_attention_dropout_matches_eval():
         e = model.eval()(ids, mask)[real].float()
         t = model.train()(ids, mask)[real].float()
     assert F.cosine_similarity(e, t, dim=-1).min() > 0.999
+
+
+def test_the_cpu_kinds_limit_decides_and_either_attention_trains_the_same(monkeypatch):
+    # the written-out attention's reach in bf16 training is read from a per-CPU-kind table; both paths are exact,
+    # so forcing either one must give the same outputs and gradients (to bf16 rounding)
+    assert cpu_kind() in WRITTEN_OUT_UP_TO and bge.dropout.written_out_limit() == WRITTEN_OUT_UP_TO[cpu_kind()]
+    q = torch.zeros(2, 4, 200, 8, dtype=torch.bfloat16)
+    assert written_out(q, 0.0, True) == (200 <= WRITTEN_OUT_UP_TO[cpu_kind()])
+    assert written_out(q, 0.1, False) and not written_out(q, 0.0, False) and not written_out(q.float(), 0.0, True)
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=40,
+                      hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = Encoder(cfg).train()
+    for layer in model.layers:  # as above: make attention matter
+        torch.nn.init.normal_(layer.qkv.weight, std=0.5)
+    ids = torch.randint(1, 50, (4, 30))
+    mask = (torch.arange(30) < torch.tensor([30, 12, 2, 25])[:, None]).long()
+    calls = []
+    monkeypatch.setattr(bge.model, "attention", lambda *a: calls.append(1) or attention(*a))
+    runs = []
+    for limit in (0, 10**6):  # SDPA everywhere, then written out everywhere
+        monkeypatch.setattr(bge.dropout, "written_out_limit", lambda: limit)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            emb = model.embed(ids, mask).float()
+        emb.pow(3).sum().backward()
+        runs.append((len(calls), emb.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (n0, e0, g0), (n1, e1, g1) = runs
+    assert n0 == 0 and n1 == cfg.num_layers  # forcing really switched the path
+    assert F.cosine_similarity(e0, e1, dim=-1).min() > 0.999 and F.cosine_similarity(g0, g1, dim=0) > 0.99

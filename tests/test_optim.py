@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bge.model import Encoder, ModelConfig
-from bge.optim import decayed, default_lr, get_lr, make_optimizer, param_groups
+from bge.optim import decayed, default_lr, get_lr, make_optimizer, param_groups, step_if
 
 
 def test_warmup_then_linear_decay():
@@ -55,3 +55,32 @@ def test_l1_applies_to_the_decayed_matrices_only_and_heads_get_their_own_lr():
     opt = make_optimizer(model, lr=1e-3, weight_decay=0.01, extra=param_groups(head, 0.01, lr_scale=10.0))
     scales = [g["lr_scale"] for g in opt.param_groups]
     assert scales == [1.0, 1.0, 10.0, 10.0] and opt.param_groups[2]["params"] == [head.weight]
+
+
+def test_step_if_skips_without_a_trace_and_otherwise_is_the_plain_step():
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+        return model, make_optimizer(model, lr=0.1, weight_decay=0.1)
+
+    def backward(model, nan=False):
+        model.zero_grad()
+        model(torch.arange(8.0).view(2, 4)).pow(2).sum().backward()
+        if nan:
+            next(model.parameters()).grad[0, 0] = float("nan")
+
+    model, opt = setup()
+    ref, ref_opt = setup()
+    for m, o in ((model, opt), (ref, ref_opt)):  # a first step, so there are moments and step counts to keep
+        backward(m)
+        o.step()
+    backward(model, nan=True)
+    step_if(opt, torch.tensor(False))  # as if it never happened...
+    assert not hasattr(opt, "found_inf")
+    backward(model)
+    step_if(opt, torch.tensor(True))  # ...and this is the plain step
+    backward(ref)
+    ref_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    states = [(a, b) for sa, sb in zip(opt.state.values(), ref_opt.state.values()) for a, b in zip(sa.values(), sb.values())]
+    assert len(states) == 4 * 3 and all(torch.equal(a, b) for a, b in states)  # step count, both moments

@@ -65,7 +65,7 @@ def test_killed_run_resumes_to_identical_weights(data, tiny_model_dir, tmp_path)
     assert 5 <= killed_at < 24
     resumed = run_cli("--resume", str(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"at step {killed_at}" in resumed.stderr
+    assert f"at step {killed_at}" in " ".join(resumed.stderr.split())  # rich wraps long paths
     a = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
@@ -216,3 +216,63 @@ def test_probe_at_each_validation_and_merge_sweep_exports_the_chosen_mix(scored,
     assert all(torch.equal(exported[k], expected[k]) for k in expected)
     with pytest.raises(UserError, match="not both"):
         train.main(args(scored / "scored.jsonl", tiny_model_dir, tmp_path, "--merge-sweep", "0.5", "--merge-ratio", "0.5"))
+
+
+# ---- speed paths: the varlen layout, late read-back, the phase timing ---------------------------------------------
+def test_varlen_bucketed_run_with_late_read_back_trains_like_the_padded_run(data, tiny_model_dir, tmp_path):
+    # dropout off and fp32, so the two layouts compute the same function; the varlen run reads its losses back every
+    # 3 steps, so each deferred line must still land on its own step
+    common = args(data, tiny_model_dir, tmp_path, "--max-steps", "5", "--precision", "fp32", "--hidden-dropout", "0",
+                  "--attention-dropout", "0")
+    train.main([*common, "--run-name", "padded"])
+    train.main([*common, "--run-name", "varlen", "--packed", "--attention", "varlen", "--token-bucket", "64",
+                "--log-every", "3"])
+    lines = {n: [json.loads(l) for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+             for n in ("padded", "varlen")}
+    assert [l["step"] for l in lines["varlen"]] == [l["step"] for l in lines["padded"]] == [1, 2, 3, 4, 5]
+    for a, b in zip(lines["padded"], lines["varlen"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["acc"] == b["acc"] and not b["skipped"]
+    assert len({l["loss"] for l in lines["padded"]}) == 5  # the steps differ, so a misplaced line would show
+    # weights: Adam turns rounding-level differences in near-zero gradients into whole steps (the padded and the
+    # existing packed layout differ by 2.5e-4 element-wise after these 5 steps too), so compare the whole move
+    flat = lambda folder: torch.cat([t.flatten() for _, t in sorted(load_file(str(folder / "model.safetensors")).items())])
+    base, padded, varlen = flat(tiny_model_dir), flat(tmp_path / "padded" / "final"), flat(tmp_path / "varlen" / "final")
+    assert (padded - varlen).norm() <= 0.02 * (padded - base).norm()
+    timing = json.loads((tmp_path / "varlen" / "results.json").read_text())["timing"]
+    phases = {"setup", "train", "validation", "export", "checkpoint", "test"}
+    assert phases <= set(timing) and all(timing[p] > 0 for p in phases) and timing["peak_rss_gb"] > 0.1
+    assert sum(timing[p] for p in phases) == pytest.approx(timing["total"], abs=0.02)  # every second once
+
+
+def test_nan_guard_with_late_read_back(data, tiny_model_dir, tmp_path, monkeypatch):
+    import bge.tasks
+    real = bge.tasks.info_nce
+    monkeypatch.setattr(bge.tasks, "info_nce", lambda *a, **k: (real(*a, **k)[0] * float("nan"), torch.tensor(0.0)))
+    with pytest.raises(UserError, match=r"NaN/inf for 3 steps in a row \(step 3\)"):
+        train.main(args(data, tiny_model_dir, tmp_path, "--max-bad-steps", "3", "--run-name", "nan", "--log-every", "4"))
+    lines = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    assert [l["skipped"] for l in lines] == [True, True]
+
+
+def test_speed_flags_need_their_layout(data, tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="--attention varlen .* pass --packed"):
+        train.main(args(data, tiny_model_dir, tmp_path, "--attention", "varlen"))
+    with pytest.raises(UserError, match="--token-bucket pads the varlen layout"):
+        train.main(args(data, tiny_model_dir, tmp_path, "--packed", "--token-bucket", "512"))
+    assert not any(tmp_path.iterdir())  # refused before a run folder was made
+
+
+def test_stopwatch_charges_each_second_to_one_phase(monkeypatch):
+    from bge import runs
+    now = iter(range(100))
+    monkeypatch.setattr(runs.time, "perf_counter", lambda: float(next(now)))
+    clock = runs.Stopwatch()  # t=0: setup from here
+    clock.enter("train")  # t=1
+    with clock("validation"):  # t=2
+        with clock("export"):  # t=3
+            pass  # t=4: back to validation
+    clock.enter("test")  # t=5 back to train; t=6: test from here
+    report = clock.report()  # t=7
+    assert {k: report[k] for k in ("setup", "train", "validation", "export", "test")} == {
+        "setup": 1, "train": 2, "validation": 2, "export": 1, "test": 1}
+    assert report["total"] == 7 and report["peak_rss_gb"] > 0

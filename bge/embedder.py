@@ -52,7 +52,7 @@ class Embedder:
 
     @classmethod
     def load(cls, name: str = "auto", *, device: str | torch.device | None = None, max_length: int | None = None,
-             query_prompt: str | None = None, cache_dir: str | Path = "checkpoints/hub") -> "Embedder":
+             query_prompt: str | None = None, cache_dir: str | Path | None = None) -> "Embedder":
         """A local folder, `all-MiniLM-L6-v2` (bundled), a hub id (`BAAI/bge-small-en-v1.5`), or `auto`."""
         folder = resolve_model(name, cache_dir=cache_dir)
         label = name if name != "auto" else str(folder)

@@ -1,12 +1,29 @@
-"""Shared test setup: no test may reach the network (loopback servers started by tests are fine), and the
-bundled real model."""
+"""Shared test setup: no test may reach the network (loopback servers started by tests are fine), the Hugging Face
+hub is a local fake with its own empty cache, and the bundled real model."""
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
+import os
+import shutil
 import socket
+import tempfile
 
 import pytest
+
+from fake_hub import FakeHub
+
+# huggingface_hub reads these once, when it is first imported (after this file): the whole session, and every
+# subprocess a test starts, sees a fake hub on loopback and an empty cache, never the user's cache, token or network
+for _var in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+             "HF_TOKEN_PATH"):
+    os.environ.pop(_var, None)
+HF_HOME = tempfile.mkdtemp(prefix="bge-tests-hf-home-")
+HUB = FakeHub().__enter__()
+os.environ.update(HF_HOME=HF_HOME, HF_ENDPOINT=HUB.endpoint, HF_HUB_DISABLE_TELEMETRY="1")
+atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
+atexit.register(HUB.__exit__)
 
 
 class NetworkBlocked(RuntimeError):
@@ -47,6 +64,23 @@ def no_network():
         mp.setattr(socket.socket, "connect", guarded_connect)
         mp.setattr(socket.socket, "connect_ex", guarded_connect_ex)
         yield
+
+
+@pytest.fixture
+def fake_hub():
+    """The session's fake hub (HF_ENDPOINT), reset: serves nothing until a test sets `fake_hub.reset(folder)`."""
+    HUB.reset(None)
+    yield HUB
+    HUB.reset(None)
+
+
+@pytest.fixture
+def hf_offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 as a process started with it sees it (huggingface_hub read the variable when imported)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="session")

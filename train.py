@@ -27,7 +27,7 @@ import torch
 from rich.progress import TextColumn
 from rich.table import Table
 
-from bge import diagnostics, distributed
+from bge import card, diagnostics, distributed
 from bge.batching import Prefetcher
 from bge.checkpoint import atomic_write_text, latest_state, load_state, save_state
 from bge.config import TrainConfig, config_from_dict, parse_args
@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
                                     tuple(probe_rows["base"]), probe_rows.get("merged"), ratio))
         results.update(probe_rows)
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    card.fill_results(run_dir, results)  # the test table into best/'s and merged/'s model cards
     console.print(f"wrote {run_dir / 'results.json'}; fine-tuned model in {run_dir / 'best'}")
     distributed.shutdown(info)
 

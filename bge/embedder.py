@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bge import card
 from bge.console import progress
 from bge.hub import resolve_model
 from bge.lstm import BiLSTMEncoder
@@ -63,10 +64,14 @@ class Embedder:
     def dim(self) -> int:
         return self.model.dim
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, *, base: str | None = None, run: dict | None = None) -> Path:
         """Export a folder that transformers and sentence-transformers load unchanged (a BiLSTM: bge's own
-        format, which only bge.load reads)."""
-        return weights.save(self.model, self.tokenizer, folder)
+        format, which only bge.load reads), with a model card README.md (bge.card): `base` is the model it came
+        from (default: this one's name), `run` the story of the train.py run that made it."""
+        meta = card.base_info(base or self.name)  # before the folder is replaced: it may be the base's own
+        folder = weights.save(self.model, self.tokenizer, folder)
+        card.write_card(folder, self, base=base, run=run, base_meta=meta)
+        return folder
 
     def fingerprint(self) -> str:
         """A hash of the weights, configuration and tokenizer: two Embedders with the same one embed identically."""

@@ -122,6 +122,25 @@ def hub_id_of(name: str | Path) -> str | None:
     return None
 
 
+def local_folder(name: str) -> Path | None:
+    """The folder `name` resolves to, found without the network (a folder, the bundled model, the HF cache), or None.
+    'auto' is the cached AUTO_MODEL, else the bundled model: the choice resolve_model made, as the cache only grows."""
+    if name and Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    try:
+        if name in BUNDLED_NAMES:
+            return bundled_minilm()
+        if name == "auto":
+            try:
+                return download(AUTO_MODEL, None, local_only=True, quiet=True)
+            except UserError:
+                return bundled_minilm()
+        match = HUB_ID.match(name)
+        return download(match["repo"], match["revision"], local_only=True, quiet=True) if match else None
+    except UserError:
+        return None
+
+
 def _resolve_auto(cache_dir: str | Path | None, quiet: bool) -> Path:
     """'auto': AUTO_MODEL if cached or downloadable, else the bundled MiniLM; one notice line says which and why."""
     try:

@@ -3,7 +3,7 @@
 Downloads (snapshot_download): `GET /api/models/{repo}/revision/{rev}` (the commit), `GET /api/models/{repo}/tree/
 {commit}?recursive=...` (the file list), then per file `HEAD` and `GET /{repo}/resolve/{commit}/{file}` with the
 headers the client reads (X-Repo-Commit, ETag, Content-Length) and `Range: bytes=N-` honoured. Uploads (create_repo,
-create_branch, upload_folder with every file sent inline): `POST /api/repos/create`, `POST /api/models/{repo}/branch/
+create_branch, create_commit with every file sent inline): `POST /api/repos/create`, `POST /api/validate-yaml`, `POST /api/models/{repo}/branch/
 {branch}`, `POST /api/models/{repo}/preupload/{rev}`, `POST /api/models/{repo}/commit/{rev}` (NDJSON).
 
 Every repo serves the files of one local folder (`root`); each revision name maps to its own fixed commit hash.
@@ -162,10 +162,12 @@ class FakeHub:
         self._send(h, status, body, headers)
 
     def _upload(self, h, req: Request) -> None:
+        if req.path == "/api/validate-yaml":  # create_commit asks before it uploads a README.md
+            return self._json(h, {"errors": [], "warnings": []})
         if req.path == "/api/repos/create":
             d = json.loads(req.body)
             repo = f"{d['organization']}/{d['name']}" if d.get("organization") else d["name"]
-            self.pushed.setdefault(repo, Pushed()).private = d.get("private")
+            self.pushed.setdefault(repo, Pushed()).private = d.get("visibility", "public") == "private"
             return self._json(h, {"url": f"{self.endpoint}/{repo}", "name": repo})
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(branch|preupload|commit)/([^/]+)", req.path)
         if not m:

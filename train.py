@@ -27,7 +27,7 @@ import torch
 from rich.progress import TextColumn
 from rich.table import Table
 
-from bge import card, diagnostics, distributed
+from bge import card, diagnostics, distributed, plot
 from bge.batching import Prefetcher
 from bge.checkpoint import atomic_write_text, latest_state, load_state, save_state
 from bge.config import TrainConfig, config_from_dict, parse_args
@@ -42,10 +42,11 @@ from bge.merge import choose_ratio, merged_embedder, parse_ratios
 from bge.optim import decayed, default_lr, freeze, get_lr, make_optimizer, param_groups
 from bge.step import forward_backward, make_embed
 from bge.tasks import TaskSampler, export, load_tasks, metric_label, validate
+from bge.tracking import open_tracker
 
 REPO = Path(__file__).resolve().parent
 RESUMABLE_OVERRIDES = {"epochs", "max_steps", "patience", "eval_every", "save_every", "device", "compile",
-                       "eval_batch_size", "resume", "explain", "threshold_precision"}  # what may change when a run continues
+                       "eval_batch_size", "resume", "explain", "threshold_precision", "report_to"}  # what may change when a run continues
 
 
 # ---- set-up helpers ----------------------------------------------------------------------------------
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_text(run_dir / "git.txt", git_commit() + "\n")
         distributed.barrier(info)
     device = info.device
+    tracker = open_tracker(cfg.report_to, run_dir) if info.main else None  # TensorBoard: its package checked now
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout masks
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         if log:
             log.write(json.dumps(record) + "\n")
             log.flush()
+        if tracker:
+            tracker.log(record)
 
     def probe_scores(m: Embedder) -> dict[str, float]:
         """probe/<metric> on the --general-probe set: how much general ability the model keeps."""
@@ -364,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
         distributed.shutdown(info)
         return
     log.close()
+    if tracker:
+        tracker.close()
     export(embedder, tasks, run_dir / "final")
     if trainer["best"] is None:  # nothing to choose by: the last weights are the best we know
         export(embedder, tasks, run_dir / "best")
@@ -425,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         results.update(probe_rows)
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     card.fill_results(run_dir, results)  # the test table into best/'s and merged/'s model cards
+    plot.after_run(run_dir)  # curves.png, or text sparklines without matplotlib
     console.print(f"wrote {run_dir / 'results.json'}; fine-tuned model in {run_dir / 'best'}")
     distributed.shutdown(info)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bge import hub
+from bge.lstm import BiLSTMEncoder
 
 if TYPE_CHECKING:  # at run time these come in as arguments: importing them here would be circular
     from bge.config import TrainConfig
@@ -89,7 +90,8 @@ def loss_summary(cfg: TrainConfig, tasks: list[str]) -> list[str]:
         if cfg.kd_weight:
             line += f", + {cfg.kd_weight:g} x KL to teacher scores (temperature {cfg.kd_temperature:g})"
         if cfg.distill_from:
-            line += f", distilled from {cfg.distill_from} ({cfg.distill_loss} x {cfg.distill_weight:g}, KL x {cfg.distill_kl:g})"
+            line += (f", distilled from {cfg.distill_from} ({cfg.distill_loss} x {cfg.distill_weight:g}, "
+                     f"KL x {cfg.distill_kl:g})")
         lines.append(line)
     if "sts" in tasks:
         lines.append(f"sts: CoSENT, scale {cfg.cosent_scale:g}" if cfg.sts_loss == "cosent" else "sts: cosine MSE")
@@ -103,8 +105,9 @@ def loss_summary(cfg: TrainConfig, tasks: list[str]) -> list[str]:
 
 def run_story(cfg: TrainConfig, tasks: dict, run_dir: Path, role: str, lr: float) -> dict:
     """What a train.py run's card tells (JSON-able): where the weights came from and how they were trained."""
-    files = [(label, getattr(cfg, key)) for label, key in (("training data", "data"), ("validation", "val"),
-             ("test", "test"), ("evaluation corpus", "corpus"), ("general probe", "general_probe")) if getattr(cfg, key)]
+    roles = (("training data", "data"), ("validation", "val"), ("test", "test"), ("evaluation corpus", "corpus"),
+             ("general probe", "general_probe"))
+    files = [(label, getattr(cfg, key)) for label, key in roles if getattr(cfg, key)]
     command = run_dir / "command.txt"
     return {
         "run": run_dir.name, "role": role, "base": cfg.model,
@@ -128,25 +131,27 @@ def write_card(folder: str | Path, embedder: Embedder, *, base: str | None = Non
     base = base or embedder.name
     repo, license = base_meta or base_info(base)
     cfg = embedder.model.cfg
-    bilstm = getattr(cfg, "arch", None) == "bilstm" or type(embedder.model).__name__ == "BiLSTMEncoder"
+    bilstm = isinstance(embedder.model, BiLSTMEncoder)
     tags = ["bge", "sentence-similarity", "feature-extraction"] + ([] if bilstm else ["sentence-transformers"])
     tags += [t for t in (run or {}).get("splits", {})]
     meta = ModelCardData(base_model=repo, license=license, pipeline_tag="sentence-similarity",
                          library_name=None if bilstm else "sentence-transformers", tags=tags)
-    pooling = "BiLSTM attention pooling" if bilstm else f"{cfg.pooling.upper() if cfg.pooling == 'cls' else cfg.pooling} pooling"
+    pooling = ("BiLSTM attention pooling" if bilstm else "CLS pooling" if cfg.pooling == "cls"
+               else f"{cfg.pooling} pooling")
     prompt = embedder.tokenizer.query_prompt
     title = f"{Path(folder).name} · {run['run']}" if run else Path(folder).name
     parts = [f"---\n{meta.to_yaml()}\n---\n", f"# {title}\n",
              f"A text-embedding model {'fine-tuned with' if run else 'exported by'} bge (the Python package "
-             f"`bge-finetune`) from {_model_link(repo, base)}: {embedder.dim} dimensions, {pooling}, L2-normalised, cosine similarity, "
-             f"up to {embedder.tokenizer.max_length} tokens. "
+             f"`bge-finetune`) from {_model_link(repo, base)}: {embedder.dim} dimensions, {pooling}, L2-normalised, "
+             f"cosine similarity, up to {embedder.tokenizer.max_length} tokens. "
              + (f"Queries take the instruction `{prompt}`; passages none." if prompt else "No query instruction.")]
     if bilstm:
         parts.append("\nA gated BiLSTM in bge's own format: **only bge loads it** (not transformers or "
                      "sentence-transformers).")
     if run:
         parts.append(_story(run, repo))
-        parts.append(f"\n## Results on the held-out test set\n\n{RESULTS_START}\n{_pending(run['role'])}\n{RESULTS_END}\n")
+        parts.append(f"\n## Results on the held-out test set\n\n{RESULTS_START}\n{_pending(run['role'])}\n"
+                     f"{RESULTS_END}\n")
     parts.append(_usage(bilstm, cfg, prompt))
     path = Path(folder) / "README.md"
     path.write_text("\n".join(parts), encoding="utf-8")
@@ -181,11 +186,11 @@ def _pending(role: str) -> str:
 
 
 def _usage(bilstm: bool, cfg, prompt: str) -> str:
-    query = "how do I stop my disc brakes squealing?"
+    query, passage = "how do I stop my disc brakes squealing?", "Squealing discs are usually contaminated pads."
     lines = ["\n## Usage\n", "### bge\n", "```python", "import bge", "",
              f'model = bge.load("{MODEL_ID}")',
              f'q = model.encode(["{query}"], is_query=True)  # the query instruction is added for you',
-             'd = model.encode(["Squealing discs are usually contaminated pads."])', "print(q @ d.T)", "```"]
+             f'd = model.encode(["{passage}"])', "print(q @ d.T)", "```"]
     if bilstm:
         return "\n".join(lines) + "\n"
     st_query = ', prompt_name="query"' if prompt else ""
@@ -195,10 +200,12 @@ def _usage(bilstm: bool, cfg, prompt: str) -> str:
     prefix = json.dumps(prompt + query, ensure_ascii=False)
     lines += ["\n### sentence-transformers\n", "```python", "from sentence_transformers import SentenceTransformer", "",
               f'model = SentenceTransformer("{MODEL_ID}")',
-              f'q = model.encode(["{query}"]{st_query})', 'd = model.encode(["Squealing discs are usually contaminated pads."])',
+              f'q = model.encode(["{query}"]{st_query})', f'd = model.encode(["{passage}"])',
               "print(model.similarity(q, d))", "```",
-              "\n### transformers\n", "```python", "import torch", "from transformers import AutoModel, AutoTokenizer", "",
-              f'tokenizer = AutoTokenizer.from_pretrained("{MODEL_ID}")', f'model = AutoModel.from_pretrained("{MODEL_ID}").eval()',
+              "\n### transformers\n", "```python", "import torch",
+              "from transformers import AutoModel, AutoTokenizer", "",
+              f'tokenizer = AutoTokenizer.from_pretrained("{MODEL_ID}")',
+              f'model = AutoModel.from_pretrained("{MODEL_ID}").eval()',
               f'batch = tokenizer([{prefix}], padding=True, truncation=True, return_tensors="pt")',
               "with torch.no_grad():", "    out = model(**batch)", *pool.split("\n"),
               "emb = torch.nn.functional.normalize(emb, dim=-1)", "```"]
@@ -228,8 +235,8 @@ def results_markdown(results: dict, per_task: dict, role: str) -> str:
     lines = [f"best/ is the model of step {results.get('best_step')} of {results.get('steps')}"
              + (f" (validation {best_key.removeprefix('best_val_')} {results[best_key]:.4f})"
                 if best_key and isinstance(results.get(best_key), float) else "")
-             + (f"; merged/ mixes it with the base model at ratio {results['merge_ratio']:g}" if "merge_ratio" in results
-                else "") + f". This folder is `{role}/`."]
+             + (f"; merged/ mixes it with the base model at ratio {results['merge_ratio']:g}"
+                if "merge_ratio" in results else "") + f". This folder is `{role}/`."]
     if not per_task:
         return "\n".join(lines + ["", "The run had no held-out test set (and no general probe)."])
     from bge.tasks import TASK_TYPES  # here: bge.tasks exports through this module

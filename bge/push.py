@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
                                 allow_abbrev=False)
     p.add_argument("folder", help="an exported model folder (checkpoints/<run>/best, say)")
     p.add_argument("repo_id", help="namespace/name on the hub; created if it does not exist")
-    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its setting)")
-    p.add_argument("--branch", "--revision", dest="branch", help="push to this branch (created if missing); default main")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo private (an existing repo keeps its setting)")
+    p.add_argument("--branch", "--revision", dest="branch",
+                   help="push to this branch (created if missing); default main")
     p.add_argument("--message", help="commit message")
     a = p.parse_args(argv)
     push(a.folder, a.repo_id, private=a.private, branch=a.branch, message=a.message)

@@ -3,8 +3,9 @@
 Downloads (snapshot_download): `GET /api/models/{repo}/revision/{rev}` (the commit), `GET /api/models/{repo}/tree/
 {commit}?recursive=...` (the file list), then per file `HEAD` and `GET /{repo}/resolve/{commit}/{file}` with the
 headers the client reads (X-Repo-Commit, ETag, Content-Length) and `Range: bytes=N-` honoured. Uploads (create_repo,
-create_branch, create_commit with every file sent inline): `POST /api/repos/create`, `POST /api/validate-yaml`, `POST /api/models/{repo}/branch/
-{branch}`, `POST /api/models/{repo}/preupload/{rev}`, `POST /api/models/{repo}/commit/{rev}` (NDJSON).
+create_branch, create_commit with every file sent inline): `POST /api/repos/create`, `POST /api/validate-yaml`,
+`POST /api/models/{repo}/branch/{branch}`, `POST /api/models/{repo}/preupload/{rev}`, `POST /api/models/{repo}/
+commit/{rev}` (NDJSON).
 
 Every repo serves the files of one local folder (`root`); each revision name maps to its own fixed commit hash.
 huggingface_hub reads HF_ENDPOINT once, when it is imported, so tests/conftest.py starts one FakeHub for the whole

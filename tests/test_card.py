@@ -120,6 +120,17 @@ def test_standalone_save_of_the_bundled_model_names_its_hub_id_and_license(tmp_p
     assert "## Training run" not in (folder / "README.md").read_text()
 
 
+def test_a_bilstm_card_says_only_bge_loads_it(tmp_path, tiny_model_dir) -> None:
+    from bge.lstm import BiLSTMEncoder
+
+    base = Embedder.load(str(tiny_model_dir), device="cpu")
+    lstm = BiLSTMEncoder.from_encoder(base.model, hidden_size=8, num_layers=1, dim=0, dropout=0.0)
+    folder = Embedder(lstm, base.tokenizer, name="bilstm", device="cpu").save(tmp_path / "lstm", base=str(tiny_model_dir))
+    loaded = ModelCard.load(folder / "README.md")
+    assert loaded.data.library_name is None and "sentence-transformers" not in loaded.data.tags
+    assert "**only bge loads it**" in loaded.text and "SentenceTransformer(" not in loaded.text
+
+
 def test_sha256_of_files_and_folders(tmp_path) -> None:
     f = tmp_path / "d" / "a.jsonl"
     f.parent.mkdir()

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.errors import LiveError
+from rich.progress import Progress
 
 from bge import card
 from bge.console import progress
@@ -17,7 +20,7 @@ from bge.model import Encoder
 from bge.tokenizer import Tokenizer
 from bge import weights
 
-SHOW_PROGRESS_FROM = 1000  # inputs; shorter jobs finish before a bar is worth drawing
+SHOW_PROGRESS_AFTER_S = 2.0  # an encoding still running after this long gets a progress bar; quicker ones stay quiet
 
 
 def default_device() -> torch.device:
@@ -95,17 +98,35 @@ class Embedder:
         out = torch.empty(len(texts), self.dim, dtype=torch.float32)
         was_training = self.model.training
         self.model.eval()
-        show = len(texts) >= SHOW_PROGRESS_FROM if show_progress is None else show_progress
-        with progress(transient=True, disable=not show) as bar, autocast(self.device, cpu_bf16):
-            task = bar.add_task(description, total=len(texts))
-            for start in range(0, len(texts), batch_size):
-                idx = order[start : start + batch_size]
-                ids, mask = self.tokenizer([texts[i] for i in idx], max_length=max_length, is_query=is_query, prompt=prompt)
-                emb = self.model.embed(ids.to(self.device), mask.to(self.device))
-                out[idx] = emb.float().cpu()
-                bar.advance(task, len(idx))
+        # show_progress None: the bar appears once the job has run SHOW_PROGRESS_AFTER_S, whatever its size
+        bar = progress(transient=True, disable=show_progress is False)
+        task = bar.add_task(description, total=len(texts))
+        started = time.perf_counter()
+        try:
+            with autocast(self.device, cpu_bf16):
+                for start in range(0, len(texts), batch_size):
+                    due = show_progress or time.perf_counter() - started > SHOW_PROGRESS_AFTER_S
+                    if due and not bar.disable and not bar.live.is_started:
+                        _start(bar)
+                    idx = order[start : start + batch_size]
+                    ids, mask = self.tokenizer([texts[i] for i in idx], max_length=max_length, is_query=is_query,
+                                               prompt=prompt)
+                    emb = self.model.embed(ids.to(self.device), mask.to(self.device))
+                    out[idx] = emb.float().cpu()
+                    bar.advance(task, len(idx))
+        finally:
+            if bar.live.is_started:
+                bar.stop()
         self.model.train(was_training)
         return out.numpy() if as_numpy else out
+
+
+def _start(bar: Progress) -> None:
+    """Show the bar; under an older rich that allows one live display at a time, a bar already on screen wins."""
+    try:
+        bar.start()
+    except LiveError:
+        bar.disable = True
 
 
 def load(name: str = "auto", **kw) -> Embedder:

@@ -27,7 +27,7 @@ import torch
 from rich.progress import TextColumn
 from rich.table import Table
 
-from bge import card, diagnostics, distributed, plot
+from bge import __version__, card, diagnostics, distributed, plot
 from bge.batching import Prefetcher
 from bge.checkpoint import atomic_write_text, latest_state, load_state, save_state
 from bge.config import TrainConfig, config_from_dict, parse_args
@@ -94,12 +94,17 @@ def precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | Non
 
 
 def git_commit() -> str:
+    """The commit of the checkout train.py runs from (-dirty if changed), whatever the working directory; an
+    installed copy is no checkout (it may sit inside another one, a venv in a repo): its package version."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        if Path(git("rev-parse", "--show-toplevel")).resolve() == REPO:
+            return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        pass
+    return f"unknown (not a git checkout: bge-finetune {__version__})"
 
 
 def results_table(title: str, base: dict, tuned: dict, metrics: tuple[str, ...], merged: dict | None = None,

@@ -1,7 +1,7 @@
-"""Console scripts of the installed package (pyproject.toml): bge-train, bge-evaluate, bge-mine.
+"""Console scripts of the installed package (pyproject.toml): bge-train, bge-evaluate, bge-sweep, bge-mine.
 
-train.py and evaluate.py live at the repository root and are run from a checkout as `python train.py`; installed,
-they are the modules bge_scripts.train and bge_scripts.evaluate. Each script prints a bad input as one line.
+train.py, evaluate.py and sweep.py live at the repository root and are run from a checkout as `python train.py`;
+installed, they are the modules bge_scripts.train, .evaluate and .sweep. Each script prints a bad input as one line.
 """
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ def train() -> None:
 
 def evaluate() -> None:
     from bge_scripts.evaluate import main
+
+    run_cli(main)
+
+
+def sweep() -> None:
+    from bge_scripts.sweep import main
 
     run_cli(main)
 

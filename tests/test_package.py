@@ -36,7 +36,7 @@ def test_wheel_holds_the_package_the_scripts_and_the_entry_points(tmp_path) -> N
     entry_points = configparser.ConfigParser()
     entry_points.read_string(zipfile.ZipFile(wheel).read(f"{info}/entry_points.txt").decode())
     assert dict(entry_points["console_scripts"]) == {"bge-train": "bge.cli:train", "bge-evaluate": "bge.cli:evaluate",
-                                                     "bge-mine": "bge.cli:mine"}
+                                                     "bge-sweep": "bge.cli:sweep", "bge-mine": "bge.cli:mine"}
     metadata = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
     requires = [l.split(": ", 1)[1] for l in metadata.splitlines() if l.startswith("Requires-Dist: ")]
     runtime = [l.strip() for l in (REPO / "requirements.txt").read_text().splitlines() if l.strip()[:1].isalnum()]
@@ -49,7 +49,7 @@ def test_wheel_holds_the_package_the_scripts_and_the_entry_points(tmp_path) -> N
 def test_console_script_targets_exist() -> None:
     from bge import cli
 
-    assert all(callable(getattr(cli, f)) for f in ("train", "evaluate", "mine"))
+    assert all(callable(getattr(cli, f)) for f in ("train", "evaluate", "sweep", "mine"))
 
 
 def git_commit_of_a_copy(where: Path, cwd: Path) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bge.console import console, run_cli
 from bge.errors import UserError
+from bge.tasks import TASK_TYPES
 
 TRAINING = (("loss", "loss"), ("lr", "learning rate"), ("acc", "in-batch accuracy"))
 BARS = "▁▂▃▄▅▆▇█"
@@ -37,8 +38,6 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
 def validation_keys(validations: list[dict]) -> list[str]:
     """The validation series worth a panel: the metrics of the ending's table (per task), the score that chooses best/
     when there are several tasks, every probe metric; in first-seen order."""
-    from bge.tasks import TASK_TYPES  # here: importing bge.tasks loads torch, which the text fallback never needs
-
     headline = {m for t in TASK_TYPES.values() for m in t.table_metrics}
     keys = list(dict.fromkeys(k for v in validations for k in v if k != "step"))
     several = any(k.count("/") > 1 for k in keys if k.startswith("val/"))  # val/<task>/<metric>
@@ -61,6 +60,7 @@ def plot_runs(runs: list[Path], out: Path) -> Path | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     data = [(Path(r), *read_metrics(r)) for r in runs]
@@ -88,6 +88,7 @@ def plot_runs(runs: list[Path], out: Path) -> Path | None:
     for ax, (_, title) in zip(axes.flat, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:

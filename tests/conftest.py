@@ -3,27 +3,14 @@ hub is a local fake with its own empty cache, and the bundled real model."""
 
 from __future__ import annotations
 
-import atexit
 import ipaddress
-import os
-import shutil
 import socket
-import tempfile
 
 import pytest
 
-from fake_hub import FakeHub
+from fake_hub import session_hub
 
-# huggingface_hub reads these once, when it is first imported (after this file): the whole session, and every
-# subprocess a test starts, sees a fake hub on loopback and an empty cache, never the user's cache, token or network
-for _var in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
-             "HF_TOKEN_PATH"):
-    os.environ.pop(_var, None)
-HF_HOME = tempfile.mkdtemp(prefix="bge-tests-hf-home-")
-HUB = FakeHub().__enter__()
-os.environ.update(HF_HOME=HF_HOME, HF_ENDPOINT=HUB.endpoint, HF_HUB_DISABLE_TELEMETRY="1")
-atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
-atexit.register(HUB.__exit__)
+HUB = session_hub()  # before any test imports huggingface_hub: HF_ENDPOINT and HF_HOME point at a fake hub
 
 
 class NetworkBlocked(RuntimeError):

@@ -9,15 +9,19 @@ commit/{rev}` (NDJSON).
 
 Every repo serves the files of one local folder (`root`); each revision name maps to its own fixed commit hash.
 huggingface_hub reads HF_ENDPOINT once, when it is imported, so tests/conftest.py starts one FakeHub for the whole
-session and points HF_ENDPOINT at it; the `fake_hub` fixture resets it for each test.
+session (session_hub) and points HF_ENDPOINT at it; the `fake_hub` fixture resets it for each test.
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import http.server
 import json
+import os
 import re
+import shutil
+import tempfile
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
@@ -229,3 +233,24 @@ class FakeHub:
                 hub._answer(self, "POST")
 
         return Handler
+
+
+_SESSION: list[FakeHub] = []
+
+
+def session_hub() -> FakeHub:
+    """The process's one FakeHub, started on first call. huggingface_hub reads its variables once, when it is first
+    imported (after conftest.py): the whole session, and every subprocess a test starts, sees this hub on loopback and
+    an empty HF_HOME, never the user's cache, token or network. (conftest.py may be imported twice, as `conftest` and
+    as `tests.conftest`: the hub and the variables must still be set once.)"""
+    if not _SESSION:
+        for var in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+                    "HF_TOKEN_PATH"):
+            os.environ.pop(var, None)
+        home = tempfile.mkdtemp(prefix="bge-tests-hf-home-")
+        hub = FakeHub().__enter__()
+        os.environ.update(HF_HOME=home, HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_TELEMETRY="1")
+        atexit.register(shutil.rmtree, home, ignore_errors=True)
+        atexit.register(hub.__exit__)
+        _SESSION.append(hub)
+    return _SESSION[0]

@@ -41,7 +41,7 @@ from bge.errors import UserError
 from bge.evaluation import (DEFAULT_KS, effective_max_length, evaluate_classification, evaluate_retrieval, evaluate_sts,
                             load_eval_data)
 from bge.hub import resolve_model
-from bge.runs import add_table_args, is_run, report, stdout_console
+from bge.runs import add_table_args, as_run, is_run, model_label, report, stdout_console
 
 COLUMNS = (("ndcg", "nDCG"), ("mrr", "MRR"), ("recall", "Recall"), ("recall", "Recall"), ("map", "MAP"),
            ("precision", "P"))
@@ -131,8 +131,8 @@ def query_subset(data: RetrievalData, path: str) -> RetrievalData:
 
 
 def labels(names: list[str]) -> list[str]:
-    """Short row labels: a folder's last part, unless two models would then look alike."""
-    short = [Path(n).name or n for n in names]
+    """Short row labels (bge.runs.model_label: a run's best/ is `<run>/best`), unless two would then look alike."""
+    short = [model_label(n) for n in names]
     return short if len(set(short)) == len(short) else names
 
 
@@ -156,8 +156,9 @@ def results_table(title: str, rows: list[dict], columns: list[tuple[str, str]], 
 
 def compare(a: argparse.Namespace) -> None:
     """One table of finished runs, written next to --out."""
-    runs = [Path(r) for r in a.compare if is_run(Path(r))]
-    skipped = len(a.compare) - len(runs)
+    candidates = list(dict.fromkeys(as_run(Path(r)) for r in a.compare))  # a run's best/ counts as the run
+    runs = [r for r in candidates if is_run(r)]
+    skipped = len(candidates) - len(runs)
     if not runs:
         raise UserError(f"none of the {len(a.compare)} folders is a finished run (results.json and best/)")
     if skipped:

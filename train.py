@@ -27,7 +27,7 @@ import torch
 from rich.progress import TextColumn
 from rich.table import Table
 
-from bge import diagnostics, distributed, packing
+from bge import __version__, card, diagnostics, distributed, packing, plot
 from bge.batching import Prefetcher
 from bge.checkpoint import atomic_write_text, latest_state, load_state, save_state
 from bge.config import TrainConfig, config_from_dict, parse_args
@@ -43,11 +43,12 @@ from bge.optim import decayed, default_lr, freeze, get_lr, make_optimizer, param
 from bge.runs import Stopwatch
 from bge.step import forward_backward, make_embed
 from bge.tasks import TaskSampler, export, labelled, load_tasks, metric_label, validate
+from bge.tracking import open_tracker
 
 REPO = Path(__file__).resolve().parent
 RESUMABLE_OVERRIDES = {"epochs", "max_steps", "cache_dir", "patience", "eval_every", "save_every", "device", "compile",
-                       "eval_batch_size", "resume", "explain", "threshold_precision", "log_every",
-                       "compile_mode"}  # what may change when a run continues
+                       "eval_batch_size", "resume", "explain", "threshold_precision", "log_every", "compile_mode",
+                       "report_to"}  # what may change when a run continues
 
 
 # ---- set-up helpers ----------------------------------------------------------------------------------
@@ -95,12 +96,17 @@ def precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | Non
 
 
 def git_commit() -> str:
+    """The commit of the checkout train.py runs from (-dirty if changed), whatever the working directory; an
+    installed copy is no checkout (it may sit inside another one, a venv in a repo): its package version."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        if Path(git("rev-parse", "--show-toplevel")).resolve() == REPO:
+            return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        pass
+    return f"unknown (not a git checkout: bge-finetune {__version__})"
 
 
 def results_table(title: str, base: dict, tuned: dict, metrics: tuple[str, ...], merged: dict | None = None,
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_text(run_dir / "git.txt", git_commit() + "\n")
         distributed.barrier(info)
     device = info.device
+    tracker = open_tracker(cfg.report_to, run_dir) if info.main else None  # TensorBoard: its package checked now
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout masks
@@ -260,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         if log:
             log.write(json.dumps(record) + "\n")
             log.flush()
+        if tracker:
+            tracker.log(record)
 
     def probe_scores(m: Embedder) -> dict[str, float]:
         """probe/<metric> on the --general-probe set: how much general ability the model keeps."""
@@ -402,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
         distributed.shutdown(info)
         return
     log.close()
+    if tracker:
+        tracker.close()
     clock.enter("test")  # the ending: the test set (and the merge sweep's validation and the exports, timed apart)
     with clock("export"):
         export(embedder, tasks, run_dir / "final")
@@ -471,6 +482,8 @@ def main(argv: list[str] | None = None) -> None:
         results.update(probe_rows)
     results["timing"] = clock.report()  # seconds by phase (this process), peak RSS: benchmarks/run_time.py
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    card.fill_results(run_dir, results)  # the test table into best/'s and merged/'s model cards
+    plot.after_run(run_dir)  # curves.png, or text sparklines without matplotlib
     console.print(f"wrote {run_dir / 'results.json'}; fine-tuned model in {run_dir / 'best'}")
     distributed.shutdown(info)
 

@@ -1,4 +1,6 @@
 """bge: fine-tune BGE embedding models in plain PyTorch."""
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
+
 from bge.embedder import Embedder, load
 from bge.errors import UserError
 from bge.lstm import BiLSTMEncoder, LSTMConfig

@@ -172,6 +172,8 @@ class TrainConfig:
                        "run")
     threshold_precision: float = opt(0.9, "the diagnostics suggest the similarity threshold that reaches this "
                                      "precision", "run")
+    report_to: str = opt("none", "also write metrics.jsonl's scalars as TensorBoard events in the run folder's "
+                         "tensorboard/ (pip install tensorboard)", "run", ("none", "tensorboard"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.errors import LiveError
+from rich.progress import Progress
 
+from bge import card
 from bge.console import progress
 from bge.hub import resolve_model
 from bge.lstm import BiLSTMEncoder
@@ -16,7 +20,7 @@ from bge.model import Encoder
 from bge.tokenizer import Tokenizer
 from bge import weights
 
-SHOW_PROGRESS_FROM = 1000  # inputs; shorter jobs finish before a bar is worth drawing
+SHOW_PROGRESS_AFTER_S = 2.0  # an encoding still running after this long gets a progress bar; quicker ones stay quiet
 
 
 def default_device() -> torch.device:
@@ -52,7 +56,7 @@ class Embedder:
 
     @classmethod
     def load(cls, name: str = "auto", *, device: str | torch.device | None = None, max_length: int | None = None,
-             query_prompt: str | None = None, cache_dir: str | Path = "checkpoints/hub") -> "Embedder":
+             query_prompt: str | None = None, cache_dir: str | Path | None = None) -> "Embedder":
         """A local folder, `all-MiniLM-L6-v2` (bundled), a hub id (`BAAI/bge-small-en-v1.5`), or `auto`."""
         folder = resolve_model(name, cache_dir=cache_dir)
         label = name if name != "auto" else str(folder)
@@ -63,10 +67,14 @@ class Embedder:
     def dim(self) -> int:
         return self.model.dim
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, *, base: str | None = None, run: dict | None = None) -> Path:
         """Export a folder that transformers and sentence-transformers load unchanged (a BiLSTM: bge's own
-        format, which only bge.load reads)."""
-        return weights.save(self.model, self.tokenizer, folder)
+        format, which only bge.load reads), with a model card README.md (bge.card): `base` is the model it came
+        from (default: this one's name), `run` the story of the train.py run that made it."""
+        meta = card.base_info(base or self.name)  # before the folder is replaced: it may be the base's own
+        folder = weights.save(self.model, self.tokenizer, folder)
+        card.write_card(folder, self, base=base, run=run, base_meta=meta)
+        return folder
 
     def fingerprint(self) -> str:
         """A hash of the weights, configuration and tokenizer: two Embedders with the same one embed identically."""
@@ -90,17 +98,35 @@ class Embedder:
         out = torch.empty(len(texts), self.dim, dtype=torch.float32)
         was_training = self.model.training
         self.model.eval()
-        show = len(texts) >= SHOW_PROGRESS_FROM if show_progress is None else show_progress
-        with progress(transient=True, disable=not show) as bar, autocast(self.device, cpu_bf16):
-            task = bar.add_task(description, total=len(texts))
-            for start in range(0, len(texts), batch_size):
-                idx = order[start : start + batch_size]
-                ids, mask = self.tokenizer([texts[i] for i in idx], max_length=max_length, is_query=is_query, prompt=prompt)
-                emb = self.model.embed(ids.to(self.device), mask.to(self.device))
-                out[idx] = emb.float().cpu()
-                bar.advance(task, len(idx))
+        # show_progress None: the bar appears once the job has run SHOW_PROGRESS_AFTER_S, whatever its size
+        bar = progress(transient=True, disable=show_progress is False)
+        task = bar.add_task(description, total=len(texts))
+        started = time.perf_counter()
+        try:
+            with autocast(self.device, cpu_bf16):
+                for start in range(0, len(texts), batch_size):
+                    due = show_progress or time.perf_counter() - started > SHOW_PROGRESS_AFTER_S
+                    if due and not bar.disable and not bar.live.is_started:
+                        _start(bar)
+                    idx = order[start : start + batch_size]
+                    ids, mask = self.tokenizer([texts[i] for i in idx], max_length=max_length, is_query=is_query,
+                                               prompt=prompt)
+                    emb = self.model.embed(ids.to(self.device), mask.to(self.device))
+                    out[idx] = emb.float().cpu()
+                    bar.advance(task, len(idx))
+        finally:
+            if bar.live.is_started:
+                bar.stop()
         self.model.train(was_training)
         return out.numpy() if as_numpy else out
+
+
+def _start(bar: Progress) -> None:
+    """Show the bar; under an older rich that allows one live display at a time, a bar already on screen wins."""
+    try:
+        bar.start()
+    except LiveError:
+        bar.disable = True
 
 
 def load(name: str = "auto", **kw) -> Embedder:

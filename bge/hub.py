@@ -1,66 +1,59 @@
-"""Resolve a `--model` argument to a local folder: a path, the bundled MiniLM, or a Hugging Face hub download.
+"""Resolve a `--model` argument to a local folder: a path, the bundled MiniLM, or a Hugging Face hub repo.
 
-Downloads use the hub's plain HTTPS layout `{endpoint}/{repo}/resolve/{revision}/{file}` through urllib, so a
-mirror set in HF_ENDPOINT works and no hub client library is needed.
+Hub repos come through huggingface_hub's `snapshot_download` into the standard Hugging Face cache (HF_HOME,
+HF_HUB_CACHE), so a model that transformers or sentence-transformers already downloaded is found, and HF_HUB_OFFLINE=1,
+HF_TOKEN, HF_ENDPOINT, revisions (`org/name@rev`) and interrupted downloads behave as in every other HF tool. bge adds
+three things: only the files it reads are fetched (safetensors weights, never `pytorch_model.bin`: bge never
+unpickles), `auto` says in one line which model it chose, and every failure is one line.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
 import re
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
-
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from bge.console import console
 from bge.errors import UserError
 
-REQUIRED_FILES = ("config.json", "model.safetensors")
-OPTIONAL_FILES = (  # a 404 on any of these is fine: tokenizers and sentence-transformers metadata vary by repo
-    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "sentencepiece.bpe.model",
-    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json",
-)
-SHARD_INDEX = "model.safetensors.index.json"  # tried only when a repo has no single model.safetensors
 AUTO_MODEL = "BAAI/bge-small-en-v1.5"
 BUNDLED_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-DEFAULT_ENDPOINT = "https://huggingface.co"
-TIMEOUT_S = 5.0  # per connect and per stalled read: an offline machine fails in seconds instead of hanging
-CHUNK_BYTES = 1 << 20
-MARKER = ".complete"  # written last, so a half-downloaded folder is never taken for a complete one
+SHARD_INDEX = "model.safetensors.index.json"
+# what bge reads from a repo: weights (single or sharded safetensors), config, tokenizer, sentence-transformers
+# metadata, and the model card (its license goes into the card of a fine-tuned export)
+ALLOW_PATTERNS = [
+    "config.json", "model.safetensors", SHARD_INDEX, "model-*-of-*.safetensors", "tokenizer.json",
+    "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "sentencepiece.bpe.model", "modules.json",
+    "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json", "README.md",
+]
 HUB_ID = re.compile(r"^(?P<repo>\w[\w.-]*/\w[\w.-]*)(?:@(?P<revision>\w[\w./-]*))?$")
-SHARD_NAME = re.compile(r"^\w[\w.-]*$")  # shard names come from a downloaded file: no paths, no `..`
 
 
 class DownloadError(UserError):
-    """A failed download; `reason` is the short cause ("HTTP 404", "timed out") that `auto` quotes in its notice."""
+    """A failed download; `reason` is the short cause ("repo not found", "offline") that `auto` quotes."""
 
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
 
 
-def resolve_model(name: str, cache_dir: str | Path = "checkpoints/hub", *, quiet: bool = False) -> Path:
-    """A local folder with the files of `name`: a folder, 'auto', 'all-MiniLM-L6-v2' or a hub id `org/name[@rev]`."""
+def resolve_model(name: str, cache_dir: str | Path | None = None, *, quiet: bool = False) -> Path:
+    """A local folder with the files of `name`: a folder, 'auto', 'all-MiniLM-L6-v2' or a hub id `org/name[@rev]`.
+    `cache_dir` None is the standard Hugging Face cache."""
     path = Path(name).expanduser()
     if name and path.is_dir():
         return path
     if name in BUNDLED_NAMES:
         return bundled_minilm()
     if name == "auto":
-        return _resolve_auto(Path(cache_dir), quiet)
+        return _resolve_auto(cache_dir, quiet)
     match = HUB_ID.match(name)
     # `runs/best` with a local `runs/` folder is a mistyped path, not a hub id to send to the network
     if match is None or path.exists() or path.parent.is_dir():
         what = "is a file, not a model folder" if name and path.is_file() else "is not an existing folder"
         raise UserError(f"model {name!r} {what}; pass a model folder, a hub id like {AUTO_MODEL}, "
                         f"'auto' or 'all-MiniLM-L6-v2'")
-    return download(match["repo"], match["revision"] or "main", cache_dir, quiet=quiet)
+    return download(match["repo"], match["revision"], cache_dir, quiet=quiet)
 
 
 def bundled_minilm() -> Path:
@@ -73,68 +66,94 @@ def bundled_minilm() -> Path:
 
 
 def offline() -> bool:
-    """True when HF_HUB_OFFLINE asks us never to touch the network."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    """True when HF_HUB_OFFLINE (read by huggingface_hub when it is imported) forbids the network."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
 
 
-def cache_folder(repo: str, revision: str, cache_dir: str | Path) -> Path:
-    """Where `repo` at `revision` is downloaded to: `{cache_dir}/{org}--{name}/{revision}`."""
-    return Path(cache_dir) / repo.replace("/", "--") / revision.replace("/", "--")
+def download(repo: str, revision: str | None = None, cache_dir: str | Path | None = None, *, quiet: bool = False,
+             local_only: bool = False) -> Path:
+    """The snapshot folder of `repo` at `revision` (None: the default branch) in the Hugging Face cache, downloaded
+    if missing or out of date; `local_only` never touches the network."""
+    from huggingface_hub import snapshot_download  # lazy: a local folder needs no hub client
 
+    from bge import __version__
 
-def is_complete(folder: Path) -> bool:
-    """True if `folder` holds a finished download: its marker is there and every listed file has its recorded size."""
     try:
-        files = json.loads((folder / MARKER).read_text())["files"]
-        return bool(files) and all((folder / f).stat().st_size == size for f, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def download(repo: str, revision: str = "main", cache_dir: str | Path = "checkpoints/hub", *,
-             quiet: bool = False) -> Path:
-    """Download `repo` at `revision` into its cache folder, or return that folder at once if it is complete."""
-    folder = cache_folder(repo, revision, cache_dir)
-    if is_complete(folder):
-        return folder
-    if offline():
-        raise UserError(f"model {repo}@{revision} is not in the cache at {folder} and HF_HUB_OFFLINE=1; "
-                        f"unset HF_HUB_OFFLINE to download it, or pass a local model folder")
-    endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
-    base = f"{endpoint}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}"
-    sizes: dict[str, int] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    progress = Progress(*columns, console=console, disable=quiet)
-    try:
-        for file in REQUIRED_FILES + OPTIONAL_FILES:
-            size = _fetch(repo, base, folder, file, progress, missing_ok=file != "config.json")
-            if size is not None:
-                sizes[file] = size
-            elif file == "model.safetensors":
-                sizes |= _fetch_shards(repo, base, folder, progress)
-    finally:
-        if progress.live.is_started:  # Progress.stop() prints a blank line on a non-terminal even when idle
-            progress.stop()
-    marker = {"repo": repo, "revision": revision, "endpoint": endpoint, "files": sizes,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = folder / (MARKER + ".incomplete")
-    tmp.write_text(json.dumps(marker, indent=2) + "\n")
-    os.replace(tmp, folder / MARKER)
+        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS,
+                                        local_files_only=local_only, library_name="bge", library_version=__version__,
+                                        tqdm_class=_silent_tqdm() if quiet else None))
+    except Exception as e:  # huggingface_hub raises HTTP, connection, cache and validation errors alike
+        raise _error(repo, revision, e, cache_dir) from None
+    where = f"{repo}@{revision}" if revision else repo
+    if not (folder / "config.json").is_file():
+        raise DownloadError(f"{where} has no config.json: not a transformers model repo", "no config.json")
+    if (folder / SHARD_INDEX).is_file():
+        shards = sorted(set(json.loads((folder / SHARD_INDEX).read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise DownloadError(f"{where}: {SHARD_INDEX} names shards bge does not download ({', '.join(missing[:3])})"
+                                f"; download the repo yourself and pass the folder", "unexpected shard names")
+    elif not (folder / "model.safetensors").is_file():
+        raise DownloadError(f"{where} has no model.safetensors (nor a sharded {SHARD_INDEX}): bge loads safetensors "
+                            f"weights only and never unpickles pytorch_model.bin; pick a repo that ships safetensors, "
+                            f"or convert the weights and pass the local folder", "no model.safetensors")
     return folder
 
 
-def _resolve_auto(cache_dir: Path, quiet: bool) -> Path:
+def hub_id_of(name: str | Path) -> str | None:
+    """The hub repo id a --model value or a resolved folder stands for (for a model card's base_model), else None."""
+    text = str(name)
+    if text in BUNDLED_NAMES:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    path = Path(text).expanduser()
+    if not path.exists():
+        match = HUB_ID.match(text)
+        return match["repo"] if match else None
+    path = path.resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):  # the HF cache layout
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/", 1)
+    try:
+        if path == bundled_minilm().resolve():
+            return "sentence-transformers/all-MiniLM-L6-v2"
+    except UserError:
+        pass
+    return None
+
+
+def local_folder(name: str) -> Path | None:
+    """The folder `name` resolves to, found without the network (a folder, the bundled model, the HF cache), or None.
+    'auto' is the cached AUTO_MODEL, else the bundled model: the choice resolve_model made, as the cache only grows."""
+    if name and Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    try:
+        if name in BUNDLED_NAMES:
+            return bundled_minilm()
+        if name == "auto":
+            try:
+                return download(AUTO_MODEL, None, local_only=True, quiet=True)
+            except UserError:
+                return bundled_minilm()
+        match = HUB_ID.match(name)
+        return download(match["repo"], match["revision"], local_only=True, quiet=True) if match else None
+    except UserError:
+        return None
+
+
+def _resolve_auto(cache_dir: str | Path | None, quiet: bool) -> Path:
     """'auto': AUTO_MODEL if cached or downloadable, else the bundled MiniLM; one notice line says which and why."""
-    folder = cache_folder(AUTO_MODEL, "main", cache_dir)
-    if is_complete(folder):
+    try:
+        folder = download(AUTO_MODEL, None, cache_dir, quiet=quiet, local_only=True)
         _notice(f"model auto: using cached {AUTO_MODEL} ({folder})")
         return folder
+    except DownloadError:
+        pass
     if offline():
         reason = "is not cached and HF_HUB_OFFLINE=1"
     else:
         try:
-            folder = download(AUTO_MODEL, "main", cache_dir, quiet=quiet)
+            folder = download(AUTO_MODEL, None, cache_dir, quiet=quiet)
             _notice(f"model auto: downloaded {AUTO_MODEL} to {folder}")
             return folder
         except DownloadError as e:
@@ -153,101 +172,57 @@ def _notice(message: str) -> None:
     console.print(message, soft_wrap=True, markup=False, highlight=False)
 
 
-def _fetch_shards(repo: str, base: str, folder: Path, progress: Progress) -> dict[str, int]:
-    """Download a sharded checkpoint: the index, then every shard it names; sizes by file name."""
-    url = f"{base}/{SHARD_INDEX}"
-    size = _fetch(repo, base, folder, SHARD_INDEX, progress, missing_ok=True)
-    if size is None:
-        raise DownloadError(f"{repo} has no model.safetensors (nor a sharded {SHARD_INDEX}) at {base}: bge loads "
-                            f"safetensors weights only and never unpickles pytorch_model.bin; pick a repo that ships "
-                            f"safetensors, or convert the weights and pass the local folder", "no model.safetensors")
-    try:
-        shards = sorted(set(json.loads((folder / SHARD_INDEX).read_text())["weight_map"].values()))
-    except (ValueError, KeyError, AttributeError) as e:
-        raise DownloadError(f"{repo}: {url} is not a valid shard index ({e})", "bad shard index") from None
-    if not shards or not all(SHARD_NAME.match(s) for s in shards):
-        raise DownloadError(f"{repo}: {url} names no shards or unsafe shard paths {shards[:3]}", "bad shard index")
-    sizes = {SHARD_INDEX: size}
-    for shard in shards:
-        sizes[shard] = _fetch(repo, base, folder, shard, progress, missing_ok=False)
-    return sizes
+def _silent_tqdm() -> type:
+    """A tqdm class that draws nothing (snapshot_download takes a class, not a flag)."""
+    from tqdm.auto import tqdm
+
+    class Silent(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    return Silent
 
 
-def _fetch(repo: str, base: str, folder: Path, file: str, progress: Progress, *, missing_ok: bool) -> int | None:
-    """Stream `{base}/{file}` to `folder/file` via `.incomplete`, resuming a partial; its size (None: allowed 404)."""
-    url, dest = f"{base}/{file}", folder / file
-    if dest.exists():  # moved into place by an interrupted earlier run, and only after its size was checked
-        return dest.stat().st_size
-    part = dest.with_name(dest.name + ".incomplete")
-    start = part.stat().st_size if part.exists() else 0
-    try:
-        response = _open(url, start)
-    except urllib.error.HTTPError as e:
-        e.close()
-        if e.code == 404 and missing_ok:
-            return None
-        if e.code == 416 and start:  # the partial file is as long as the served one or longer (stale): start over
-            part.unlink()
-            return _fetch(repo, base, folder, file, progress, missing_ok=missing_ok)
-        raise _error(repo, url, e) from None
-    except (OSError, http.client.HTTPException) as e:  # URLError (DNS, refused) and timeouts are OSErrors
-        raise _error(repo, url, e) from None
-    with response:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length is not None else None
-        if response.status == 206:
-            first, total = _content_range(response.headers.get("Content-Range", ""))
-            if first != start:
-                raise DownloadError(f"{url} answered bytes from {first} when asked from {start}; delete {part} "
-                                    f"and run again", "bad range reply")
-        else:  # 200: the server ignored our Range header and sends the whole file, so restart from zero
-            start = 0
-        progress.start()  # on the first file that arrives: a request that fails leaves no empty bar behind
-        task = progress.add_task(file, total=total, completed=start)
-        part.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed request leaves no empty cache folder
-        try:
-            with open(part, "ab" if start else "wb") as f:
-                while chunk := response.read(CHUNK_BYTES):
-                    f.write(chunk)
-                    progress.advance(task, len(chunk))
-        except (OSError, http.client.HTTPException) as e:
-            raise _error(repo, url, e) from None
-    size = part.stat().st_size
-    if total is not None and size != total:  # urllib returns a short body silently when the connection drops
-        raise DownloadError(f"could not download {repo}: {url} stopped at {size} of {total} bytes; "
-                            f"run again to resume", "connection dropped")
-    os.replace(part, dest)
-    return size
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split("\n\n")[0].split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _open(url: str, start: int) -> http.client.HTTPResponse:
-    """GET `url` from byte `start` on, with the HF_TOKEN if one is set."""
-    request = urllib.request.Request(url, headers={"User-Agent": "bge"})
-    if start:
-        request.add_header("Range", f"bytes={start}-")
-    if token := os.environ.get("HF_TOKEN"):
-        # unredirected: the token goes to the hub only, never to the storage host that a file redirects to
-        request.add_unredirected_header("Authorization", f"Bearer {token}")
-    return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+def _error(repo: str, revision: str | None, e: BaseException, cache_dir: str | Path | None) -> DownloadError:
+    """One line for a failed snapshot_download: what failed and what the user can do about it."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, IncompleteSnapshotError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
-
-def _content_range(header: str) -> tuple[int, int | None]:
-    """The first byte and the total size in a `Content-Range: bytes first-last/total` header."""
-    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", header.strip())
-    if match is None:
-        return -1, None
-    return int(match[1]), None if match[2] == "*" else int(match[2])
-
-
-def _error(repo: str, url: str, exc: BaseException) -> DownloadError:
-    """One line for a failed request: what failed, where, and what the user can do about it."""
-    if isinstance(exc, urllib.error.HTTPError):
-        reason = f"HTTP {exc.code}"
-        hint = {401: "the repo is private, gated or does not exist: check the id and set HF_TOKEN",
-                403: "access denied: accept the model's terms on the hub and set HF_TOKEN",
-                404: "not found: check the repo id and revision"}.get(
-                    exc.code, "the server failed: try again later, or set HF_ENDPOINT to a mirror")
-    else:
-        reason = str(getattr(exc, "reason", exc)) or type(exc).__name__
-        hint = "check the network and run again (downloads resume), set HF_ENDPOINT to a mirror, or pass a local folder"
-    return DownloadError(f"could not download {repo} from {url} ({reason}): {hint}", reason)
+    where = f"{repo}@{revision}" if revision else repo
+    cache = cache_dir or constants.HF_HUB_CACHE
+    endpoint = constants.ENDPOINT
+    if isinstance(e, GatedRepoError):
+        return DownloadError(f"could not download {where}: the repo is gated; accept its terms on the hub and set "
+                             f"HF_TOKEN", "gated repo")
+    if isinstance(e, RepositoryNotFoundError):
+        return DownloadError(f"could not download {where}: repository not found on {endpoint} (check the id; a "
+                             f"private repo needs HF_TOKEN)", "repo not found")
+    if isinstance(e, RevisionNotFoundError):
+        return DownloadError(f"could not download {where}: revision {revision!r} not found in {repo}",
+                             "revision not found")
+    if isinstance(e, IncompleteSnapshotError):
+        return DownloadError(f"{where} is only partly in the Hugging Face cache ({cache}) and the hub cannot be "
+                             f"reached: run again online to complete it", "incomplete cache")
+    if isinstance(e, LocalEntryNotFoundError):
+        if offline():
+            return DownloadError(f"model {where} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1: "
+                                 f"unset HF_HUB_OFFLINE to download it, or pass a local model folder", "offline")
+        cause = _first_line(e.__cause__) if e.__cause__ else "no network"
+        if "outgoing traffic has been disabled" in str(e):  # local_only: a cache miss, not a network failure
+            return DownloadError(f"model {where} is not in the Hugging Face cache ({cache})", "not cached")
+        return DownloadError(f"could not download {where} from {endpoint} ({cause}) and it is not in the Hugging Face "
+                             f"cache ({cache}): check the network and run again, set HF_ENDPOINT to a mirror, or "
+                             f"pass a local model folder", cause)
+    if isinstance(e, HfHubHTTPError) and e.response is not None:
+        status = e.response.status_code
+        hint = "set HF_TOKEN" if status in (401, 403) else "try again later, or set HF_ENDPOINT to a mirror"
+        return DownloadError(f"could not download {where} from {endpoint} (HTTP {status}): {hint}", f"HTTP {status}")
+    return DownloadError(f"could not download {where} from {endpoint} ({_first_line(e)}): run again (finished files "
+                         f"are kept in the cache), set HF_ENDPOINT to a mirror, or pass a local model folder",
+                         type(e).__name__)

@@ -162,6 +162,20 @@ def is_run(folder: Path) -> bool:
     return (folder / "results.json").exists() and (folder / "best").is_dir()
 
 
+def as_run(folder: Path) -> Path:
+    """The run folder, also when given its best/ (whose numbers the table shows): rows are named by run."""
+    return folder.parent if folder.name == "best" and is_run(folder.parent) else folder
+
+
+def model_label(name: str) -> str:
+    """A short label for a model: a folder's last part, or `<run>/best` for an export folder inside a run folder
+    (best/, final/, merged/ of every run would otherwise all read alike)."""
+    path = Path(name)
+    if path.name in ("best", "final", "merged") and (path.parent / "config.json").is_file():
+        return f"{path.parent.name}/{path.name}"
+    return path.name or name
+
+
 def run_row(folder: Path, *, speed_texts: list[str] | None, speed: SpeedSettings = SpeedSettings()) -> dict:
     """One run's numbers: config, test metrics of best/, parameters, training time, passages/s (None: not measured)."""
     results = json.loads((folder / "results.json").read_text())

@@ -31,7 +31,7 @@ def teacher_scores(teacher: Embedder, examples: list[Example], *, batch_size: in
                            cpu_bf16=cpu_bf16)
     queries = {str(i): ex.query for i, ex in enumerate(examples)}
     _, q_emb = encode_queries(teacher, queries, query_prompt=query_prompt, batch_size=batch_size,
-                              max_length=max_length, cpu_bf16=cpu_bf16, show_progress=len(queries) >= 1000)
+                              max_length=max_length, cpu_bf16=cpu_bf16)
     q, p = unit(q_emb), unit(corpus.emb)
     out = []
     for i, ex in enumerate(examples):

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bge import distributed
+from bge import card, distributed
 from bge.batching import Batch, Sampler, make_batch, split_by_keys, split_queries, text_hash
 from bge.checkpoint import atomic_write_text
 from bge.config import TrainConfig
@@ -39,6 +39,7 @@ from bge.evaluation import (HEAD_FILE, ClassifierHead, CorpusCache, evaluate_cla
 from bge.loss import (LossFn, cosent, cosine_mse, distill_loss, false_negative_mask, head_cross_entropy, info_nce,
                       label_mask, pair_order_accuracy, teacher_score_kl)
 from bge.mine import mine, parse_margin, parse_range
+from bge.optim import default_lr
 from bge.tokenizer import Tokenizer
 from bge.unlabeled import KINDS, MIN_WORDS, pseudo_pairs, read_passages, unique
 
@@ -583,9 +584,11 @@ def labelled(tasks: dict[str, Task]) -> dict[str, Task]:
 
 
 def export(embedder: Embedder, tasks: dict[str, Task], folder: Path) -> None:
-    """The model folder (transformers and sentence-transformers load it) plus the classification head, if trained,
-    in its own file beside it."""
-    embedder.save(folder)
+    """The model folder (transformers and sentence-transformers load it) with a model card that tells the run's story
+    (the run folder is `folder`'s parent), plus the classification head, if trained, in its own file beside it."""
+    cfg = next(iter(tasks.values())).cfg
+    lr = cfg.lr or default_lr(embedder.dim, cfg.arch)
+    embedder.save(folder, base=cfg.model, run=card.run_story(cfg, tasks, folder.parent, folder.name, lr))
     task = tasks.get("classification")
     if isinstance(task, ClassificationTask) and task.head is not None:
         task.head_snapshot().save(folder)

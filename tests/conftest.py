@@ -1,5 +1,5 @@
-"""Shared test setup: no test may reach the network (loopback servers started by tests are fine), and the
-bundled real model."""
+"""Shared test setup: no test may reach the network (loopback servers started by tests are fine), the Hugging Face
+hub is a local fake with its own empty cache, and the bundled real model."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import ipaddress
 import socket
 
 import pytest
+
+from fake_hub import session_hub
+
+HUB = session_hub()  # before any test imports huggingface_hub: HF_ENDPOINT and HF_HOME point at a fake hub
 
 
 class NetworkBlocked(RuntimeError):
@@ -47,6 +51,23 @@ def no_network():
         mp.setattr(socket.socket, "connect", guarded_connect)
         mp.setattr(socket.socket, "connect_ex", guarded_connect_ex)
         yield
+
+
+@pytest.fixture
+def fake_hub():
+    """The session's fake hub (HF_ENDPOINT), reset: serves nothing until a test sets `fake_hub.reset(folder)`."""
+    HUB.reset(None)
+    yield HUB
+    HUB.reset(None)
+
+
+@pytest.fixture
+def hf_offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 as a process started with it sees it (huggingface_hub read the variable when imported)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="session")

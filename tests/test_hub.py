@@ -1,15 +1,15 @@
-"""bge.hub against a real local HTTP server that speaks the hub's `/{repo}/resolve/{revision}/{file}` layout."""
+"""bge.hub: downloads through huggingface_hub into the standard Hugging Face cache, from a local fake hub
+(tests/fake_hub.py, which HF_ENDPOINT points at for the whole session), and offline use of that cache."""
 
 from __future__ import annotations
 
 import filecmp
-import http.server
 import json
 import os
-import re
 import shutil
 import socket
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,104 +17,161 @@ import pytest
 
 from bge import hub
 from bge.errors import UserError
+from fake_hub import FakeHub, commit_of
 
 REPO = "test-org/tiny-model"
-
-
-class FakeHub:
-    """Serves `root` for any repo and revision, honours `Range: bytes=N-`, records requests, fails on demand."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.requests: list[tuple[str, str | None, str | None]] = []  # (path, Range, Authorization)
-        self.fail: dict[str, int] = {}  # file -> HTTP status to answer with
-        self.drop_after: dict[str, int] = {}  # file -> bytes sent before the connection drops (once)
-        self.ignore_range = False
-        self.redirect: set[str] = set()  # files answered with a 302 to `/cdn/{file}`, as the hub does for LFS files
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def files(self) -> list[str]:
-        return [r[0].split("/resolve/main/", 1)[1] for r in self.requests if "/resolve/main/" in r[0]]
-
-    def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
-        hub_ = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                hub_.requests.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
-                match = re.fullmatch(r"/[^/]+/[^/]+/resolve/[^/]+/(.+)|/cdn/(.+)", self.path)
-                file = (match[1] or match[2]) if match else ""
-                path = hub_.root / file
-                if match and match[1] in hub_.redirect:
-                    self.send_response(302)
-                    self.send_header("Location", f"/cdn/{file}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                if file in hub_.fail or not path.is_file():
-                    self.send_error(hub_.fail.get(file, 404))
-                    return
-                data = path.read_bytes()
-                start = 0
-                if (r := self.headers.get("Range")) and not hub_.ignore_range:
-                    start = int(re.fullmatch(r"bytes=(\d+)-", r)[1])
-                    if start >= len(data):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(data)}")
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                body = data[start:]
-                if file in hub_.drop_after:  # send a prefix, then close: the client sees a short body
-                    body = body[:hub_.drop_after.pop(file)]
-                    self.close_connection = True
-                self.wfile.write(body)
-
-        return Handler
-
-    def __enter__(self) -> FakeHub:
-        threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT"):
+    for var in ("HF_HUB_OFFLINE", "HF_TOKEN"):
         monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    """A small fake model: required files, two optional ones, random bytes for weights (the hub never parses them)."""
+    """A small fake repo: the files bge reads (random bytes for weights: the hub never parses them) and some it must
+    never download."""
     root = tmp_path / "served"
     (root / "1_Pooling").mkdir(parents=True)
+    (root / "onnx").mkdir()
     (root / "config.json").write_text(json.dumps({"hidden_size": 8}))
     (root / "model.safetensors").write_bytes(os.urandom(300_000))
     (root / "tokenizer.json").write_text('{"version": "1.0"}')
+    (root / "vocab.txt").write_text("[PAD]\n[UNK]\n")
     (root / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    (root / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    (root / "pytorch_model.bin").write_bytes(b"a pickle bge must never fetch")
+    (root / "onnx" / "model.onnx").write_bytes(b"not for bge")
     return root
 
 
 @pytest.fixture
-def server(model_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    with FakeHub(model_dir) as fake:
-        monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
-        yield fake
+def server(fake_hub: FakeHub, model_dir: Path) -> FakeHub:
+    fake_hub.reset(model_dir)
+    return fake_hub
+
+
+WANTED = ["1_Pooling/config.json", "README.md", "config.json", "model.safetensors", "tokenizer.json", "vocab.txt"]
+
+
+def same_files(a: Path, b: Path, files: list[str]) -> bool:
+    return all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+
+
+def snapshot(cache: Path, repo: str = REPO, revision: str = "main") -> Path:
+    return cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit_of(revision)
+
+
+def test_download_into_the_standard_cache_safetensors_only(server: FakeHub, model_dir: Path, tmp_path: Path) -> None:
+    from huggingface_hub import scan_cache_dir
+
+    cache = tmp_path / "cache"
+    folder = hub.resolve_model(REPO, cache, quiet=True)
+    assert folder == snapshot(cache)
+    assert sorted(server.downloaded()) == WANTED  # never pytorch_model.bin, never onnx/
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == WANTED
+    assert same_files(folder, model_dir, WANTED)
+    assert (cache / "models--test-org--tiny-model" / "refs" / "main").read_text() == commit_of("main")
+    assert [r.repo_id for r in scan_cache_dir(cache).repos] == [REPO]  # huggingface_hub's own view of its cache
+    n = len(server.requests)
+    assert hub.resolve_model(REPO, cache, quiet=True) == folder  # online: asks for the commit, downloads nothing
+    assert [r.path for r in server.requests[n:]] == [f"/api/models/{REPO}/revision/main"]
+
+
+def test_default_cache_is_hf_home(server: FakeHub) -> None:
+    folder = hub.resolve_model("test-org/in-hf-home", quiet=True)
+    home = Path(os.environ["HF_HOME"])  # conftest's: an empty HF_HOME for the session
+    assert folder == snapshot(home / "hub", "test-org/in-hf-home")
+    shutil.rmtree(home / "hub" / "models--test-org--in-hf-home")
+
+
+def test_revision_and_token(server: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    folder = hub.resolve_model(f"{REPO}@v1.0", tmp_path, quiet=True)
+    assert folder == snapshot(tmp_path, REPO, "v1.0")
+    assert server.requests[0].path == f"/api/models/{REPO}/revision/v1.0"
+    assert all(r.headers.get("authorization") == "Bearer secret" for r in server.requests)
+    assert all(r.headers["user-agent"].startswith("bge/") for r in server.requests)
+
+
+def test_real_minilm_files_download_byte_identical(fake_hub: FakeHub, tmp_path: Path) -> None:
+    bundled = hub.bundled_minilm()
+    fake_hub.reset(bundled)
+    folder = hub.resolve_model("test-org/all-MiniLM-L6-v2", tmp_path, quiet=True)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "1_Pooling/config.json"} <= set(files)
+    assert "data_config.json" not in files  # not among what bge reads
+    assert same_files(folder, bundled, files)
+    shutil.rmtree(tmp_path / "models--test-org--all-MiniLM-L6-v2")  # pytest keeps recent tmp dirs: not 90 MB each
+
+
+def test_dropped_connection_resumes_from_the_last_chunk_written(server: FakeHub, model_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 65_536)  # 10 MB by default: the file would be one chunk
+    server.drop_after["model.safetensors"] = 100_000
+    folder = hub.resolve_model(REPO, tmp_path, quiet=True)
+    gets = [r.headers.get("range") for r in server.requests
+            if r.method == "GET" and r.path.endswith("/model.safetensors")]
+    assert gets == [None, "bytes=65536-"]
+    assert same_files(folder, model_dir, WANTED)
+
+
+def test_failed_download_keeps_finished_files(server: FakeHub, model_dir: Path, tmp_path: Path) -> None:
+    server.status[r"/resolve/[^/]+/vocab\.txt$"] = 403  # a 5xx would be retried for 23 s
+    with pytest.raises(UserError, match=r"could not download test-org/tiny-model") as e:
+        hub.resolve_model(REPO, tmp_path, quiet=True)
+    assert "\n" not in str(e.value)
+    server.status.clear()
+    n = len(server.requests)
+    folder = hub.resolve_model(REPO, tmp_path, quiet=True)
+    assert [r.path.rsplit("/", 1)[1] for r in server.requests[n:] if r.method == "GET" and "/resolve/" in r.path] \
+        == ["vocab.txt"]
+    assert same_files(folder, model_dir, WANTED)
+
+
+def test_offline_uses_the_cache_without_a_request(server: FakeHub, tmp_path: Path, hf_offline: None,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UserError, match=r"^model test-org/tiny-model is not in the Hugging Face cache \(.*\) and "
+                                        r"HF_HUB_OFFLINE=1: unset HF_HUB_OFFLINE"):
+        hub.resolve_model(REPO, tmp_path, quiet=True)
+    assert server.requests == []
+    from huggingface_hub import constants, snapshot_download
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    snapshot_download(REPO, cache_dir=tmp_path)  # filled by huggingface_hub itself, as any HF tool would fill it
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    server.reset(server.root)
+    assert hub.resolve_model(REPO, tmp_path, quiet=True) == snapshot(tmp_path)
+    assert server.requests == []
+
+
+def test_offline_load_by_hub_id_from_a_prefilled_cache_in_a_fresh_process(
+        fake_hub: FakeHub, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The user's case: huggingface_hub put the model in HF_HOME; with HF_HUB_OFFLINE=1 bge loads it by its id and
+    `auto` finds the cached BAAI model, with every socket connect failing and the hub seeing no request."""
+    from huggingface_hub import snapshot_download
+
+    fake_hub.reset(tiny_model_dir)
+    home = tmp_path / "home"
+    for repo in (REPO, hub.AUTO_MODEL):
+        snapshot_download(repo, cache_dir=home / "hub")
+    fake_hub.reset(tiny_model_dir)
+    script = ("import socket\n"
+              "def refuse(*a): raise OSError('network call')\n"
+              "socket.socket.connect = socket.socket.connect_ex = refuse\n"
+              "import bge\n"
+              f"print(bge.load({REPO!r}, device='cpu').encode(['a question']).shape)\n"
+              "print(bge.load('auto', device='cpu').name)\n")
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "(1, 32)"
+    assert out.stderr.startswith(f"model auto: using cached {hub.AUTO_MODEL} ({home / 'hub'}")
+    assert fake_hub.requests == []
 
 
 def closed_port_endpoint() -> str:
@@ -125,163 +182,69 @@ def closed_port_endpoint() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def same_files(a: Path, b: Path, files: list[str]) -> bool:
-    return all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+def test_unreachable_hub_one_line_error_and_auto_falls_back(tmp_path: Path) -> None:
+    script = ("import sys\nfrom bge.console import run_cli\nfrom bge.hub import resolve_model\n"
+              "run_cli(lambda: print(resolve_model(sys.argv[1])))\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_ENDPOINT": closed_port_endpoint(), "PYTHONPATH": str(ROOT)}
+    start = time.monotonic()
+    bad = subprocess.run([sys.executable, "-c", script, REPO], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith(f"error: could not download {REPO} from {env['HF_ENDPOINT']} (")
+    assert bad.stderr.count("\n") == 1 and "HF_ENDPOINT" in bad.stderr
+    auto = subprocess.run([sys.executable, "-c", script, "auto"], env=env, capture_output=True, text=True, timeout=120)
+    assert auto.returncode == 0, auto.stderr
+    assert auto.stdout.strip() == str(hub.bundled_minilm())
+    assert auto.stderr.startswith(f"model auto: {hub.AUTO_MODEL} not reachable (")
+    assert auto.stderr.count("\n") == 1 and "using bundled all-MiniLM-L6-v2" in auto.stderr
+    assert time.monotonic() - start < 60  # refused connections fail fast, no long retry loop
 
 
-SERVED = ["config.json", "model.safetensors", "tokenizer.json", "1_Pooling/config.json"]
-
-
-def test_full_download_then_cached(server: FakeHub, model_dir: Path, tmp_path: Path) -> None:
-    folder = hub.resolve_model(REPO, tmp_path / "cache", quiet=True)
-    assert folder == tmp_path / "cache" / "test-org--tiny-model" / "main"
-    assert same_files(folder, model_dir, SERVED)
-    marker = json.loads((folder / ".complete").read_text())
-    assert marker["files"] == {f: (model_dir / f).stat().st_size for f in SERVED}
-    assert marker["endpoint"] == server.endpoint and marker["revision"] == "main"
-    assert not (folder / "vocab.txt").exists() and not list(folder.rglob("*.incomplete"))
-    assert set(server.files()) == set(hub.REQUIRED_FILES + hub.OPTIONAL_FILES)  # the optional 404s were asked once
-    n = len(server.requests)
-    assert hub.resolve_model(REPO, tmp_path / "cache", quiet=True) == folder
-    assert len(server.requests) == n
-
-
-def test_revision_and_token(server: FakeHub, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_TOKEN", "secret")
-    folder = hub.resolve_model(f"{REPO}@v1.0", tmp_path, quiet=True)
-    assert folder == tmp_path / "test-org--tiny-model" / "v1.0"
-    assert server.requests[0][0] == f"/{REPO}/resolve/v1.0/config.json"
-    assert all(auth == "Bearer secret" for _, _, auth in server.requests)
-
-
-def test_real_minilm_files_download_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bundled = hub.bundled_minilm()
-    with FakeHub(bundled) as fake:
-        monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
-        folder = hub.resolve_model("test-org/all-MiniLM-L6-v2", tmp_path, quiet=True)
-    files = list(json.loads((folder / ".complete").read_text())["files"])
-    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "1_Pooling/config.json"} <= set(files)
-    assert same_files(folder, bundled, files)
-    shutil.rmtree(folder)  # pytest keeps recent tmp dirs: do not leave 90 MB behind each run
-
-
-def test_redirect_keeps_range_and_drops_token(server: FakeHub, model_dir: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_TOKEN", "secret")
-    server.redirect.add("model.safetensors")
-    partial = tmp_path / "test-org--tiny-model" / "main" / "model.safetensors.incomplete"
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes((model_dir / "model.safetensors").read_bytes()[:1000])
-    folder = hub.resolve_model(REPO, tmp_path, quiet=True)
-    assert same_files(folder, model_dir, SERVED)
-    assert [r for r in server.requests if r[0] == "/cdn/model.safetensors"] == [("/cdn/model.safetensors",
-                                                                                "bytes=1000-", None)]
-
-
-def test_resume_partial_file(server: FakeHub, model_dir: Path, tmp_path: Path) -> None:
-    partial = tmp_path / "test-org--tiny-model" / "main" / "model.safetensors.incomplete"
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes((model_dir / "model.safetensors").read_bytes()[:123_456])
-    folder = hub.resolve_model(REPO, tmp_path, quiet=True)
-    ranges = [r for path, r, _ in server.requests if path.endswith("/model.safetensors")]
-    assert ranges == ["bytes=123456-"]
-    assert same_files(folder, model_dir, SERVED)
-
-
-def test_dropped_connection_then_retry_resumes(server: FakeHub, model_dir: Path, tmp_path: Path) -> None:
-    server.drop_after["model.safetensors"] = 100_000
-    with pytest.raises(UserError, match="stopped at 100000 of 300000 bytes; run again to resume"):
-        hub.resolve_model(REPO, tmp_path, quiet=True)
-    folder = tmp_path / "test-org--tiny-model" / "main"
-    assert not (folder / ".complete").exists() and not hub.is_complete(folder)
-    n = len(server.requests)
-    assert hub.resolve_model(REPO, tmp_path, quiet=True) == folder
-    retry = server.requests[n:]
-    assert [r for p, r, _ in retry if p.endswith("/model.safetensors")] == ["bytes=100000-"]
-    assert not any(p.endswith("/config.json") and "1_Pooling" not in p for p, _, _ in retry)  # kept from run 1
-    assert same_files(folder, model_dir, SERVED)
-
-
-def test_server_ignoring_range_restarts_from_zero(server: FakeHub, model_dir: Path, tmp_path: Path) -> None:
-    partial = tmp_path / "test-org--tiny-model" / "main" / "model.safetensors.incomplete"
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(b"x" * 5000)  # garbage: appending the full body to it would corrupt the file
-    server.ignore_range = True
-    folder = hub.resolve_model(REPO, tmp_path, quiet=True)
-    assert same_files(folder, model_dir, SERVED)
-
-
-def test_range_not_satisfiable_restarts(server: FakeHub, model_dir: Path, tmp_path: Path) -> None:
-    partial = tmp_path / "test-org--tiny-model" / "main" / "model.safetensors.incomplete"
-    partial.parent.mkdir(parents=True)
-    partial.write_bytes(b"x" * 400_000)  # longer than the served file: the server answers 416
-    folder = hub.resolve_model(REPO, tmp_path, quiet=True)
-    assert same_files(folder, model_dir, SERVED)
-
-
-def test_offline_empty_cache_fails_without_requests(server: FakeHub, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match=r"not in the cache at .* and HF_HUB_OFFLINE=1"):
-        hub.resolve_model(REPO, tmp_path, quiet=True)
-    assert server.requests == []
-
-
-def test_offline_complete_cache_works(server: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = hub.resolve_model(REPO, tmp_path, quiet=True)
-    n = len(server.requests)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert hub.resolve_model(REPO, tmp_path, quiet=True) == folder
-    assert len(server.requests) == n
-
-
-def test_unreachable_hub_id_fails_without_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", closed_port_endpoint())
-    with pytest.raises(UserError, match=rf"could not download {REPO} from http://127\.0\.0\.1:\d+/{REPO}/resolve/main/"
-                                        r"config\.json .*HF_ENDPOINT") as e:
-        hub.resolve_model(REPO, tmp_path, quiet=True)
-    assert "\n" not in str(e.value)
-
-
-def test_auto_unreachable_falls_back_with_one_notice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", closed_port_endpoint())
+def test_auto_cached_downloaded_or_bundled_with_one_notice(server: FakeHub, tmp_path: Path, hf_offline: None,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert hub.resolve_model("auto", tmp_path, quiet=True) == hub.bundled_minilm()
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.endswith("\n")
-    assert err.startswith("model auto: BAAI/bge-small-en-v1.5 not reachable (")
-    assert "using bundled all-MiniLM-L6-v2" in err
-
-
-def test_auto_offline_falls_back_and_cached_is_used(server: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert hub.resolve_model("auto", tmp_path, quiet=True) == hub.bundled_minilm()
-    assert "HF_HUB_OFFLINE=1; using bundled all-MiniLM-L6-v2" in capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not cached and HF_HUB_OFFLINE=1; using bundled all-MiniLM-L6-v2" in err
     assert server.requests == []
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     folder = hub.resolve_model("auto", tmp_path, quiet=True)  # the fake hub serves any repo
-    assert folder == tmp_path / "BAAI--bge-small-en-v1.5" / "main"
-    assert capsys.readouterr().err.startswith("model auto: downloaded BAAI/bge-small-en-v1.5")
+    assert folder == snapshot(tmp_path, hub.AUTO_MODEL)
+    assert capsys.readouterr().err == f"model auto: downloaded {hub.AUTO_MODEL} to {folder}\n"
     n = len(server.requests)
     assert hub.resolve_model("auto", tmp_path, quiet=True) == folder
-    assert capsys.readouterr().err.startswith("model auto: using cached BAAI/bge-small-en-v1.5")
-    assert len(server.requests) == n
+    assert capsys.readouterr().err == f"model auto: using cached {hub.AUTO_MODEL} ({folder})\n"
+    assert len(server.requests) == n  # a cached auto model costs no request
 
 
-def test_missing_safetensors_is_clear(server: FakeHub, tmp_path: Path) -> None:
-    server.fail["model.safetensors"] = 404
-    with pytest.raises(UserError, match="has no model.safetensors .*never unpickles pytorch_model.bin"):
-        hub.resolve_model(REPO, tmp_path, quiet=True)
-
-
-@pytest.mark.parametrize("status, hint", [(401, "HF_TOKEN"), (403, "HF_TOKEN"), (404, "check the repo id"),
-                                          (500, "try again later")])
-def test_http_errors_on_required_file(server: FakeHub, tmp_path: Path, status: int, hint: str) -> None:
-    server.fail["config.json"] = status
-    with pytest.raises(UserError, match=rf"HTTP {status}\): .*{hint}"):
-        hub.resolve_model(REPO, tmp_path, quiet=True)
-    assert not hub.is_complete(tmp_path / "test-org--tiny-model" / "main")
+@pytest.mark.parametrize("case, message", [
+    ("repo", r"could not download test-org/tiny-model: repository not found on http://127\.0\.0\.1:\d+ \(check the "
+             r"id; a private repo needs HF_TOKEN\)$"),
+    ("revision", r"could not download test-org/tiny-model@v9: revision 'v9' not found in test-org/tiny-model$"),
+    ("gated", r"could not download test-org/tiny-model: the repo is gated; accept its terms on the hub and set "
+              r"HF_TOKEN$"),
+    ("no-safetensors", r"test-org/tiny-model has no model.safetensors .*never unpickles pytorch_model.bin"),
+    ("server-error", r"could not download test-org/tiny-model from http://127\.0\.0\.1:\d+ \(.*500.*\) and it is not "
+                     r"in the Hugging Face cache"),
+])
+def test_errors_are_one_line(server: FakeHub, model_dir: Path, tmp_path: Path, case: str, message: str) -> None:
+    name = REPO
+    if case == "repo":
+        server.missing_repos.add(REPO)
+    elif case == "revision":
+        server.missing_revisions.add("v9")
+        name = f"{REPO}@v9"
+    elif case == "gated":
+        server.gated_repos.add(REPO)
+    elif case == "no-safetensors":
+        (model_dir / "model.safetensors").unlink()
+    else:
+        server.status[r"^/api/models/"] = 500
+    with pytest.raises(UserError, match=message) as e:
+        hub.resolve_model(name, tmp_path, quiet=True)
+    assert "\n" not in str(e.value)
+    assert not any(r.path.endswith(".bin") for r in server.requests)
 
 
 def test_sharded_weights(server: FakeHub, model_dir: Path, tmp_path: Path) -> None:
@@ -291,7 +254,6 @@ def test_sharded_weights(server: FakeHub, model_dir: Path, tmp_path: Path) -> No
     (model_dir / hub.SHARD_INDEX).write_text(json.dumps({"weight_map": weight_map}))
     folder = hub.resolve_model(REPO, tmp_path, quiet=True)
     assert same_files(folder, model_dir, [hub.SHARD_INDEX, *weight_map.values()])
-    assert hub.is_complete(folder)
 
 
 def test_local_folder_and_bundled_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -307,6 +269,17 @@ def test_local_folder_and_bundled_names(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(UserError, match="is a file, not a model folder"):
         hub.resolve_model("weights.bin")
+
+
+def test_hub_id_of(tmp_path: Path) -> None:
+    assert hub.hub_id_of("BAAI/bge-small-en-v1.5@v2") == "BAAI/bge-small-en-v1.5"
+    assert hub.hub_id_of("all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub.hub_id_of(hub.bundled_minilm()) == "sentence-transformers/all-MiniLM-L6-v2"
+    cached = tmp_path / "models--BAAI--bge-small-en-v1.5" / "snapshots" / ("a" * 40)
+    cached.mkdir(parents=True)
+    assert hub.hub_id_of(cached) == "BAAI/bge-small-en-v1.5"
+    assert hub.hub_id_of(tmp_path) is None
+    assert hub.hub_id_of("auto") is None
 
 
 def test_network_guard_blocks_non_loopback() -> None:

@@ -266,3 +266,35 @@ def test_packed_paths_equal_padded_outputs_and_gradients(minilm):
         model.embed(ids, mask, packed=packed).pow(2).sum(0)[:7].sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("seconds_per_batch, show_progress, shown_at", [
+    (0.5, None, None),  # 4 batches in 2 s: done before a bar is worth drawing
+    (1.5, None, 2),  # a slow encoding of only 8 texts: the bar appears at the batch after 2 s have passed
+    (0.5, True, 0),
+    (1.5, False, None),
+])
+def test_encode_shows_a_bar_once_it_has_run_two_seconds(tiny_model_dir, monkeypatch, seconds_per_batch, show_progress,
+                                                       shown_at):
+    """No timed test: a fake clock advances by `seconds_per_batch` per batch; the bar's start is recorded."""
+    import bge.embedder as embedder_module
+
+    emb = Embedder.load(str(tiny_model_dir), device="cpu")
+    clock, batches, starts = [0.0], [], []
+    monkeypatch.setattr(embedder_module.time, "perf_counter", lambda: clock[0])
+    embed = emb.model.embed
+
+    def slow_embed(ids, mask):
+        batches.append(len(ids))
+        clock[0] += seconds_per_batch
+        return embed(ids, mask)
+
+    def record_start(bar):
+        starts.append(len(batches))
+        bar.start()
+
+    monkeypatch.setattr(emb.model, "embed", slow_embed)
+    monkeypatch.setattr(embedder_module, "_start", record_start)
+    out = emb.encode(TEXTS * 2, batch_size=2, show_progress=show_progress)
+    assert len(batches) == 4 and out.shape == (8, emb.dim)
+    assert starts == ([] if shown_at is None else [shown_at])

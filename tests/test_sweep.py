@@ -1,6 +1,7 @@
 """sweep.py end to end on tiny models: cells named by what the grid changes, each a train.py run, finished cells
 skipped, an interrupted one resumed, one results table (CSV, markdown) that evaluate.py --compare reproduces."""
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,32 @@ def test_missing_preset_and_clashing_grid_are_errors(preset, tmp_path):
         sweep.main([str(tmp_path / "nope.toml")])
     with pytest.raises(UserError, match="--grid cannot set epochs"):
         sweep.main([str(preset), "--grid", "epochs=1,2", "--set", "epochs=3", "--dry-run"])
+
+
+def test_rows_are_named_by_run_even_when_given_best(tmp_path, tiny_model_dir):
+    """`evaluate.py --compare run/best ...` tabulates the runs under their own names, and --model labels a run's
+    export folder `<run>/best`, never a column of identical 'best' rows."""
+    import shutil
+
+    from bge.runs import as_run, model_label
+
+    runs = []
+    for name, ndcg in (("lr-1e-5", 0.5), ("lr-3e-5", 0.6)):
+        run = tmp_path / name
+        shutil.copytree(tiny_model_dir, run / "best")
+        (run / "config.json").write_text(json.dumps({"lr": float(name[3:])}))
+        (run / "results.json").write_text(json.dumps({"config": {"lr": float(name[3:])}, "fine_tuned": {
+            "ndcg@10": ndcg, "mrr@10": ndcg, "recall@10": ndcg, "recall@100": ndcg}, "train_seconds": 1.0}))
+        runs.append(run)
+    assert as_run(runs[0] / "best") == runs[0] and as_run(runs[0]) == runs[0] and as_run(tmp_path) == tmp_path
+    assert model_label(str(runs[0] / "best")) == "lr-1e-5/best"
+    assert model_label(str(runs[1] / "final")) == "lr-3e-5/final"
+    assert model_label(str(tiny_model_dir)) == Path(tiny_model_dir).name and model_label("BAAI/bge-small-en-v1.5") \
+        == "bge-small-en-v1.5"
+    r = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--compare", str(runs[0] / "best"),
+                        str(runs[1] / "best"), str(runs[1]), "--out", str(tmp_path / "cmp"), "--no-speed"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    table = (tmp_path / "cmp.md").read_text().splitlines()
+    rows = [l.split(" | ")[0].strip("| ") for l in table if l.startswith("| lr")]
+    assert rows == ["lr-1e-5", "lr-3e-5"] and "skipped" not in r.stderr

@@ -34,6 +34,7 @@ from rich.table import Table
 
 from bge import Embedder
 from bge.checkpoint import atomic_write_text
+from bge.config import Bounded, check_ranges
 from bge.console import console, run_cli
 from bge import diagnostics
 from bge.data import ClassificationData, RetrievalData, STSData
@@ -59,13 +60,7 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="model folder, hub id, all-MiniLM-L6-v2 or auto (repeatable; "
                    "default auto)")
@@ -74,8 +69,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ks", type=parse_ks, default=list(DEFAULT_KS), help="cut-offs, e.g. 1,3,5,10,100")
     p.add_argument("--dims", type=parse_ks, default=[], help="also score embeddings truncated to these sizes, e.g. "
                    "256,128,64 (Matryoshka)")
-    p.add_argument("--batch-size", type=positive, default=64)
-    p.add_argument("--max-length", type=positive, default=None, help="truncation length (default: the model's)")
+    p.add_argument("--batch-size", type=Bounded(int, "[1, inf)"), default=64)
+    p.add_argument("--max-length", type=Bounded(int, "[1, inf)"), default=None,
+                   help="truncation length (default: the model's)")
+    p.add_argument("--max-query-length", type=Bounded(int, "[1, inf)"), default=None, help="truncation length of "
+                   "queries (default: --max-length); train.py validates and tests with its --max-query-length")
     p.add_argument("--query-prompt", default=None, help="query instruction, overriding the model's (not the "
                    "per-line prompts of a training JSONL); '' for none")
     p.add_argument("--no-title", action="store_true", help="BEIR: embed the text alone, not title + ' ' + text")
@@ -89,26 +87,29 @@ def parse_args() -> argparse.Namespace:
                    "--compare: the stem of its .csv/.md/.json)")
     p.add_argument("--queries", default=None, help="retrieval: evaluate only these queries: a JSON list of query ids, "
                    "or a train.py split.json (its test queries)")
-    p.add_argument("--explain", type=positive, default=None, metavar="N", help="retrieval, two models: the N queries "
+    p.add_argument("--explain", type=Bounded(int, "[1, inf)"), default=None, metavar="N", help="retrieval, two models: the N queries "
                    "whose nDCG@10 changed most from the first model to the second, score distributions and thresholds")
-    p.add_argument("--precision", type=float, default=0.9, help="--explain: suggest the similarity threshold that "
+    p.add_argument("--precision", type=Bounded(float, "(0, 1]"), default=0.9, help="--explain: suggest the similarity threshold that "
                    "reaches this precision (default 0.9)")
     p.add_argument("--plot", default=None, help="--explain: also write the score distributions as a PNG here (needs "
                    "matplotlib, which bge does not require)")
     p.add_argument("--reference", default=None, help="classification: fit kNN and the linear probe on these {text, "
                    "label} rows (default: cross-validation over --data)")
-    p.add_argument("--folds", type=positive, default=5, help="classification without --reference: folds (default 5)")
+    p.add_argument("--folds", type=Bounded(int, "[2, inf)"), default=5, help="classification without --reference: folds (default 5)")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="train.py run folders to tabulate (checkpoints/* is "
                    "fine: folders without results.json are skipped)")
     add_table_args(p)
-    a = p.parse_args()
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    a = check_ranges(p, p.parse_args(argv))
     if not a.data and not a.compare:
         p.error("--data is required (or --compare RUN ...)")
     a.model = a.model or ["auto"]
     if a.explain and len(a.model) != 2:
         p.error("--explain compares two models: pass --model twice (before, then after)")
-    if not 0 < a.precision <= 1:
-        p.error(f"--precision must be in (0, 1], got {a.precision}")
     return a
 
 
@@ -167,8 +168,8 @@ def compare(a: argparse.Namespace) -> None:
     console.print(f"wrote {prefix}.csv, .md and .json", markup=False, highlight=False)
 
 
-def main() -> None:
-    a = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     if a.compare:
         return compare(a)
     data = load_eval_data(a.data, a.split, use_title=not a.no_title)  # bad files fail before any model loads

@@ -172,17 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     merge_ratios = parse_ratios(cfg.merge_sweep) if cfg.merge_sweep else []
     if merge_ratios and not has_val:
         raise UserError("--merge-sweep chooses a mix on the validation set; there is none (--val-ratio 0?)")
-    if merge_ratios and cfg.merge_ratio >= 0:
-        raise UserError("pass --merge-sweep (choose a mix on validation) or --merge-ratio (a fixed mix), not both")
-    if cfg.merge_ratio > 1:
-        raise UserError(f"--merge-ratio must be in [0, 1] (or negative: no merge), got {cfg.merge_ratio}")
     if cfg.kd_weight > 0:
         retrieval = tasks.get("retrieval")
         if retrieval is None or not all(ex.neg and ex.pos_scores and ex.neg_scores for ex in retrieval.train):
             raise UserError("--kd-weight needs hard negatives with teacher scores (pos_scores, neg_scores) on every "
                             "training line; python -m bge.score --teacher MODEL fills them")
-        if cfg.group_size < 2:
-            raise UserError("--kd-weight distils over each query's positive and hard negatives: needs --group-size 2 or more")
     matryoshka_dims = [int(d) for d in cfg.matryoshka_dims.split(",") if d.strip()] if cfg.matryoshka_dims else []
 
     # model

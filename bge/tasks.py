@@ -396,11 +396,6 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
     """The run's tasks with their training items, validation and test sets, and the split. Without --val/--test
     files, items are carved out of --data by seed (per task, no shared text across splits) and the split is written
     to the run folder. A --val/--test file validates or tests the task of its kind; nothing is carved then."""
-    for name, ok, want in (("threshold_precision", 0 < cfg.threshold_precision <= 1, "in (0, 1]"),
-                           ("l1", cfg.l1 >= 0, "0 or more"), ("head_lr", cfg.head_lr > 0, "positive"),
-                           ("cosent_scale", cfg.cosent_scale > 0, "positive"), ("explain", cfg.explain >= 0, "0 or more")):
-        if not ok:  # checked before any work, not at the end of a run
-            raise UserError(f"--{name.replace('_', '-')} must be {want}, got {getattr(cfg, name)}")
     path = Path(cfg.data)
     full = None
     if path.is_dir():

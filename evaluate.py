@@ -119,9 +119,11 @@ def query_subset(data: RetrievalData, path: str) -> RetrievalData:
         ids = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"--queries {path}: cannot read a JSON list of query ids ({e})") from None
-    ids = ids.get("test") if isinstance(ids, dict) else ids
+    if isinstance(ids, dict):  # a split.json: per task since format 2, one list for every task before
+        ids = ids.get("tasks", {}).get("retrieval", {}).get("test") if "tasks" in ids else ids.get("test")
     if not isinstance(ids, list) or not all(isinstance(i, (str, int)) for i in ids):
-        raise UserError(f"--queries {path}: expected a JSON list of query ids, or a split.json with a 'test' list")
+        raise UserError(f"--queries {path}: expected a JSON list of query ids, or a split.json with retrieval test "
+                        f"queries")
     ids = [str(i) for i in ids]
     unknown = [i for i in ids if i not in data.queries]
     if unknown:

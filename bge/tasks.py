@@ -360,8 +360,29 @@ class TaskSampler:
 
 # ---- data: training items, the held-out split, validation and test sets ----------------------------------------
 def item_id(item: Example | Pair | Labelled) -> str:
-    """The id split.json lists: a retrieval line's qid (its line number, or the BEIR query id), else the line number."""
+    """The id split.json lists under the item's task: a retrieval line's qid (its line number, or the BEIR query id),
+    else the line number. Ids are unique within a task only (a numeric qid may be another task's line number), so
+    the split keeps one id list per task."""
     return item.qid if isinstance(item, Example) else str(item.line)
+
+
+SPLIT_FORMAT = 2  # 1: one train/val/test id list for all tasks, whose ids could collide; 2: lists per task
+
+
+def read_split(path: Path, tasks: list[str]) -> dict:
+    """A run's split.json, as {"tasks": {task: {"train", "val", "test"}}, ...}. A format-1 file (one id list for all
+    tasks) is read for a single-task run, where its ids are unambiguous; a mixed run's cannot be trusted."""
+    split = json.loads(path.read_text())
+    if split.get("format", 1) == 1:
+        if len(tasks) > 1:
+            raise UserError(f"{path}: an old split (one id list for every task, so ids of different tasks collided); "
+                            f"this mixed run cannot be resumed exactly: start a new run")
+        split = {"format": SPLIT_FORMAT, **{k: v for k, v in split.items() if k not in ("train", "val", "test")},
+                 "tasks": {tasks[0]: {part: split[part] for part in ("train", "val", "test")}}}
+    missing = [t for t in tasks if t not in split["tasks"]]
+    if missing:
+        raise UserError(f"{path}: no split for the {', '.join(missing)} items of --data (the data changed since?)")
+    return split
 
 
 def split_items(task: str, items: list, val_ratio: float, test_ratio: float, seed: int) -> dict[str, list[int]]:
@@ -415,14 +436,14 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
             full = retrieval_from_examples(items["retrieval"], name=path.name, corpus=corpus)
     split_file = run_dir / "split.json"
     if split_file.exists():  # resuming: the split is part of the run
-        split = json.loads(split_file.read_text())
+        split = read_split(split_file, list(items))
     else:
         val_ratio = 0.0 if cfg.val else cfg.val_ratio
         test_ratio = 0.0 if cfg.test else cfg.test_ratio
-        split = {"seed": cfg.seed, "val_ratio": val_ratio, "test_ratio": test_ratio, "train": [], "val": [], "test": []}
-        for task, rows in items.items():
-            for part, idx in split_items(task, rows, val_ratio, test_ratio, cfg.seed).items():
-                split[part] += [item_id(rows[i]) for i in idx]
+        split = {"format": SPLIT_FORMAT, "seed": cfg.seed, "val_ratio": val_ratio, "test_ratio": test_ratio,
+                 "tasks": {task: {part: [item_id(rows[i]) for i in idx]
+                                  for part, idx in split_items(task, rows, val_ratio, test_ratio, cfg.seed).items()}
+                           for task, rows in items.items()}}
         if write:  # under torchrun every rank computes the same split; rank 0 writes it
             atomic_write_text(split_file, json.dumps(split) + "\n")
     given = {}
@@ -432,9 +453,10 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
             if task_of(d) not in items:
                 raise UserError(f"{flag} {file} is {task_of(d)} data, but --data has no {task_of(d)} lines")
             given[flag] = d
-    train_ids = set(split["train"])
     tasks = {}
     for task, rows in items.items():
+        parts = split["tasks"][task]
+        train_ids = set(parts["train"])
         train = [it for it in rows if item_id(it) in train_ids]
         if not train:
             raise UserError(f"{cfg.data}: no {task} training items left after holding out validation and test items")
@@ -443,7 +465,7 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
             if flag in given:
                 sets.append(given[flag] if task_of(given[flag]) == task else None)
             else:
-                sets.append(held_out(task, rows, split[part], full, f"{path.name}/{part}"))
+                sets.append(held_out(task, rows, parts[part], full, f"{path.name}/{part}"))
         tasks[task] = TASK_TYPES[task](train, *sets, cfg)
     return tasks, split
 

@@ -175,6 +175,6 @@ def test_scifact_mined_format_gives_the_beir_split_and_test_set(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     a = load_retrieval(parse_args(["--data", str(scifact)])[0], tmp_path / "a")
     b = load_retrieval(parse_args(["--data", str(mined_file), "--corpus", str(scifact)])[0], tmp_path / "b")
-    assert a[3] == b[3] and len(a[3]["test"]) == len(b[2].queries) == 121
+    assert a[3] == b[3] and len(a[3]["tasks"]["retrieval"]["test"]) == len(b[2].queries) == 121
     assert a[2].fingerprint() == b[2].fingerprint() and len(b[2].corpus) == 5183
     assert a[1].fingerprint() == b[1].fingerprint()

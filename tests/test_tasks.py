@@ -98,6 +98,34 @@ def test_mixed_split_is_per_task_and_saved(mixed, tmp_path):
     assert not train_sentences & (set(sts.test_data.sentence1) | set(sts.test_data.sentence2))
 
 
+def test_colliding_numeric_ids_of_two_tasks_never_leak_across_the_split(tmp_path):
+    """Retrieval lines whose qids are 41-80 (numeric, as bge.mine writes BEIR ids) beside classification rows on lines
+    41-80: one shared id space put a query in train because the classification row of its number was there."""
+    rows = TICKETS.read_text().splitlines()[:40]
+    queries = [dict(json.loads(l), qid=41 + (7 * i) % 40) for i, l in enumerate(REPAIR.read_text().splitlines()[:40])]
+    data = tmp_path / "collide.jsonl"
+    data.write_text("\n".join([json.dumps(q) for q in queries] + rows) + "\n")
+    cfg, _ = parse_args(["--data", str(data), "--val-ratio", "0.25", "--test-ratio", "0.25"])
+    tasks, split = load_tasks(cfg, tmp_path)
+    r, c = tasks["retrieval"], tasks["classification"]
+    held = set(r.val.queries) | set(r.test_data.queries)
+    assert len(held) == 20 and not held & {ex.qid for ex in r.train}  # no held-out query is trained on
+    assert len(r.train) == 20 and len(c.train) == 20
+    assert not (set(c.val.texts) | set(c.test_data.texts)) & {x.text for x in c.train}
+    for task, parts in split["tasks"].items():  # each id once per task, in one part
+        ids = parts["train"] + parts["val"] + parts["test"]
+        assert sorted(ids, key=int) == [str(i) for i in range(41, 81)]
+    # a split.json from before (one id list for all tasks) resumes a single-task run, and refuses a mixed one
+    old = {"seed": 42, "val_ratio": 0.25, "test_ratio": 0.25, **split["tasks"]["retrieval"]}
+    (tmp_path / "split.json").write_text(json.dumps(old))
+    with pytest.raises(UserError, match="an old split .*cannot be resumed exactly"):
+        load_tasks(cfg, tmp_path)
+    only = tmp_path / "only.jsonl"
+    only.write_text("\n".join(json.dumps(q) for q in queries) + "\n")
+    tasks, _ = load_tasks(parse_args(["--data", str(only)])[0], tmp_path)
+    assert set(tasks["retrieval"].test_data.queries) == set(old["test"])
+
+
 # ---- batches and losses ------------------------------------------------------------------------------------------
 def micro_batch_grads(task, tiny_model_dir, chunk):
     emb = Embedder.load(str(tiny_model_dir), device="cpu")
@@ -166,7 +194,8 @@ def test_sts_run_with_a_test_file(tiny_model_dir, tmp_path):
     val = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val/spearman" in l]
     assert [v["step"] for v in val] == [0, 13]
     split = json.loads((run / "split.json").read_text())
-    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (102, 18, 0)
+    parts = split["tasks"]["sts"]
+    assert (len(parts["train"]), len(parts["val"]), len(parts["test"])) == (102, 18, 0)
 
 
 def test_classification_run_with_head_exports_a_loadable_folder_and_resumes(tiny_model_dir, tmp_path):

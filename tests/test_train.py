@@ -43,7 +43,8 @@ def test_run_folder_holds_everything(data, tiny_model_dir, tmp_path):
               "best/model.safetensors", "best/modules.json", "final/model.safetensors", "state/latest.json"):
         assert (run / f).exists(), f
     split = json.loads((run / "split.json").read_text())
-    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (42, 9, 9)
+    parts = split["tasks"]["retrieval"]
+    assert split["format"] == 2 and (len(parts["train"]), len(parts["val"]), len(parts["test"])) == (42, 9, 9)
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 12 and results["train_queries"] == 42  # 6 batches of 8 per epoch
     assert set(results["base"]) == set(results["fine_tuned"]) and "ndcg@10" in results["change"]

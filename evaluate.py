@@ -124,7 +124,8 @@ def query_subset(data: RetrievalData, path: str) -> RetrievalData:
     if not isinstance(ids, list) or not all(isinstance(i, (str, int)) for i in ids):
         raise UserError(f"--queries {path}: expected a JSON list of query ids, or a split.json with retrieval test "
                         f"queries")
-    ids = [str(i) for i in ids]
+    holder = {line: q for q, lines in data.merged.items() for line in lines}  # a merged line's id names its query
+    ids = [holder.get(str(i), str(i)) for i in ids]
     unknown = [i for i in ids if i not in data.queries]
     if unknown:
         raise UserError(f"--queries {path}: {len(unknown)} id(s) not among {data.name}'s queries, e.g. {unknown[0]!r}")
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         if not retrieval:
             raise UserError("--queries selects retrieval queries; --data is not a retrieval set")
         data = query_subset(data, a.queries)
+    if retrieval and data.n_merged:
+        console.print(data.merged_note(data.name), markup=False, highlight=False)
     if a.explain and not retrieval:
         raise UserError("--explain explains retrieval results; --data is not a retrieval set")
     reference = None
@@ -269,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     slug = re.sub(r"[^\w.-]+", "-", re.sub(r"\.(tsv|jsonl|csv|txt)$", "", data.name)).strip("-") or "data"
     path = Path(a.out or f"checkpoints/eval/{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     dataset = {"path": str(a.data), "name": data.name, "fingerprint": data.fingerprint(), "kind": kind}
-    dataset |= ({"split": a.split, "n_queries": len(data.queries), "n_corpus": len(data.corpus)} if retrieval
+    dataset |= ({"split": a.split, "n_queries": len(data.queries), "n_corpus": len(data.corpus),
+                 "n_merged_lines": data.n_merged} if retrieval
                 else {"n_pairs": len(data.scores)} if kind == "sts" else {"n_rows": len(data.texts)})
     if kind == "classification":  # what kNN and the probe were fitted on
         dataset |= ({"reference": str(a.reference), "n_reference_rows": len(reference.texts),

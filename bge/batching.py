@@ -16,12 +16,7 @@ from typing import Callable, Generic, TypeVar
 
 import torch
 
-from bge.data import Example
-
-
-def normalise(text: str) -> str:
-    """Text as compared for identity: case-folded, whitespace collapsed."""
-    return " ".join(text.split()).casefold()
+from bge.data import Example, normalise
 
 
 def text_hash(text: str) -> int:

@@ -61,6 +61,17 @@ class RetrievalData:
     qrels: dict[str, dict[str, int]]
     prompts: dict[str, str] = field(default_factory=dict)  # per-query instruction, when the file gave one
     name: str = ""
+    merged: dict[str, list[str]] = field(default_factory=dict)  # qid -> the later lines' qids folded into it
+
+    @property
+    def n_merged(self) -> int:
+        """Training lines folded into an earlier line's query (they repeat its text)."""
+        return sum(len(v) for v in self.merged.values())
+
+    def merged_note(self, label: str) -> str:
+        """What retrieval_from_examples merged, in one line."""
+        return (f"{label}: {self.n_merged} line(s) repeat an earlier line's query; each such query is scored once, with "
+                f"the positives of all its lines ({len(self.queries)} queries)")
 
     def fingerprint(self) -> str:
         """A hash of the content (queries, corpus, qrels), for results files and caches."""
@@ -74,7 +85,8 @@ class RetrievalData:
         keep = set(qids)
         return RetrievalData({q: t for q, t in self.queries.items() if q in keep}, self.corpus,
                              {q: r for q, r in self.qrels.items() if q in keep},
-                             {q: p for q, p in self.prompts.items() if q in keep}, self.name)
+                             {q: p for q, p in self.prompts.items() if q in keep}, self.name,
+                             {q: m for q, m in self.merged.items() if q in keep})
 
 
 # ---- line-level reading ------------------------------------------------------------------------------
@@ -223,30 +235,44 @@ def examples_from_beir(data: RetrievalData) -> list[Example]:
     return out
 
 
+def normalise(text: str) -> str:
+    """Text as compared for identity: case-folded, whitespace collapsed."""
+    return " ".join(text.split()).casefold()
+
+
 def retrieval_from_examples(examples: list[Example], name: str = "", corpus: dict[str, str] | None = None) -> RetrievalData:
     """An evaluation set from training lines: each query's positives are its relevant documents; the corpus
     is every positive and negative of the lines, deduplicated by text. With `corpus` (id -> text) the corpus is
-    that one, in its order and with its ids, plus any passage of the lines it lacks (ids d0, d1, ...)."""
+    that one, in its order and with its ids, plus any passage of the lines it lacks (ids d0, d1, ...).
+    Lines with the same query text (normalised) and instruction are one query holding all their positives (a
+    FlagEmbedding file often has one line per query-positive pair): scored apart, each line's query would count the
+    other lines' positives as non-relevant. `merged` records which lines were folded into which."""
     corpus = corpus or {}
     doc_ids: dict[str, str] = {}
     for d, text in corpus.items():
         doc_ids.setdefault(text, d)  # a text held under two ids is judged under the first
     n_added = 0
-    queries, qrels, prompts = {}, {}, {}
-    for ex in examples:
+    queries, qrels, prompts, merged = {}, {}, {}, {}
+    first: dict[tuple[str, str | None], str] = {}  # (normalised query, instruction) -> the qid that holds it
+    for i, ex in enumerate(examples):
         for text in ex.pos + ex.neg:
             if text not in doc_ids:
                 while f"d{n_added}" in corpus:  # never reuse an id of the given corpus
                     n_added += 1
                 doc_ids[text] = f"d{n_added}"
                 n_added += 1
-        qid = ex.qid or f"q{len(queries)}"
+        qid = ex.qid or f"q{i}"
+        holder = first.setdefault((normalise(ex.query), ex.prompt), qid)
+        if holder != qid:
+            merged.setdefault(holder, []).append(qid)
+            qrels[holder].update({doc_ids[t]: 1 for t in ex.pos})
+            continue
         queries[qid] = ex.query
         qrels[qid] = {doc_ids[t]: 1 for t in ex.pos}
         if ex.prompt is not None:
             prompts[qid] = ex.prompt
     extra = {d: t for t, d in doc_ids.items() if d not in corpus}
-    return RetrievalData(queries, {**corpus, **extra}, qrels, prompts, name)
+    return RetrievalData(queries, {**corpus, **extra}, qrels, prompts, name, merged)
 
 
 # ---- BEIR folders ------------------------------------------------------------------------------------

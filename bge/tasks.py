@@ -122,6 +122,9 @@ class RetrievalTask(Task):
         self.group_size = cfg.group_size if any(ex.neg for ex in train) else 1
         if self.group_size != cfg.group_size:
             self.notes.append("no hard negatives in the data: training with in-batch negatives only")
+        for label, d in (("validation", val), ("test", test)):
+            if isinstance(d, RetrievalData) and d.n_merged:
+                self.notes.append(d.merged_note(label))
 
     def anchors(self) -> list[str]:
         return [ex.query for ex in self.train]

@@ -203,3 +203,21 @@ def test_retrieval_only_readers_name_a_line_of_another_task(tmp_path):
         load_examples(path)
     with pytest.raises(DataError, match=r":2: field 'type' must be one of"):
         load_examples(write(tmp_path, [json.dumps(GOOD), json.dumps({**GOOD, "type": "banana"})], "typo.jsonl"))
+
+
+def test_lines_sharing_a_query_are_one_evaluation_query_with_all_their_positives(tmp_path):
+    """One line per (query, positive), as FlagEmbedding files often have: scored apart, each line's query would count
+    the other lines' positives as non-relevant."""
+    from bge.evaluation import load_eval_data
+    lines = [{"query": "How do I fix a flat?", "pos": ["patch the tube"], "neg": ["oil the chain"]},
+             {"query": "how do i  fix a FLAT?", "pos": ["replace the tube"]},
+             {"query": "How do I fix a flat?", "pos": ["patch the tube"], "prompt": "Find: "},  # another instruction
+             {"query": "why do my brakes squeal", "pos": ["clean the rotor"]},
+             {"query": "How do I fix a flat? ", "pos": ["use a tyre lever", "patch the tube"]}]
+    data = load_eval_data(write(tmp_path, [json.dumps(l) for l in lines], "pairs.jsonl"))
+    docs = {t: d for d, t in data.corpus.items()}
+    assert list(data.queries) == ["1", "3", "4"] and data.merged == {"1": ["2", "5"]} and data.n_merged == 2
+    assert data.qrels["1"] == {docs[t]: 1 for t in ("patch the tube", "replace the tube", "use a tyre lever")}
+    assert data.qrels["3"] == {docs["patch the tube"]: 1} and data.prompts == {"3": "Find: "}
+    assert data.subset(["1", "4"]).merged == {"1": ["2", "5"]} and data.subset(["4"]).n_merged == 0
+    assert "2 line(s) repeat an earlier line's query" in data.merged_note("test")

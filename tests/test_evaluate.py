@@ -412,3 +412,16 @@ def test_cli_dims_adds_a_row_per_size(tiny_dirs, tmp_path):
     assert [m["dim"] for m in rows] == [32, 16, 8] and rows[1]["metrics"] != rows[0]["metrics"]
     r = run_cli("--model", tiny_dirs[0], "--data", data, "--dims", "64", "--no-cache", "--out", out)
     assert r.returncode == 2 and "--dims 64" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_merges_lines_that_share_a_query_and_says_so(tiny_dirs, tmp_path):
+    lines = [{"query": f"question {i // 2}", "pos": [f"answer {i}"], "neg": [f"other {i}"]} for i in range(8)]
+    data, out = tmp_path / "pairs.jsonl", tmp_path / "out.json"
+    data.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    split = tmp_path / "split.json"  # ids of merged lines name their query
+    split.write_text(json.dumps({"format": 2, "tasks": {"retrieval": {"train": [], "val": [], "test": ["2"]}}}))
+    r = run_cli("--model", tiny_dirs[0], "--data", data, "--no-cache", "--out", out, "--queries", split)
+    assert r.returncode == 0, r.stderr
+    assert "1 line(s) repeat an earlier line's query" in " ".join(r.stderr.split())
+    result = json.loads(out.read_text())["dataset"]
+    assert result["n_queries"] == 1 and result["n_merged_lines"] == 1

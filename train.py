@@ -41,7 +41,7 @@ from bge.lstm import BiLSTMEncoder
 from bge.merge import choose_ratio, merged_embedder, parse_ratios
 from bge.optim import decayed, default_lr, freeze, get_lr, make_optimizer, param_groups
 from bge.step import forward_backward, make_embed
-from bge.tasks import TaskSampler, export, load_tasks, metric_label, validate
+from bge.tasks import TaskSampler, export, load_tasks, metric_label, missing_sets, validate
 
 REPO = Path(__file__).resolve().parent
 RESUMABLE_OVERRIDES = {"epochs", "max_steps", "patience", "eval_every", "save_every", "device", "compile",
@@ -168,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     for note in (n for t in tasks.values() for n in t.notes):
         console.print(note)
     has_val = any(t.val is not None for t in tasks.values())
+    missing = missing_sets(tasks, cfg)
+    for task, part, why in missing:
+        then = "nothing is validated, best/ is the last step's model" if part == "validation" else "no test table"
+        console.print(f"[yellow]{task}: no {part} set[/] ({why}): {then}")
+    if cfg.patience and not has_val:
+        raise UserError("--patience stops when validation stops improving; this run has no validation set")
     probe = load_eval_data(cfg.general_probe, cfg.probe_split, cfg.title) if cfg.general_probe else None
     merge_ratios = parse_ratios(cfg.merge_sweep) if cfg.merge_sweep else []
     if merge_ratios and not has_val:
@@ -411,6 +417,9 @@ def main(argv: list[str] | None = None) -> None:
             per_task[job.name]["diagnostics"] = r.comparison.to_dict()
     for table in tables:
         console.print(table)
+    no_test = {task: why for task, part, why in missing if part == "test"}
+    if no_test:  # said in results.json too, so that a missing table is not read as a lost one
+        results["no_test_set"] = no_test
     if per_task:
         results.update(per_task[first.name] if len(tasks) == 1 else {"tasks": per_task})
     elif probe is not None:  # no test set: the probe alone

@@ -473,6 +473,22 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
     return tasks, split
 
 
+def missing_sets(tasks: dict[str, Task], cfg: TrainConfig) -> list[tuple[str, str, str]]:
+    """(task, 'validation' or 'test', why) for each held-out set a run lacks: said before training, not found out
+    at the end (a small file can leave a carved set empty)."""
+    out = []
+    for t in tasks.values():
+        for part, data, flag in (("validation", t.val, "val"), ("test", t.test_data, "test")):
+            if data is not None:
+                continue
+            ratio = getattr(cfg, f"{flag}_ratio")
+            why = (f"--{flag} {getattr(cfg, flag)} holds another task's data" if getattr(cfg, flag) else
+                   f"--{flag}-ratio 0" if ratio == 0 else
+                   f"{ratio:g} of its {len(t.train)} training items rounds to none; a bigger file or --{flag} FILE")
+            out.append((t.name, part, why))
+    return out
+
+
 # ---- validation across tasks, and the exported model --------------------------------------------------------------
 def validate(tasks: dict[str, Task], embedder: Embedder, cpu_bf16: bool) -> tuple[dict[str, float], float | None]:
     """Every task's validation metrics (prefixed 'task/' when the run has several tasks) and the score that chooses

@@ -215,3 +215,18 @@ def test_probe_at_each_validation_and_merge_sweep_exports_the_chosen_mix(scored,
     assert all(torch.equal(exported[k], expected[k]) for k in expected)
     with pytest.raises(UserError, match="not both"):
         train.main(args(scored / "scored.jsonl", tiny_model_dir, tmp_path, "--merge-sweep", "0.5", "--merge-ratio", "0.5"))
+
+
+def test_too_little_data_is_said_up_front_and_in_results(tiny_model_dir, tmp_path, capsys):
+    small = tmp_path / "small.jsonl"  # 3 queries: 15% of them rounds to no validation and no test query
+    small.write_text("".join(EXAMPLE.read_text().splitlines(keepends=True)[:3]))
+    train.main(args(small, tiny_model_dir, tmp_path, "--run-name", "small", "--max-steps", "1"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "retrieval: no validation set (0.15 of its 3 training items rounds to none" in err
+    assert "retrieval: no test set" in err and err.index("no test set") < err.index("wrote")
+    results = json.loads((tmp_path / "small" / "results.json").read_text())
+    assert "rounds to none" in results["no_test_set"]["retrieval"] and "base" not in results
+    with pytest.raises(UserError, match="--patience stops when validation stops improving; this run has no validation"):
+        train.main(args(small, tiny_model_dir, tmp_path, "--run-name", "patience", "--patience", "2"))
+    with pytest.raises(UserError, match="--merge-sweep chooses a mix on the validation set"):
+        train.main(args(small, tiny_model_dir, tmp_path, "--run-name", "sweep", "--merge-sweep", "0.5"))

@@ -206,8 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         row["dim"] = embedder.dim
         if retrieval:
             res = evaluate_retrieval(embedder, data, ks=a.ks, batch_size=a.batch_size, max_length=a.max_length,
-                                     query_prompt=a.query_prompt, cache_dir=cache_dir, device=a.device,
-                                     ignore_identical_ids=a.ignore_identical_ids, cpu_bf16=a.cpu_bf16, dims=a.dims)
+                                     query_max_length=a.max_query_length, query_prompt=a.query_prompt,
+                                     cache_dir=cache_dir, device=a.device, ignore_identical_ids=a.ignore_identical_ids,
+                                     cpu_bf16=a.cpu_bf16, dims=a.dims)
             m, rk = res.metrics, res.ranking
             row |= {"metrics": m.summary, "n_scored": m.n_scored, "n_dropped": m.n_dropped,
                     "n_encoded": rk.n_encoded, "n_cached": rk.n_cached, "seconds": dict(rk.seconds),

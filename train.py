@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         if probe is None:
             return {}
         scores = evaluate_probe(m, probe, batch_size=cfg.eval_batch_size, max_length=cfg.max_passage_length,
-                                cpu_bf16=cpu_bf16)
+                                query_max_length=cfg.max_query_length, cpu_bf16=cpu_bf16)
         return {f"probe/{k}": v for k, v in scores.items()}
 
     def validation_scores(m: Embedder) -> dict[str, float]:

@@ -155,12 +155,14 @@ class RetrievalTask(Task):
 
     def validate(self, embedder, cpu_bf16):
         ev = evaluate_retrieval(embedder, self.val, ks=VAL_KS, batch_size=self.cfg.eval_batch_size,
-                                max_length=self.cfg.max_passage_length, cpu_bf16=cpu_bf16, show_progress=False)
+                                max_length=self.cfg.max_passage_length, query_max_length=self.cfg.max_query_length,
+                                cpu_bf16=cpu_bf16, show_progress=False)
         return ev.metrics.summary
 
     def _test(self, model: Embedder, cpu_bf16: bool):
         return evaluate_retrieval(model, self.test_data, ks=TEST_KS, batch_size=self.cfg.eval_batch_size,
-                                  max_length=self.cfg.max_passage_length, cpu_bf16=cpu_bf16,
+                                  max_length=self.cfg.max_passage_length, query_max_length=self.cfg.max_query_length,
+                                  cpu_bf16=cpu_bf16,
                                   cache_dir=Path(self.cfg.out_dir) / "cache")
 
     def test_scores(self, model, cpu_bf16, folder):

@@ -126,6 +126,27 @@ def test_colliding_numeric_ids_of_two_tasks_never_leak_across_the_split(tmp_path
     assert set(tasks["retrieval"].test_data.queries) == set(old["test"])
 
 
+def test_validation_and_test_truncate_queries_at_max_query_length(tiny_model_dir, tmp_path, monkeypatch):
+    """Training truncates queries at --max-query-length; validation and test must see the same queries."""
+    cfg, _ = parse_args(["--data", str(REPAIR), "--max-query-length", "7", "--max-passage-length", "40",
+                         "--out-dir", str(tmp_path)])
+    task = load_tasks(cfg, tmp_path)[0]["retrieval"]
+    seen = []
+    real = Embedder.encode
+    monkeypatch.setattr(Embedder, "encode", lambda self, texts, **kw: seen.append(
+        (kw.get("is_query", False), kw.get("max_length"))) or real(self, texts, **kw))
+    emb = Embedder.load(str(tiny_model_dir), device="cpu")
+    task.validate(emb, False)
+    task.test_scores(emb, False, tmp_path)
+    assert {m for q, m in seen if q} == {7} and {m for q, m in seen if not q} == {40} and len(seen) >= 4
+    inputs, _ = task.micro_batch(list(range(8)), 0, emb.tokenizer, torch.device("cpu"))
+    assert max(map(len, inputs["q"])) <= 7  # training's own truncation, for comparison
+    from bge.evaluation import evaluate_retrieval  # evaluate.py --max-query-length takes the same path
+    seen.clear()
+    evaluate_retrieval(emb, task.val, ks=(10,), max_length=30, query_max_length=5)
+    assert {m for q, m in seen if q} == {5} and {m for q, m in seen if not q} == {30}
+
+
 # ---- batches and losses ------------------------------------------------------------------------------------------
 def micro_batch_grads(task, tiny_model_dir, chunk):
     emb = Embedder.load(str(tiny_model_dir), device="cpu")

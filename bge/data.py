@@ -50,6 +50,7 @@ class Example:
     neg_scores: list[float] | None = None
     qid: str = ""  # BEIR query id, or the line number in a JSONL file
     line: int = 0
+    kind: str = ""  # FlagEmbedding's `type` (only_1neg, symmetric_sts, ...), which changes how the line is batched
 
 
 @dataclass
@@ -201,7 +202,8 @@ def parse_example(obj: dict, where: str, problems: list[str]) -> Example | None:
         f.bad(f"field 'qid' must be a non-empty string or an integer, got {qid!r}")
     if not f.ok:
         return None
-    return Example(query, pos, neg, prompt, pos_scores, neg_scores, qid="" if qid is None else str(qid))
+    kind = obj.get("type") if obj.get("type") in FLAGEMBEDDING_TYPES else ""
+    return Example(query, pos, neg, prompt, pos_scores, neg_scores, qid="" if qid is None else str(qid), kind=kind)
 
 
 def claim_qid(ex: Example, first_line: dict[str, int], where: str, problems: list[str]) -> bool:
@@ -488,7 +490,9 @@ def parse_labelled(obj: dict, where: str, problems: list[str]) -> Labelled | Non
 TASKS = ("retrieval", "sts", "classification")
 # A line's `type` -> its task. FlagEmbedding's own values (normal, only_1neg, symmetric_sts, symmetric_class,
 # symmetric_clustering) come on query/pos/neg lines that FlagEmbedding trains contrastively, so they do not force a
-# task: the line's fields decide (a query/pos/neg line is retrieval, whatever its FlagEmbedding type).
+# task: the line's fields decide (a query/pos/neg line is retrieval, whatever its FlagEmbedding type). Their meaning
+# for the batch (Example.kind) is bge.batching's: only_1neg lines bring one negative, symmetric_class lines at most
+# the negatives they have, and symmetric_sts / symmetric_clustering passages get the query instruction too.
 TYPE_TASKS = {"retrieval": "retrieval", "sts": "sts", "regression": "sts", "classification": "classification"}
 FLAGEMBEDDING_TYPES = ("normal", "only_1neg", "symmetric_sts", "symmetric_class", "symmetric_clustering")
 SHAPES = {"sts": {"sentence1", "sentence2", "score"}, "classification": {"text", "label"}}

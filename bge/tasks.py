@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,13 @@ class RetrievalTask(Task):
         for label, d in (("validation", val), ("test", test)):
             if isinstance(d, RetrievalData) and d.n_merged:
                 self.notes.append(d.merged_note(label))
+        kinds = Counter(ex.kind for ex in train if ex.kind not in ("", "normal"))
+        if kinds:  # FlagEmbedding's types, followed; and the one place bge differs from it
+            self.notes.append("FlagEmbedding types: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) +
+                              " line(s). only_1neg: one hard negative; symmetric_class: at most the negatives a line has"
+                              "; symmetric_sts/_clustering: the query instruction on passages too (the evaluation "
+                              "corpus is encoded without it). Unlike FlagEmbedding's *no_in_batch_neg folders, "
+                              "in-batch negatives stay on unless --no-in-batch-negatives")
 
     def anchors(self) -> list[str]:
         return [ex.query for ex in self.train]
@@ -132,8 +140,9 @@ class RetrievalTask(Task):
     def micro_batch(self, indices, epoch, tokenizer, device, info=None):
         cfg = self.cfg
         batch = make_batch(self.train, indices, group_size=self.group_size, seed=cfg.seed, epoch=epoch)
-        inputs = {"q": tokenizer.tokenize(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length),
-                  "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length)}
+        prompt = tokenizer.query_prompt
+        inputs = {"q": tokenizer.tokenize(batch.query_texts(prompt), max_length=cfg.max_query_length),
+                  "p": tokenizer.tokenize(batch.passage_texts(prompt), max_length=cfg.max_passage_length)}
         teacher = self.teacher
 
         def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:

@@ -333,3 +333,18 @@ def test_evaluate_explain_two_models(tiny_model_dir, tmp_path, minilm_dir):
 def test_out_of_range_knobs_fail_before_training(flag, value, message, tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match=message):
         train.main(args(TICKETS, tiny_model_dir, tmp_path, flag, value))
+
+
+def test_retrieval_batches_follow_flagembedding_types(tiny_model_dir, tmp_path):
+    lines = [{"query": f"question {i}", "pos": [f"answer {i}"], "neg": [f"wrong {i}", f"off {i}", f"far {i}"],
+              "type": ["symmetric_sts", "only_1neg"][i % 2], "prompt": "Alike: "} for i in range(8)]
+    data = tmp_path / "types.jsonl"
+    data.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    cfg, _ = parse_args(["--data", str(data), "--val-ratio", "0", "--test-ratio", "0", "--group-size", "4"])
+    task = load_tasks(cfg, tmp_path)[0]["retrieval"]
+    assert any("4 only_1neg, 4 symmetric_sts line(s)" in n for n in task.notes)
+    tok = Embedder.load(str(tiny_model_dir), device="cpu").tokenizer
+    inputs, _ = task.micro_batch(list(range(8)), 0, tok, torch.device("cpu"))
+    passages = [tok.tk.decode(ids, skip_special_tokens=True) for ids in inputs["p"]]
+    assert len(passages) == 4 * 4 + 4 * 2  # symmetric_sts: group of 4; only_1neg: its positive and one negative
+    assert sum(p.startswith("alike :") for p in passages) == 16  # the instruction on the symmetric lines' passages

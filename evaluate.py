@@ -33,7 +33,7 @@ import rich.markup
 from rich.table import Table
 
 from bge import Embedder
-from bge.checkpoint import atomic_write_text
+from bge.checkpoint import atomic_write_text, json_text
 from bge.config import Bounded, check_ranges
 from bge.console import console, run_cli
 from bge import diagnostics
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     if explained is not None:
         payload["diagnostics"] = explained.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json_text(payload) + "\n")  # an undefined metric (constant gold scores) as null, with why
     console.print(f"wrote {path}", markup=False, highlight=False)
 
 

@@ -27,9 +27,9 @@ import torch
 from rich.progress import TextColumn
 from rich.table import Table
 
-from bge import diagnostics, distributed
+from bge import diagnostics, distributed, rundir
 from bge.batching import Prefetcher
-from bge.checkpoint import atomic_write_text, latest_state, load_state, save_state
+from bge.checkpoint import atomic_write_text, json_text, restore_state, save_state
 from bge.config import TrainConfig, config_from_dict, parse_args
 from bge.console import console, progress, run_cli
 from bge.distill import Teacher
@@ -126,6 +126,11 @@ def results_table(title: str, base: dict, tuned: dict, metrics: tuple[str, ...],
 
 # ---- the run -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
+    with rundir.held():  # the run folder is released however the run ends; a failed start leaves no folder behind
+        run(argv)
+
+
+def run(argv: list[str] | None = None) -> None:
     cfg, explicit = parse_args(argv)
     info = distributed.init(cfg.device)  # one process per device under torchrun; else a single one
     console.quiet = not info.main  # rank 0 speaks for all
@@ -138,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--resume continues the saved config; cannot change {', '.join(sorted(changed))}")
         saved = json.loads((run_dir / "config.json").read_text())
         cfg = config_from_dict({**saved, **{k: getattr(cfg, k) for k in explicit}}, str(run_dir / "config.json"))
+        rundir.check_resume(run_dir, info.world)
+        claim = rundir.claim(run_dir, fresh=False) if info.main else None
+        for note in rundir.recover_exports(run_dir) if info.main else []:
+            console.print(f"[yellow]{note}[/]")
     else:
         if not cfg.data:
             raise UserError("--data is required (a FlagEmbedding-format JSONL, an STS TSV, or a BEIR folder)")
@@ -145,11 +154,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--data {cfg.data}: no such file or folder")
         name = distributed.broadcast(cfg.run_name or f"{Path(cfg.data).stem}-{datetime.now():%Y%m%d-%H%M%S}", info)
         run_dir = Path(cfg.out_dir) / name
-        if (run_dir / "state").exists():
-            raise UserError(f"{run_dir} already holds a run; pass --resume {run_dir} or another --run-name")
-        distributed.barrier(info)  # every rank has looked before rank 0 creates it
+        claim = rundir.claim(run_dir, fresh=True) if info.main else None  # one run per folder, locked
         if info.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             atomic_write_text(run_dir / "command.txt", shlex.join([sys.executable, *sys.argv]) + "\n")
             atomic_write_text(run_dir / "git.txt", git_commit() + "\n")
@@ -230,20 +236,21 @@ def main(argv: list[str] | None = None) -> None:
 
     # state: fresh, or restored from the last complete save
     trainer = {"step": 0, "micro_step": 0, "best": None, "best_step": None, "stale_evals": 0, "bad_steps": 0,
-               "bad_steps_total": 0, "train_seconds": 0.0, "tokens": 0, "base_val": None, "best_val": None}
-    state = latest_state(run_dir) if cfg.resume else None
-    if state is not None:
-        trainer.update(load_state(state, trained, optimizer, rank=info.rank))
-        console.print(f"resumed from {state} at step {trainer['step']}")
+               "bad_steps_total": 0, "train_seconds": 0.0, "tokens": 0, "base_val": None, "best_val": None,
+               "stopped": False, "world": info.world}
+    restored = restore_state(run_dir, trained, optimizer, rank=info.rank, scaler=scaler) if cfg.resume else None
+    if restored is not None:
+        trainer.update(restored[0])
+        console.print(f"resumed from {restored[1]} at step {trainer['step']}")
+    schedule_steps, warmup_steps = rundir.fixed_schedule(trainer, total_steps, warmup_steps, cfg.schedule)
     metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists() and info.main:  # forget what was logged after the state we resume from
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= trainer["step"]]
-        atomic_write_text(metrics_path, "".join(l + "\n" for l in kept))
+    if cfg.resume and info.main:  # forget what was logged after the state we resume from
+        rundir.trim_metrics(metrics_path, trainer["step"] if restored else None)
     log = open(metrics_path, "a", encoding="utf-8") if info.main else None
 
     def log_line(record: dict) -> None:
         if log:
-            log.write(json.dumps(record) + "\n")
+            log.write(json_text(record, indent=None) + "\n")
             log.flush()
 
     def probe_scores(m: Embedder) -> dict[str, float]:
@@ -271,14 +278,14 @@ def main(argv: list[str] | None = None) -> None:
         log_line({"step": step, **scores})
         if step == 0:
             trainer["base_val"] = scores
-        if trainer["best"] is None or score > trainer["best"]:
+        if not math.isnan(score) and (trainer["best"] is None or score > trainer["best"]):  # NaN: no ranking
             trainer.update(best=score, best_step=step, stale_evals=0, best_val=scores)
             export(embedder, tasks, run_dir / "best")
         else:
             trainer["stale_evals"] += 1
         probe_note = next((f" · {k} {v:.4f}" for k, v in scores.items() if k.startswith("probe/")), "")  # headline
-        console.print(f"step {step}: val {metric_label(tasks)} {score:.4f} (best {trainer['best']:.4f} at step "
-                      f"{trainer['best_step']})" + probe_note)
+        best = "none yet" if trainer["best"] is None else f"{trainer['best']:.4f} at step {trainer['best_step']}"
+        console.print(f"step {step}: val {metric_label(tasks)} {score:.4f} (best {best})" + probe_note)
         return distributed.broadcast(cfg.patience > 0 and trainer["stale_evals"] >= cfg.patience, info)
 
     if trainer["step"] == 0 and trainer["best"] is None:
@@ -297,7 +304,11 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     stats = TextColumn("loss {task.fields[loss]:.4f} · acc {task.fields[acc]:.2f} · lr {task.fields[lr]:.2e} · "
                        "{task.fields[tps]:,.0f} tok/s")
-    stop = False
+    stop = trainer["stopped"]  # an early stop is part of the state: a resumed stopped run does not train on
+    if stop:
+        console.print(f"this run stopped early at step {trainer['step']} (--patience); nothing left to train")
+    if claim:
+        claim.start()
     with progress(stats) as bar:
         task = bar.add_task("training", total=total_steps, completed=trainer["step"], loss=0.0, acc=0.0, lr=0.0, tps=0.0)
         while trainer["step"] < total_steps and not stop:
@@ -318,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
                 trainer["micro_step"] += 1
             finite = distributed.all_true(finite, info)
 
-            lr_now = get_lr(trainer["step"], lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, schedule=cfg.schedule)
+            lr_now = get_lr(trainer["step"], lr=lr, warmup_steps=warmup_steps, total_steps=schedule_steps,
+                            schedule=cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now * group.get("lr_scale", 1.0)
             if finite:
@@ -352,13 +364,13 @@ def main(argv: list[str] | None = None) -> None:
             bar.update(task, completed=step, loss=step_loss, acc=step_acc, lr=lr_now, tps=tokens / seconds)
 
             if step % eval_every == 0 or step == total_steps:
-                stop = evaluate_and_keep_best(step)
+                stop = trainer["stopped"] = evaluate_and_keep_best(step)
                 if stop:
                     console.print(f"early stop: no improvement in {cfg.patience} validations")
             if step % save_every == 0 or step == total_steps or stop:
                 rng = distributed.rng_states(info)  # every rank's dropout RNG, for an exact resume
                 if info.main:
-                    save_state(run_dir, step, trained, optimizer, trainer, rng=rng)
+                    save_state(run_dir, step, trained, optimizer, trainer, rng=rng, scaler=scaler)
                 distributed.barrier(info)
     if not info.main:  # rank 0 exports and evaluates; the others are done
         distributed.shutdown(info)
@@ -426,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print(results_table(f"general probe · {probe.name}", probe_rows["base"], probe_rows["fine_tuned"],
                                     tuple(probe_rows["base"]), probe_rows.get("merged"), ratio))
         results.update(probe_rows)
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(run_dir / "results.json", json_text(results) + "\n")  # NaN as null, with why
     console.print(f"wrote {run_dir / 'results.json'}; fine-tuned model in {run_dir / 'best'}")
     distributed.shutdown(info)
 

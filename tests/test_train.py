@@ -101,7 +101,9 @@ def test_crash_while_writing_state_leaves_the_previous_state_readable(tmp_path, 
     trainer = checkpoint.load_state(state, fresh, torch.optim.AdamW(fresh.parameters()))
     assert trainer["step"] == 1 and all(torch.equal(fresh.state_dict()[k], before[k]) for k in before)
     checkpoint.save_state(tmp_path, 3, model, opt, {"step": 3})  # the next save cleans up the torn folder
-    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["latest.json", "step-00000003"]
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["latest.json", "step-00000001", "step-00000003"]
+    checkpoint.save_state(tmp_path, 4, model, opt, {"step": 4})  # and keeps the newest two
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["latest.json", "step-00000003", "step-00000004"]
 
 
 def test_optimizer_state_round_trips_exactly(tmp_path):

@@ -17,13 +17,14 @@ from bge import distributed
 from bge.batching import make_batch
 from bge.config import TrainConfig
 from bge.data import Example
-from bge.step import forward_backward, make_embed
+from bge.step import forward_backward
 from bge.weights import load_model
 
-VARIANTS = [  # (name, group size, GradCache chunk)
-    ("in-batch", 1, 0),
-    ("hard negatives", 3, 0),
-    ("hard negatives + gradcache", 3, 5),
+VARIANTS = [  # (name, queries in the global batch, group size, GradCache chunk)
+    ("in-batch", 8, 1, 0),
+    ("hard negatives", 8, 3, 0),
+    ("hard negatives + gradcache", 8, 3, 5),
+    ("uneven shards", 7, 3, 0),  # 3 queries on rank 0, 4 on rank 1: each rank's loss is weighted by its share
 ]
 
 
@@ -41,15 +42,22 @@ def main() -> None:
     info = distributed.init("cpu")
     ex = examples()
     results = {}
-    for name, group, chunk in VARIANTS:
+    for name, n, group, chunk in VARIANTS:
         model, tok = load_model(model_dir)
-        model.train()  # dropout is 0 in this model's config: every path computes the same function
+        # float64 and dropout 0 (this model's config): one process and two must agree to rounding, ~1e-15, so that a
+        # wrong weight or offset (an error of the size of float32 noise, 1e-7, included) cannot hide in a tolerance
+        model.double().train()
         # plain SGD: Adam's first step is lr * g / (|g| + eps), which turns rounding in near-zero gradients into
         # visible weight differences; SGD moves the weights by exactly lr * gradient
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         net = distributed.wrap(model, info)
-        embed = make_embed(net or model.embed, tok.pad, info.device)
-        batch = make_batch(ex, distributed.shard(list(range(8)), info), group_size=group, seed=0, epoch=0)
+        fn = net or model.embed
+
+        def embed(ids):  # make_embed's, without its cast to float32
+            input_ids, mask = tok.pad(ids)
+            return fn(input_ids, mask)
+
+        batch = make_batch(ex, distributed.shard(list(range(n)), info), group_size=group, seed=0, epoch=0)
         inputs = {"q": tok.tokenize(batch.queries), "p": tok.tokenize(batch.passages)}
         cfg = TrainConfig(temperature=0.05)
         loss, stats = forward_backward(embed, inputs, lambda e: retrieval_loss(e, batch, cfg, info if net else None),

@@ -126,3 +126,15 @@ def test_flagembedding_types_size_the_group_and_instruct_symmetric_passages(tmp_
     assert all(t.startswith("Same meaning: ") for t in by_owner(3)) and all(t.startswith("Q: ") for t in by_owner(4))
     assert not any(t.startswith(("Q: ", "Same meaning: ")) for i in (0, 1, 2, 5) for t in by_owner(i))
     assert b.query_texts("Q: ")[3] == "Same meaning: q3" and b.passages == [t.split(": ")[-1] for t in texts]
+
+
+def test_each_query_draws_one_of_its_positives_by_seed_epoch_and_index():
+    """The positive is drawn, not always the first: over epochs every positive of a line is used, and the draw is a
+    pure function of (seed, epoch, index), so a resumed run sees the same one."""
+    ex = [Example("q", ["first", "second", "third"]), Example("r", ["only"])]
+    drawn = Counter()
+    for epoch in range(30):
+        b = make_batch(ex, [0, 1], group_size=1, seed=7, epoch=epoch)
+        drawn[b.passages[b.pos_index[0]]] += 1
+        assert b.passages == make_batch(ex, [0, 1], group_size=1, seed=7, epoch=epoch).passages
+    assert set(drawn) == {"first", "second", "third"} and min(drawn.values()) >= 5

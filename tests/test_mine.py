@@ -11,6 +11,7 @@ from bge.batching import normalise
 from bge.config import parse_args
 from bge.data import examples_from_beir, load_beir
 from bge.embedder import Embedder
+from bge.errors import UserError
 from bge.evaluation import encode_corpus
 from bge.mine import filter_candidates, main, mine, parse_margin, parse_range, sample, threshold
 from bge.tasks import load_tasks
@@ -178,3 +179,14 @@ def test_scifact_mined_format_gives_the_beir_split_and_test_set(tmp_path):
     assert a[3] == b[3] and len(a[3]["tasks"]["retrieval"]["test"]) == len(b[2].queries) == 121
     assert a[2].fingerprint() == b[2].fingerprint() and len(b[2].corpus) == 5183
     assert a[1].fingerprint() == b[1].fingerprint()
+
+
+def test_out_that_is_an_input_is_refused_before_any_work(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"query": "q", "pos": ["p"]}\n')
+    for out in (data, tmp_path / "." / "train.jsonl"):
+        with pytest.raises(UserError, match="is an input of this run"):
+            main(["--data", str(data), "--out", str(out), "--model", "nowhere"])
+    assert data.read_text() == '{"query": "q", "pos": ["p"]}\n'
+    with pytest.raises(UserError, match="--negatives: must be in \\[1, inf\\), got 0"):
+        main(["--data", str(data), "--out", str(tmp_path / "o.jsonl"), "--negatives", "0"])

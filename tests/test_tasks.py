@@ -281,8 +281,10 @@ def test_classification_run_with_head_exports_a_loadable_folder_and_resumes(tiny
 
     fit("whole", 4)
     run = tmp_path / "whole"
-    results = json.loads((run / "results.json").read_text())
+    results = json.loads((run / "results.json").read_text(), parse_constant=pytest.fail)  # no bare NaN
     assert results["test_rows"] == 36 and {"knn_macro_f1", "probe_accuracy", "head_accuracy"} <= set(results["fine_tuned"])
+    assert results["base"]["head_accuracy"] is None  # the base model has no head: null, and a note says so
+    assert results["undefined"]["base.head_accuracy"] == "the base model has no classification head"
     head = ClassifierHead.load(run / "final")
     assert head.labels == sorted({json.loads(l)["label"] for l in TICKETS.read_text().splitlines()})
     assert head.weight.shape == (6, 32) and head.weight.abs().sum() > 0

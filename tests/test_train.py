@@ -152,8 +152,10 @@ def test_repeated_nan_loss_stops_with_a_clear_message(data, tiny_model_dir, tmp_
     monkeypatch.setattr(bge.tasks, "info_nce", lambda *a, **k: (real(*a, **k)[0] * float("nan"), torch.tensor(0.0)))
     with pytest.raises(UserError, match="NaN/inf for 3 steps in a row"):
         train.main(args(data, tiny_model_dir, tmp_path, "--max-bad-steps", "3", "--run-name", "nan"))
-    lines = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    lines = [json.loads(l, parse_constant=pytest.fail) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in l]
     assert [l["skipped"] for l in lines] == [True, True]  # the third one raised before it was logged
+    assert lines[0]["loss"] is None and lines[0]["undefined"] == {"loss": "undefined (NaN or infinite)"}  # no bare NaN
 
 
 # ---- teacher scores, Matryoshka and the forgetting guard --------------------------------------------------

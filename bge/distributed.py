@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,12 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group, once every rank is here and gloo's worker thread has dropped its finished work:
+    torch (2.13) joins that thread while holding the GIL, and the thread needs the GIL to free a finished collective's
+    tensors, so a rank could hang at exit (seen in tests/dist_step.py)."""
     if info.enabled:
+        dist.barrier()
+        time.sleep(0.05)  # releases the GIL to the worker thread
         dist.destroy_process_group()
 
 

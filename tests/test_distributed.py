@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from conftest import make_tiny_model, start_and_kill
 
 REPO = Path(__file__).resolve().parents[1]
-SCIFACT = REPO.parent / "shared" / "data" / "scifact"
 
 
 def free_port() -> int:
@@ -41,9 +40,11 @@ def test_two_ranks_take_the_single_process_step(tmp_path, no_dropout_model):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     script = str(REPO / "tests" / "dist_step.py")
-    r = subprocess.run([sys.executable, script, str(one), str(no_dropout_model)], capture_output=True, text=True, env=env())
+    r = subprocess.run([sys.executable, script, str(one), str(no_dropout_model)], capture_output=True, text=True,
+                       env=env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(torchrun(2, script, str(two), str(no_dropout_model)), capture_output=True, text=True, env=env())
+    r = subprocess.run(torchrun(2, script, str(two), str(no_dropout_model)), capture_output=True, text=True, env=env(),
+                       timeout=600)  # a rank that hangs fails the test instead of blocking the suite
     assert r.returncode == 0, r.stderr[-3000:]
     l1, l2 = json.loads((one / "losses.json").read_text()), json.loads((two / "losses.json").read_text())
     assert set(l1) == set(l2) == {"in-batch", "hard negatives", "hard negatives + gradcache", "uneven shards"}
@@ -58,38 +59,39 @@ def test_two_ranks_take_the_single_process_step(tmp_path, no_dropout_model):
     assert l1["hard negatives"] != l1["in-batch"]  # the variants really differ
 
 
-def scifact_slice(folder: Path, n_queries: int = 40, n_other: int = 160) -> Path:
-    """A small BEIR folder cut from SciFact train: 40 queries, their documents and 160 others."""
-    folder.mkdir()
-    lines = (SCIFACT / "qrels" / "train.tsv").read_text().splitlines()
-    qrels = [l.split("\t") for l in lines[1:]]
-    qids = list(dict.fromkeys(q for q, _, _ in qrels))[:n_queries]
-    keep = [r for r in qrels if r[0] in qids]
-    docs = {d for _, d, _ in keep}
-    corpus = [json.loads(l) for l in (SCIFACT / "corpus.jsonl").read_text().splitlines()]
-    chosen = [d for d in corpus if d["_id"] in docs] + [d for d in corpus if d["_id"] not in docs][:n_other]
-    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in chosen))
-    queries = [json.loads(l) for l in (SCIFACT / "queries.jsonl").read_text().splitlines()]
-    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries if q["_id"] in qids))
-    (folder / "qrels").mkdir()
-    (folder / "qrels" / "train.tsv").write_text(lines[0] + "\n" + "".join("\t".join(r) + "\n" for r in keep))
+def bikes_beir(folder: Path, n_queries: int = 40, n_other: int = 160) -> Path:
+    """A small BEIR folder from the bundled example: 40 queries, their positives and 160 other passages."""
+    lines = [json.loads(l) for l in (REPO / "examples" / "bike_repair.jsonl").read_text().splitlines()]
+    corpus, qrels = {}, []
+    for i, line in enumerate(lines[:n_queries]):
+        for j, text in enumerate(line["pos"]):
+            corpus[f"d{i}-{j}"] = text
+            qrels.append((f"q{i}", f"d{i}-{j}"))
+    others = list(dict.fromkeys(t for line in lines[n_queries:] for t in line["pos"] + line["neg"]))[:n_other]
+    corpus |= {f"o{k}": t for k, t in enumerate(others)}
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "text": t}) + "\n" for d, t in corpus.items()))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": l["query"]}) + "\n"
+                                                  for i, l in enumerate(lines[:n_queries])))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in qrels))
     return folder
 
 
 def test_torchrun_train_checkpoints_resumes_and_matches_one_process(tmp_path, no_dropout_model):
-    data = scifact_slice(tmp_path / "scifact")
+    data = bikes_beir(tmp_path / "bikes")
     common = ["--data", str(data), "--split", "train", "--model", str(no_dropout_model), "--out-dir", str(tmp_path),
               "--max-steps", "12", "--save-every", "1", "--eval-every", "6", "--lr", "1e-3", "--max-passage-length", "64",
               "--max-query-length", "24", "--device", "cpu", "--precision", "fp32"]
     train = str(REPO / "train.py")
     single = subprocess.run([sys.executable, train, *common, "--batch-size", "8", "--run-name", "one"],
-                            capture_output=True, text=True, env=env())
+                            capture_output=True, text=True, env=env(), timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     # two ranks of 4 = the same global batch of 8; killed mid-run, then resumed
     killed_at = start_and_kill(torchrun(2, train, *common, "--batch-size", "4", "--run-name", "two"),
                                tmp_path / "two", at_step=4, env=env())
     assert 4 <= killed_at < 12
-    resumed = subprocess.run(torchrun(2, train, "--resume", str(tmp_path / "two")), capture_output=True, text=True, env=env())
+    resumed = subprocess.run(torchrun(2, train, "--resume", str(tmp_path / "two")), capture_output=True, text=True,
+                             env=env(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))

@@ -128,6 +128,7 @@ def test_a_value_outside_the_range_is_one_line_naming_flag_value_and_range(f):
 
 @pytest.mark.parametrize("argv,message", [
     (["--val-ratio", "0.6", "--test-ratio", "0.6"], "must be below 1"),
+    (["--val-ratio", "0.5", "--test-ratio", "0.5"], "must be below 1"),  # the boundary: no training item left
     (["--merge-sweep", "0.5", "--merge-ratio", "0.5"], "not both"),
     (["--kd-weight", "1", "--group-size", "1"], "needs --group-size 2 or more"),
     (["--distill-from", "teacher", "--matryoshka-dims", "16,8"], "cannot be combined"),

@@ -16,14 +16,14 @@ from bge.evaluation import encode_corpus, evaluate_retrieval, evaluate_sts, load
 from bge.model import Encoder, ModelConfig
 from bge.tokenizer import Tokenizer
 from bge.weights import save
+from conftest import FIXTURES, SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAX_LENGTH = 256  # all-MiniLM-L6-v2's own, and what sentence-transformers uses for it
 
 
 def shared(*parts: str) -> Path:
-    path = DATA.joinpath(*parts)
+    path = SHARED_DATA.joinpath(*parts)
     assert path.exists(), f"test data missing: {path} (the shared data folder must sit beside the repo)"
     return path
 
@@ -55,6 +55,7 @@ def scifact_slice(n_queries: int = 100, n_other: int = 400) -> RetrievalData:
                          name="scifact-slice")
 
 
+@pytest.mark.shared_data
 def test_retrieval_matches_sentence_transformers(minilm, st_minilm):
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
@@ -76,6 +77,7 @@ def test_retrieval_matches_sentence_transformers(minilm, st_minilm):
     assert len(hits) == 100 and all(a[1] >= b[1] for a, b in zip(hits, hits[1:]))
 
 
+@pytest.mark.shared_data
 def test_sts_matches_sentence_transformers(minilm, st_minilm):
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
@@ -219,7 +221,7 @@ def test_query_prompt_reaches_queries_only(tiny, monkeypatch):
 
 
 def test_per_line_prompts_from_a_training_file(tiny, monkeypatch):
-    data = load_eval_data(shared("flagembedding_examples", "retrieval__nli.jsonl"))
+    data = load_eval_data(FIXTURES / "flagembedding" / "only_1neg.jsonl")
     assert isinstance(data, RetrievalData) and data.prompts
     prompts = []
     real = Embedder.encode
@@ -279,12 +281,12 @@ def test_load_eval_data_detects_the_format(tmp_path):
     assert load_eval_data(tmp_path / "beir", "test", use_title=False).corpus["d1"] == f"{WORDS[1]} {WORDS[6]}"
     with pytest.raises(UserError, match="no split 'dev'.*it has test"):
         load_eval_data(tmp_path / "beir", "dev")
-    sts = load_eval_data(shared("stsb", "sts-dev.tsv"))
-    assert isinstance(sts, STSData) and len(sts.scores) == 1500
+    sts = load_eval_data(FIXTURES / "sts.tsv")
+    assert isinstance(sts, STSData) and len(sts.scores) == 20
     (tmp_path / "sts.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "score": 1}\n'
                                         '{"sentence1": "c", "sentence2": "d", "score": 2.5}\n')
     assert load_eval_data(tmp_path / "sts.jsonl").scores == [1.0, 2.5]
-    train = load_eval_data(shared("flagembedding_examples", "sts__sts.jsonl"))  # training format despite the name
+    train = load_eval_data(FIXTURES / "flagembedding" / "symmetric_sts.jsonl")  # training format, STS content
     assert isinstance(train, RetrievalData) and len(train.queries) == 10
     assert all(len(r) >= 1 for r in train.qrels.values())
     assert all(d in train.corpus for r in train.qrels.values() for d in r)

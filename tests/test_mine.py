@@ -15,6 +15,7 @@ from bge.errors import UserError
 from bge.evaluation import encode_corpus
 from bge.mine import filter_candidates, main, mine, parse_margin, parse_range, sample, threshold
 from bge.tasks import load_tasks
+from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN_QUERY = "how often should I replace a bike chain"
@@ -162,11 +163,11 @@ def test_cli_writes_a_file_that_splits_and_evaluates_as_the_beir_folder(beir, ti
     assert all(ex.neg for ex in from_mined[0]) and not any(ex.neg for ex in from_beir[0])
 
 
+@pytest.mark.shared_data
 def test_scifact_mined_format_gives_the_beir_split_and_test_set(tmp_path):
     """On the real SciFact train split: lines as bge.mine writes them (here with arbitrary negatives) carve the same
     validation and test queries, over the same 5,183-passage corpus, as the BEIR folder."""
-    scifact = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
-    assert scifact.exists(), f"test data missing: {scifact}"
+    scifact = SHARED_DATA / "scifact"
     data = load_beir(scifact, "train")
     texts = list(data.corpus.values())
     lines = [{"qid": ex.qid, "query": ex.query, "pos": ex.pos, "neg": texts[i : i + 3]}

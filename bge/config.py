@@ -250,6 +250,8 @@ def numbers(f: dataclasses.Field, value, where: str) -> list:
     else:
         try:
             values = [items(x) for x in str(value).split(",") if x.strip()]
+            if str(value).strip() and not values:
+                raise ValueError
         except ValueError:
             raise UserError(f"{where}: {f.name} must be {items.__name__}s separated by commas, got {value!r}") from None
     bad = next((x for x in values if x not in rng), None)

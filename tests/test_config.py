@@ -133,6 +133,7 @@ def test_a_value_outside_the_range_is_one_line_naming_flag_value_and_range(f):
     (["--kd-weight", "1", "--group-size", "1"], "needs --group-size 2 or more"),
     (["--distill-from", "teacher", "--matryoshka-dims", "16,8"], "cannot be combined"),
     (["--matryoshka-dims", "16,x"], "matryoshka_dims must be ints separated by commas"),
+    (["--merge-sweep", ","], "merge_sweep must be floats separated by commas"),
 ])
 def test_cross_field_checks(argv, message):
     with pytest.raises(UserError, match=message):

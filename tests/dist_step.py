@@ -20,11 +20,12 @@ from bge.data import Example
 from bge.step import forward_backward
 from bge.weights import load_model
 
-VARIANTS = [  # (name, queries in the global batch, group size, GradCache chunk)
-    ("in-batch", 8, 1, 0),
-    ("hard negatives", 8, 3, 0),
-    ("hard negatives + gradcache", 8, 3, 5),
-    ("uneven shards", 7, 3, 0),  # 3 queries on rank 0, 4 on rank 1: each rank's loss is weighted by its share
+VARIANTS = [  # (name, queries in the global batch, group size, GradCache chunk, in-batch negatives)
+    ("in-batch", 8, 1, 0, True),
+    ("hard negatives", 8, 3, 0, True),
+    ("hard negatives + gradcache", 8, 3, 5, True),
+    ("uneven shards", 7, 3, 0, True),  # 3 queries on rank 0, 4 on rank 1: each rank's loss is weighted by its share
+    ("own group only", 8, 3, 0, False),  # no in-batch negatives: a query finds its passages by their global owner
 ]
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     info = distributed.init("cpu")
     ex = examples()
     results = {}
-    for name, n, group, chunk in VARIANTS:
+    for name, n, group, chunk, in_batch in VARIANTS:
         model, tok = load_model(model_dir)
         # float64 and dropout 0 (this model's config): one process and two must agree to rounding, ~1e-15, so that a
         # wrong weight or offset (an error of the size of float32 noise, 1e-7, included) cannot hide in a tolerance
@@ -59,7 +60,7 @@ def main() -> None:
 
         batch = make_batch(ex, distributed.shard(list(range(n)), info), group_size=group, seed=0, epoch=0)
         inputs = {"q": tok.tokenize(batch.queries), "p": tok.tokenize(batch.passages)}
-        cfg = TrainConfig(temperature=0.05)
+        cfg = TrainConfig(temperature=0.05, in_batch_negatives=in_batch)
         loss, stats = forward_backward(embed, inputs, lambda e: retrieval_loss(e, batch, cfg, info if net else None),
                                        chunk_size=chunk, device=info.device, no_sync=net.no_sync if net else None)
         grads = {f"grad.{n}": p.grad.clone() for n, p in model.named_parameters()}

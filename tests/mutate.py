@@ -177,6 +177,8 @@ MUTATIONS = [
       DIST),
     m("dist.owner-not-offset", "bge/distributed.py", "gather(batch.owner.to(q.device) + q_offset, info, grad=False)",
       "gather(batch.owner.to(q.device), info, grad=False)", DIST),
+    m("dist.query-offset-is-the-rank", "bge/distributed.py", "q_offset, n_all = int(counts[: info.rank].sum()),",
+      "q_offset, n_all = info.rank,", DIST),
     m("dist.gather-without-grad", "bge/distributed.py", "    if grad:\n", "    if False:\n", DIST),
     m("dist.shard-drops-a-query", "bge/distributed.py", "return indices[r * n // w : (r + 1) * n // w]",
       "return indices[r * n // w : (r + 1) * n // w - (r == 0)]", DIST),

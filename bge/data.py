@@ -51,6 +51,7 @@ class Example:
     qid: str = ""  # BEIR query id, or the line number in a JSONL file
     line: int = 0
     kind: str = ""  # FlagEmbedding's `type` (only_1neg, symmetric_sts, ...), which changes how the line is batched
+    own_id: bool = False  # the qid was given (a BEIR id, bge.mine's output): a query of its own, never merged
 
 
 @dataclass
@@ -203,7 +204,8 @@ def parse_example(obj: dict, where: str, problems: list[str]) -> Example | None:
     if not f.ok:
         return None
     kind = obj.get("type") if obj.get("type") in FLAGEMBEDDING_TYPES else ""
-    return Example(query, pos, neg, prompt, pos_scores, neg_scores, qid="" if qid is None else str(qid), kind=kind)
+    return Example(query, pos, neg, prompt, pos_scores, neg_scores, qid="" if qid is None else str(qid), kind=kind,
+                   own_id=qid is not None)
 
 
 def claim_qid(ex: Example, first_line: dict[str, int], where: str, problems: list[str]) -> bool:
@@ -233,7 +235,7 @@ def examples_from_beir(data: RetrievalData) -> list[Example]:
     for qid, rels in data.qrels.items():
         pos = [data.corpus[d] for d, g in rels.items() if g > 0]
         if pos:
-            out.append(Example(data.queries[qid], pos, [], data.prompts.get(qid), qid=qid))
+            out.append(Example(data.queries[qid], pos, [], data.prompts.get(qid), qid=qid, own_id=True))
     return out
 
 
@@ -246,9 +248,10 @@ def retrieval_from_examples(examples: list[Example], name: str = "", corpus: dic
     """An evaluation set from training lines: each query's positives are its relevant documents; the corpus
     is every positive and negative of the lines, deduplicated by text. With `corpus` (id -> text) the corpus is
     that one, in its order and with its ids, plus any passage of the lines it lacks (ids d0, d1, ...).
-    Lines with the same query text (normalised) and instruction are one query holding all their positives (a
-    FlagEmbedding file often has one line per query-positive pair): scored apart, each line's query would count the
-    other lines' positives as non-relevant. `merged` records which lines were folded into which."""
+    Lines without a qid of their own that repeat a query (normalised text and instruction) are one query holding all
+    their positives (a FlagEmbedding file often has one line per query-positive pair): scored apart, each line's query
+    would count the other lines' positives as non-relevant. Lines with their own qid (BEIR ids, as bge.mine writes
+    them) stay separate queries, as the benchmark scores them. `merged` records which lines were folded into which."""
     corpus = corpus or {}
     doc_ids: dict[str, str] = {}
     for d, text in corpus.items():
@@ -264,7 +267,7 @@ def retrieval_from_examples(examples: list[Example], name: str = "", corpus: dic
                 doc_ids[text] = f"d{n_added}"
                 n_added += 1
         qid = ex.qid or f"q{i}"
-        holder = first.setdefault((normalise(ex.query), ex.prompt), qid)
+        holder = qid if ex.own_id else first.setdefault((normalise(ex.query), ex.prompt), qid)
         if holder != qid:
             merged.setdefault(holder, []).append(qid)
             qrels[holder].update({doc_ids[t]: 1 for t in ex.pos})

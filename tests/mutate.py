@@ -219,8 +219,9 @@ MUTATIONS = [
     m("config.val-plus-test-may-reach-1", "bge/config.py", "if val + test >= 1:", "if val + test > 1:",
       "tests/test_config.py::test_cross_field_checks"),
     # ---- data readers ----------------------------------------------------------------------------------------
-    m("data.repeated-queries-not-merged", "bge/data.py", "holder = first.setdefault((normalise(ex.query), ex.prompt), qid)",
-      "holder = qid", DATA),
+    m("data.repeated-queries-not-merged", "bge/data.py", "else first.setdefault((normalise(ex.query), ex.prompt), qid)",
+      "else qid", DATA),
+    m("data.named-queries-merged", "bge/data.py", "holder = qid if ex.own_id else", "holder = qid if False else", DATA),
     m("data.string-pos-split-into-characters", "bge/data.py", "v = [v] if isinstance(v, str) else v",
       "v = list(v) if isinstance(v, str) else v", DATA),
     m("data.duplicate-qid-accepted", "bge/data.py", "if first_line.setdefault(ex.qid, ex.line) != ex.line:",

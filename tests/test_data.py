@@ -239,3 +239,7 @@ def test_lines_sharing_a_query_are_one_evaluation_query_with_all_their_positives
     assert data.qrels["3"] == {docs["patch the tube"]: 1} and data.prompts == {"3": "Find: "}
     assert data.subset(["1", "4"]).merged == {"1": ["2", "5"]} and data.subset(["4"]).n_merged == 0
     assert "2 line(s) repeat an earlier line's query" in data.merged_note("test")
+    # lines that name their query (BEIR ids, as bge.mine writes them) stay apart, as the benchmark scores them
+    named = [dict(l, qid=f"beir-{i}") for i, l in enumerate(lines)]
+    data = load_eval_data(write(tmp_path, [json.dumps(l) for l in named], "named.jsonl"))
+    assert len(data.queries) == 5 and data.n_merged == 0

@@ -33,7 +33,8 @@ import rich.markup
 from rich.table import Table
 
 from bge import Embedder
-from bge.checkpoint import atomic_write_text
+from bge.checkpoint import atomic_write_text, json_text
+from bge.config import Bounded, check_ranges
 from bge.console import console, run_cli
 from bge import diagnostics
 from bge.data import ClassificationData, RetrievalData, STSData
@@ -59,13 +60,7 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="model folder, hub id, all-MiniLM-L6-v2 or auto (repeatable; "
                    "default auto)")
@@ -74,8 +69,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ks", type=parse_ks, default=list(DEFAULT_KS), help="cut-offs, e.g. 1,3,5,10,100")
     p.add_argument("--dims", type=parse_ks, default=[], help="also score embeddings truncated to these sizes, e.g. "
                    "256,128,64 (Matryoshka)")
-    p.add_argument("--batch-size", type=positive, default=64)
-    p.add_argument("--max-length", type=positive, default=None, help="truncation length (default: the model's)")
+    p.add_argument("--batch-size", type=Bounded(int, "[1, inf)"), default=64)
+    p.add_argument("--max-length", type=Bounded(int, "[1, inf)"), default=None,
+                   help="truncation length (default: the model's)")
+    p.add_argument("--max-query-length", type=Bounded(int, "[1, inf)"), default=None, help="truncation length of "
+                   "queries (default: --max-length); train.py validates and tests with its --max-query-length")
     p.add_argument("--query-prompt", default=None, help="query instruction, overriding the model's (not the "
                    "per-line prompts of a training JSONL); '' for none")
     p.add_argument("--no-title", action="store_true", help="BEIR: embed the text alone, not title + ' ' + text")
@@ -89,26 +87,29 @@ def parse_args() -> argparse.Namespace:
                    "--compare: the stem of its .csv/.md/.json)")
     p.add_argument("--queries", default=None, help="retrieval: evaluate only these queries: a JSON list of query ids, "
                    "or a train.py split.json (its test queries)")
-    p.add_argument("--explain", type=positive, default=None, metavar="N", help="retrieval, two models: the N queries "
+    p.add_argument("--explain", type=Bounded(int, "[1, inf)"), default=None, metavar="N", help="retrieval, two models: the N queries "
                    "whose nDCG@10 changed most from the first model to the second, score distributions and thresholds")
-    p.add_argument("--precision", type=float, default=0.9, help="--explain: suggest the similarity threshold that "
+    p.add_argument("--precision", type=Bounded(float, "(0, 1]"), default=0.9, help="--explain: suggest the similarity threshold that "
                    "reaches this precision (default 0.9)")
     p.add_argument("--plot", default=None, help="--explain: also write the score distributions as a PNG here (needs "
                    "matplotlib, which bge does not require)")
     p.add_argument("--reference", default=None, help="classification: fit kNN and the linear probe on these {text, "
                    "label} rows (default: cross-validation over --data)")
-    p.add_argument("--folds", type=positive, default=5, help="classification without --reference: folds (default 5)")
+    p.add_argument("--folds", type=Bounded(int, "[2, inf)"), default=5, help="classification without --reference: folds (default 5)")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="train.py run folders to tabulate (checkpoints/* is "
                    "fine: folders without results.json are skipped)")
     add_table_args(p)
-    a = p.parse_args()
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    a = check_ranges(p, p.parse_args(argv))
     if not a.data and not a.compare:
         p.error("--data is required (or --compare RUN ...)")
     a.model = a.model or ["auto"]
     if a.explain and len(a.model) != 2:
         p.error("--explain compares two models: pass --model twice (before, then after)")
-    if not 0 < a.precision <= 1:
-        p.error(f"--precision must be in (0, 1], got {a.precision}")
     return a
 
 
@@ -118,10 +119,13 @@ def query_subset(data: RetrievalData, path: str) -> RetrievalData:
         ids = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"--queries {path}: cannot read a JSON list of query ids ({e})") from None
-    ids = ids.get("test") if isinstance(ids, dict) else ids
+    if isinstance(ids, dict):  # a split.json: per task since format 2, one list for every task before
+        ids = ids.get("tasks", {}).get("retrieval", {}).get("test") if "tasks" in ids else ids.get("test")
     if not isinstance(ids, list) or not all(isinstance(i, (str, int)) for i in ids):
-        raise UserError(f"--queries {path}: expected a JSON list of query ids, or a split.json with a 'test' list")
-    ids = [str(i) for i in ids]
+        raise UserError(f"--queries {path}: expected a JSON list of query ids, or a split.json with retrieval test "
+                        f"queries")
+    holder = {line: q for q, lines in data.merged.items() for line in lines}  # a merged line's id names its query
+    ids = [holder.get(str(i), str(i)) for i in ids]
     unknown = [i for i in ids if i not in data.queries]
     if unknown:
         raise UserError(f"--queries {path}: {len(unknown)} id(s) not among {data.name}'s queries, e.g. {unknown[0]!r}")
@@ -168,8 +172,8 @@ def compare(a: argparse.Namespace) -> None:
     console.print(f"wrote {prefix}.csv, .md and .json", markup=False, highlight=False)
 
 
-def main() -> None:
-    a = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     if a.compare:
         return compare(a)
     data = load_eval_data(a.data, a.split, use_title=not a.no_title)  # bad files fail before any model loads
@@ -179,6 +183,8 @@ def main() -> None:
         if not retrieval:
             raise UserError("--queries selects retrieval queries; --data is not a retrieval set")
         data = query_subset(data, a.queries)
+    if retrieval and data.n_merged:
+        console.print(data.merged_note(data.name), markup=False, highlight=False)
     if a.explain and not retrieval:
         raise UserError("--explain explains retrieval results; --data is not a retrieval set")
     reference = None
@@ -201,8 +207,9 @@ def main() -> None:
         row["dim"] = embedder.dim
         if retrieval:
             res = evaluate_retrieval(embedder, data, ks=a.ks, batch_size=a.batch_size, max_length=a.max_length,
-                                     query_prompt=a.query_prompt, cache_dir=cache_dir, device=a.device,
-                                     ignore_identical_ids=a.ignore_identical_ids, cpu_bf16=a.cpu_bf16, dims=a.dims)
+                                     query_max_length=a.max_query_length, query_prompt=a.query_prompt,
+                                     cache_dir=cache_dir, device=a.device, ignore_identical_ids=a.ignore_identical_ids,
+                                     cpu_bf16=a.cpu_bf16, dims=a.dims)
             m, rk = res.metrics, res.ranking
             row |= {"metrics": m.summary, "n_scored": m.n_scored, "n_dropped": m.n_dropped,
                     "n_encoded": rk.n_encoded, "n_cached": rk.n_cached, "seconds": dict(rk.seconds),
@@ -267,7 +274,8 @@ def main() -> None:
     slug = re.sub(r"[^\w.-]+", "-", re.sub(r"\.(tsv|jsonl|csv|txt)$", "", data.name)).strip("-") or "data"
     path = Path(a.out or f"checkpoints/eval/{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     dataset = {"path": str(a.data), "name": data.name, "fingerprint": data.fingerprint(), "kind": kind}
-    dataset |= ({"split": a.split, "n_queries": len(data.queries), "n_corpus": len(data.corpus)} if retrieval
+    dataset |= ({"split": a.split, "n_queries": len(data.queries), "n_corpus": len(data.corpus),
+                 "n_merged_lines": data.n_merged} if retrieval
                 else {"n_pairs": len(data.scores)} if kind == "sts" else {"n_rows": len(data.texts)})
     if kind == "classification":  # what kNN and the probe were fitted on
         dataset |= ({"reference": str(a.reference), "n_reference_rows": len(reference.texts),
@@ -277,7 +285,7 @@ def main() -> None:
     if explained is not None:
         payload["diagnostics"] = explained.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json_text(payload) + "\n")  # an undefined metric (constant gold scores) as null, with why
     console.print(f"wrote {path}", markup=False, highlight=False)
 
 

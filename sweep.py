@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bge.config import TrainConfig, parse_args, parse_setting
+from bge.config import TrainConfig, check_ranges, parse_args, parse_setting
 from bge.console import console, run_cli
 from bge.errors import UserError
 from bge.runs import add_table_args, report, stdout_console
@@ -105,7 +105,7 @@ def state_of(folder: Path, cfg: TrainConfig) -> str:
     return "done" if (folder / "results.json").exists() else "resume"
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("presets", nargs="+", type=Path, help="preset TOML files (configs/...); each is crossed with the grid")
@@ -118,7 +118,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "sweeps that share a folder keep their own tables")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state; train nothing")
     add_table_args(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    return check_ranges(p, p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,9 +27,9 @@ import torch
 from rich.progress import TextColumn
 from rich.table import Table
 
-from bge import __version__, card, diagnostics, distributed, packing, plot
+from bge import __version__, card, diagnostics, distributed, packing, plot, rundir
 from bge.batching import Prefetcher
-from bge.checkpoint import atomic_write_text, latest_state, load_state, save_state
+from bge.checkpoint import atomic_write_text, json_text, restore_state, save_state
 from bge.config import TrainConfig, config_from_dict, parse_args
 from bge.console import console, progress, run_cli
 from bge.distill import Teacher
@@ -42,7 +42,7 @@ from bge.merge import choose_ratio, merged_embedder, parse_ratios
 from bge.optim import decayed, default_lr, freeze, get_lr, make_optimizer, param_groups, step_if
 from bge.runs import Stopwatch
 from bge.step import forward_backward, make_embed
-from bge.tasks import TaskSampler, export, labelled, load_tasks, metric_label, validate
+from bge.tasks import TaskSampler, export, labelled, load_tasks, metric_label, missing_sets, validate
 from bge.tracking import open_tracker
 
 REPO = Path(__file__).resolve().parent
@@ -134,6 +134,11 @@ def results_table(title: str, base: dict, tuned: dict, metrics: tuple[str, ...],
 
 # ---- the run -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
+    with rundir.held():  # the run folder is released however the run ends; a failed start leaves no folder behind
+        run(argv)
+
+
+def run(argv: list[str] | None = None) -> None:
     clock = Stopwatch()  # this process's wall time by phase: results.json's `timing`
     cfg, explicit = parse_args(argv)
     if cfg.attention == "varlen" and (not cfg.packed or cfg.arch != "bert"):
@@ -151,6 +156,10 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--resume continues the saved config; cannot change {', '.join(sorted(changed))}")
         saved = json.loads((run_dir / "config.json").read_text())
         cfg = config_from_dict({**saved, **{k: getattr(cfg, k) for k in explicit}}, str(run_dir / "config.json"))
+        rundir.check_resume(run_dir, info.world)
+        claim = rundir.claim(run_dir, fresh=False) if info.main else None
+        for note in rundir.recover_exports(run_dir) if info.main else []:
+            console.print(f"[yellow]{note}[/]")
     else:
         if not cfg.data:
             raise UserError("--data is required (a FlagEmbedding-format JSONL, an STS TSV, or a BEIR folder)")
@@ -158,11 +167,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--data {cfg.data}: no such file or folder")
         name = distributed.broadcast(cfg.run_name or f"{Path(cfg.data).stem}-{datetime.now():%Y%m%d-%H%M%S}", info)
         run_dir = Path(cfg.out_dir) / name
-        if (run_dir / "state").exists():
-            raise UserError(f"{run_dir} already holds a run; pass --resume {run_dir} or another --run-name")
-        distributed.barrier(info)  # every rank has looked before rank 0 creates it
+        claim = rundir.claim(run_dir, fresh=True) if info.main else None  # one run per folder, locked
         if info.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             atomic_write_text(run_dir / "command.txt", shlex.join([sys.executable, *sys.argv]) + "\n")
             atomic_write_text(run_dir / "git.txt", git_commit() + "\n")
@@ -182,21 +188,21 @@ def main(argv: list[str] | None = None) -> None:
     for note in (n for t in tasks.values() for n in t.notes):
         console.print(note)
     has_val = any(t.val is not None for t in tasks.values())
+    missing = missing_sets(tasks, cfg)
+    for task, part, why in missing:
+        then = "nothing is validated, best/ is the last step's model" if part == "validation" else "no test table"
+        console.print(f"[yellow]{task}: no {part} set[/] ({why}): {then}")
+    if cfg.patience and not has_val:
+        raise UserError("--patience stops when validation stops improving; this run has no validation set")
     probe = load_eval_data(cfg.general_probe, cfg.probe_split, cfg.title) if cfg.general_probe else None
     merge_ratios = parse_ratios(cfg.merge_sweep) if cfg.merge_sweep else []
     if merge_ratios and not has_val:
         raise UserError("--merge-sweep chooses a mix on the validation set; there is none (--val-ratio 0?)")
-    if merge_ratios and cfg.merge_ratio >= 0:
-        raise UserError("pass --merge-sweep (choose a mix on validation) or --merge-ratio (a fixed mix), not both")
-    if cfg.merge_ratio > 1:
-        raise UserError(f"--merge-ratio must be in [0, 1] (or negative: no merge), got {cfg.merge_ratio}")
     if cfg.kd_weight > 0:
         retrieval = tasks.get("retrieval")
         if retrieval is None or not all(ex.neg and ex.pos_scores and ex.neg_scores for ex in retrieval.train):
             raise UserError("--kd-weight needs hard negatives with teacher scores (pos_scores, neg_scores) on every "
                             "training line; python -m bge.score --teacher MODEL fills them")
-        if cfg.group_size < 2:
-            raise UserError("--kd-weight distils over each query's positive and hard negatives: needs --group-size 2 or more")
     matryoshka_dims = [int(d) for d in cfg.matryoshka_dims.split(",") if d.strip()] if cfg.matryoshka_dims else []
 
     # model
@@ -252,20 +258,21 @@ def main(argv: list[str] | None = None) -> None:
 
     # state: fresh, or restored from the last complete save
     trainer = {"step": 0, "micro_step": 0, "best": None, "best_step": None, "stale_evals": 0, "bad_steps": 0,
-               "bad_steps_total": 0, "train_seconds": 0.0, "tokens": 0, "base_val": None, "best_val": None}
-    state = latest_state(run_dir) if cfg.resume else None
-    if state is not None:
-        trainer.update(load_state(state, trained, optimizer, rank=info.rank))
-        console.print(f"resumed from {state} at step {trainer['step']}")
+               "bad_steps_total": 0, "train_seconds": 0.0, "tokens": 0, "base_val": None, "best_val": None,
+               "stopped": False, "world": info.world}
+    restored = restore_state(run_dir, trained, optimizer, rank=info.rank, scaler=scaler) if cfg.resume else None
+    if restored is not None:
+        trainer.update(restored[0])
+        console.print(f"resumed from {restored[1]} at step {trainer['step']}")
+    schedule_steps, warmup_steps = rundir.fixed_schedule(trainer, total_steps, warmup_steps, cfg.schedule)
     metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists() and info.main:  # forget what was logged after the state we resume from
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= trainer["step"]]
-        atomic_write_text(metrics_path, "".join(l + "\n" for l in kept))
+    if cfg.resume and info.main:  # forget what was logged after the state we resume from
+        rundir.trim_metrics(metrics_path, trainer["step"] if restored else None)
     log = open(metrics_path, "a", encoding="utf-8") if info.main else None
 
     def log_line(record: dict) -> None:
         if log:
-            log.write(json.dumps(record) + "\n")
+            log.write(json_text(record, indent=None) + "\n")
             log.flush()
         if tracker:
             tracker.log(record)
@@ -275,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         if probe is None:
             return {}
         scores = evaluate_probe(m, probe, batch_size=cfg.eval_batch_size, max_length=cfg.max_passage_length,
-                                cpu_bf16=cpu_bf16)
+                                query_max_length=cfg.max_query_length, cpu_bf16=cpu_bf16)
         return {f"probe/{k}": v for k, v in scores.items()}
 
     def validation_scores(m: Embedder) -> dict[str, float]:
@@ -296,15 +303,15 @@ def main(argv: list[str] | None = None) -> None:
         log_line({"step": step, **scores})
         if step == 0:
             trainer["base_val"] = scores
-        if trainer["best"] is None or score > trainer["best"]:
+        if not math.isnan(score) and (trainer["best"] is None or score > trainer["best"]):  # NaN: no ranking
             trainer.update(best=score, best_step=step, stale_evals=0, best_val=scores)
             with clock("export"):
                 export(embedder, tasks, run_dir / "best")
         else:
             trainer["stale_evals"] += 1
         probe_note = next((f" · {k} {v:.4f}" for k, v in scores.items() if k.startswith("probe/")), "")  # headline
-        console.print(f"step {step}: val {metric_label(tasks)} {score:.4f} (best {trainer['best']:.4f} at step "
-                      f"{trainer['best_step']})" + probe_note)
+        best = "none yet" if trainer["best"] is None else f"{trainer['best']:.4f} at step {trainer['best_step']}"
+        console.print(f"step {step}: val {metric_label(tasks)} {score:.4f} (best {best})" + probe_note)
         return distributed.broadcast(cfg.patience > 0 and trainer["stale_evals"] >= cfg.patience, info)
 
     if trainer["step"] == 0 and trainer["best"] is None:
@@ -327,7 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
     stats = TextColumn("loss {task.fields[loss]:.4f} · acc {task.fields[acc]:.2f} · lr {task.fields[lr]:.2e} · "
                        "{task.fields[tps]:,.0f} tok/s")
-    stop = False
+    stop = trainer["stopped"]  # an early stop is part of the state: a resumed stopped run does not train on
+    if stop:
+        console.print(f"this run stopped early at step {trainer['step']} (--patience); nothing left to train")
+    if claim:
+        claim.start()
     clock.enter("train")
     with progress(stats) as bar:
         task = bar.add_task("training", total=total_steps, completed=trainer["step"], loss=0.0, acc=0.0, lr=0.0, tps=0.0)
@@ -374,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
                 trainer["micro_step"] += 1
             finite = distributed.all_true(finite, info)
 
-            lr_now = get_lr(trainer["step"], lr=lr, warmup_steps=warmup_steps, total_steps=total_steps, schedule=cfg.schedule)
+            lr_now = get_lr(trainer["step"], lr=lr, warmup_steps=warmup_steps, total_steps=schedule_steps,
+                            schedule=cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now * group.get("lr_scale", 1.0)
             # a non-finite step's gradients are NaN/inf: whatever l1 and clipping do to them, the update skips them
@@ -398,14 +410,14 @@ def main(argv: list[str] | None = None) -> None:
             if step % log_every == 0 or evaluate or save:
                 read_back()
             if evaluate:
-                stop = evaluate_and_keep_best(step)
+                stop = trainer["stopped"] = evaluate_and_keep_best(step)
                 if stop:
                     console.print(f"early stop: no improvement in {cfg.patience} validations")
             if save or stop:
                 rng = distributed.rng_states(info)  # every rank's dropout RNG, for an exact resume
                 if info.main:
                     with clock("checkpoint"):
-                        save_state(run_dir, step, trained, optimizer, trainer, rng=rng)
+                        save_state(run_dir, step, trained, optimizer, trainer, rng=rng, scaler=scaler)
                 distributed.barrier(info)
     if not info.main:  # rank 0 exports and evaluates; the others are done
         distributed.shutdown(info)
@@ -474,6 +486,9 @@ def main(argv: list[str] | None = None) -> None:
             per_task[job.name]["diagnostics"] = r.comparison.to_dict()
     for table in tables:
         console.print(table)
+    no_test = {task: why for task, part, why in missing if part == "test"}
+    if no_test:  # said in results.json too, so that a missing table is not read as a lost one
+        results["no_test_set"] = no_test
     if per_task:
         results.update(per_task[first.name] if len(judged) == 1 else {"tasks": per_task})
     elif probe is not None:  # no test set: the probe alone
@@ -481,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
                                     tuple(probe_rows["base"]), probe_rows.get("merged"), ratio))
         results.update(probe_rows)
     results["timing"] = clock.report()  # seconds by phase (this process), peak RSS: benchmarks/run_time.py
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(run_dir / "results.json", json_text(results) + "\n")  # NaN as null, with why
     card.fill_results(run_dir, results)  # the test table into best/'s and merged/'s model cards
     plot.after_run(run_dir)  # curves.png, or text sparklines without matplotlib
     console.print(f"wrote {run_dir / 'results.json'}; fine-tuned model in {run_dir / 'best'}")

@@ -161,7 +161,7 @@ def run_recipe(a: argparse.Namespace, kind: str, name: str, flags: str, seed: in
         model = run / "merged" if (run / "merged").exists() else run / "best"
         info = {"train_seconds": results["train_seconds"], "steps": results["steps"], "best_step": results.get("best_step")}
         split = json.loads((run / "split.json").read_text())
-        info["test_ids"] = sorted(str(i).split(":")[-1] for i in split["test"])
+        info["test_ids"] = sorted(split["tasks"]["retrieval"]["test"])
     else:
         model = out / "model"
         info = json.loads((out / "train.json").read_text())

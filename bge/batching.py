@@ -16,12 +16,7 @@ from typing import Callable, Generic, TypeVar
 
 import torch
 
-from bge.data import Example
-
-
-def normalise(text: str) -> str:
-    """Text as compared for identity: case-folded, whitespace collapsed."""
-    return " ".join(text.split()).casefold()
+from bge.data import Example, normalise
 
 
 def text_hash(text: str) -> int:
@@ -146,19 +141,40 @@ class Batch:
     passage_hashes: torch.Tensor  # (P,) text hashes, for the false-negative mask
     query_pos_hashes: torch.Tensor  # (B, K) hashes of each query's positives, padded with -1
     teacher_scores: torch.Tensor | None = None  # (P,) teacher scores when every line has them
+    instructed: list[bool] | None = None  # (P,) passages that get their query's instruction (symmetric lines)
 
     def query_texts(self, default_prompt: str) -> list[str]:
         """Queries with their instruction prefixed."""
         return [(default_prompt if p is None else p) + q for q, p in zip(self.queries, self.prompts)]
 
+    def passage_texts(self, default_prompt: str) -> list[str]:
+        """Passages as the encoder sees them: a symmetric line's with its query's instruction prefixed."""
+        if not self.instructed or not any(self.instructed):
+            return self.passages
+        q = [(default_prompt if p is None else p) for p in self.prompts]
+        return [q[o] + t if sym else t for t, o, sym in zip(self.passages, self.owner.tolist(), self.instructed)]
+
+
+SYMMETRIC = ("symmetric_sts", "symmetric_clustering")  # FlagEmbedding puts the query instruction on these passages
+
+
+def line_group_size(ex: Example, group_size: int) -> int:
+    """Passages a line brings, as FlagEmbedding sizes its groups by `type`: only_1neg lines bring their positive and
+    one negative, symmetric_class lines at most the negatives they have (not repeated); others group_size."""
+    if ex.kind == "only_1neg":
+        return 2
+    if ex.kind == "symmetric_class":
+        return min(group_size, len(ex.neg) + 1)
+    return group_size
+
 
 def make_batch(examples: list[Example], indices: list[int], *, group_size: int, seed: int, epoch: int,
                positives: list[int] | None = None) -> Batch:
     """For each example: one positive drawn from `pos` (or the one `positives` names: every (query, positive) pair
-    an item of its own) and group_size-1 negatives drawn from `neg` (repeated when there are too few, as
+    an item of its own) and (line_group_size - 1) negatives drawn from `neg` (repeated when there are too few, as
     FlagEmbedding does; none when the line has none: in-batch negatives only)."""
     queries, prompts, passages, pos_index, owner, scores = [], [], [], [], [], []
-    pos_hashes = []
+    pos_hashes, instructed = [], []
     for b, i in enumerate(indices):
         ex = examples[i]
         if positives is None:
@@ -167,15 +183,16 @@ def make_batch(examples: list[Example], indices: list[int], *, group_size: int, 
         else:
             j = positives[b]
             rng = random.Random(f"{seed}/{epoch}/{i}/{j}")
-        negs = []
-        if ex.neg and group_size > 1:
-            pool = list(range(len(ex.neg))) * math.ceil((group_size - 1) / len(ex.neg))
-            negs = rng.sample(pool, group_size - 1)
+        negs, size = [], line_group_size(ex, group_size)
+        if ex.neg and size > 1:
+            pool = list(range(len(ex.neg))) * math.ceil((size - 1) / len(ex.neg))
+            negs = rng.sample(pool, size - 1)
         queries.append(ex.query)
         prompts.append(ex.prompt)
         pos_index.append(len(passages))
         passages += [ex.pos[j]] + [ex.neg[k] for k in negs]
         owner += [b] * (1 + len(negs))
+        instructed += [ex.kind in SYMMETRIC] * (1 + len(negs))
         if ex.pos_scores is not None and ex.neg_scores is not None:
             scores += [ex.pos_scores[j]] + [ex.neg_scores[k] for k in negs]
         pos_hashes.append(sorted({text_hash(t) for t in ex.pos}))
@@ -187,6 +204,7 @@ def make_batch(examples: list[Example], indices: list[int], *, group_size: int, 
         passage_hashes=torch.tensor([text_hash(t) for t in passages]),
         query_pos_hashes=torch.tensor([h + [-1] * (width - len(h)) for h in pos_hashes]),
         teacher_scores=torch.tensor(scores) if len(scores) == len(passages) else None,
+        instructed=instructed,
     )
 
 

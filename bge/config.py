@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import tomllib
 import types
 import typing
@@ -17,9 +19,60 @@ from pathlib import Path
 from bge.errors import UserError
 
 
-def opt(default, help: str, section: str, choices: tuple | None = None):
-    """A config field with its help text and section."""
-    return field(default=default, metadata={"help": help, "section": section, "choices": choices})
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take, written as an interval: "[0, 1)", "(0, inf)", "[1, inf)"."""
+
+    text: str
+    lo: float
+    hi: float
+    lo_closed: bool
+    hi_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Range":
+        m = re.fullmatch(r"([\[(])(-?inf|-?[\d.e+-]+), (-?inf|-?[\d.e+-]+)([\])])", text)
+        if not m:
+            raise ValueError(f"not an interval: {text!r}")
+        return cls(text, float(m[2]), float(m[3]), m[1] == "[", m[4] == "]")
+
+    def __contains__(self, v: float) -> bool:
+        if isinstance(v, float) and math.isnan(v):
+            return False
+        above = v >= self.lo if self.lo_closed else v > self.lo
+        below = v <= self.hi if self.hi_closed else v < self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Bounded:
+    """An argparse `type` for the other CLIs' numbers: converts the text (int or float) and carries the Range that
+    check_ranges enforces once every flag is parsed, so that the error is one line naming the flag."""
+
+    def __init__(self, kind: type, range: str):
+        self.kind, self.range, self.__name__ = kind, Range.parse(range), kind.__name__
+
+    def __call__(self, text: str):
+        return self.kind(text)
+
+
+def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Every Bounded flag's value inside its range, else a UserError naming the flag, its value and the range."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if isinstance(action.type, Bounded) and value is not None and value not in action.type.range:
+            raise UserError(f"{action.option_strings[0]}: must be in {action.type.range}, got {value!r}")
+    return args
+
+
+def opt(default, help: str, section: str, choices: tuple | None = None, range: str | None = None,
+        items: type | None = None):
+    """A config field with its help text and section; a number (or, with `items`, a comma-separated list of numbers
+    of that type) has the `range` its values must lie in, checked before any work."""
+    return field(default=default, metadata={"help": help, "section": section, "choices": choices,
+                                            "range": Range.parse(range) if range else None, "items": items})
 
 
 @dataclass
@@ -30,9 +83,9 @@ class TrainConfig:
     val: str = opt("", "validation set (JSONL or BEIR folder); default: carved from --data", "data")
     test: str = opt("", "test set (JSONL or BEIR folder); default: carved from --data", "data")
     split_seed: int = opt(-1, "seed of the held-out split (negative = --seed): fix it to compare training seeds on "
-                          "one test set", "data")
-    val_ratio: float = opt(0.15, "share of queries carved out for validation", "data")
-    test_ratio: float = opt(0.15, "share of queries carved out for the final test", "data")
+                          "one test set", "data", range="[-1, inf)")
+    val_ratio: float = opt(0.15, "share of queries carved out for validation", "data", range="[0, 1)")
+    test_ratio: float = opt(0.15, "share of queries carved out for the final test", "data", range="[0, 1)")
     skip_bad_lines: bool = opt(False, "drop malformed lines (and say how many) instead of stopping", "data")
     title: bool = opt(True, "BEIR corpora: passage = title + ' ' + text (--no-title: text only)", "data")
     task: str = opt("auto", "task of the lines without a `type` field: auto (by their fields), retrieval, sts "
@@ -44,90 +97,97 @@ class TrainConfig:
                          "title (title -> body), ict (a sentence -> the rest of its passage), both, or off", "data",
                          ("off", "title", "ict", "both"))
     unlabeled_ratio: float = opt(1.0, "--unlabeled pairs drawn per epoch, as a multiple of the labelled training items",
-                                 "data")
+                                 "data", range="(0, inf)")
     # model
     model: str = opt("auto", "base model: a folder, a hub id, all-MiniLM-L6-v2, or auto", "model")
     query_prompt: str = opt("auto", "query instruction; 'auto' = the model's own, '' = none", "model")
-    max_query_length: int = opt(64, "query truncation length in tokens", "model")
-    max_passage_length: int = opt(256, "passage truncation length in tokens", "model")
+    max_query_length: int = opt(64, "query truncation length in tokens", "model", range="[1, inf)")
+    max_passage_length: int = opt(256, "passage truncation length in tokens", "model", range="[1, inf)")
     arch: str = opt("bert", "encoder: bert = --model's transformer; bilstm = a new gated BiLSTM (bge/lstm.py) "
                     "with --model's tokenizer and word embeddings, or --model itself if it is a saved BiLSTM",
                     "model", ("bert", "bilstm"))
     lstm_hidden: int = opt(192, "BiLSTM: LSTM units per direction (each layer carries twice as many features)",
-                           "model")
-    lstm_layers: int = opt(2, "BiLSTM: number of gated bidirectional LSTM layers", "model")
-    lstm_dim: int = opt(0, "BiLSTM: sentence embedding size (0 = --model's hidden size)", "model")
-    lstm_dropout: float = opt(0.1, "BiLSTM: dropout on the embeddings and on each layer's LSTM output", "model")
+                           "model", range="[1, inf)")
+    lstm_layers: int = opt(2, "BiLSTM: number of gated bidirectional LSTM layers", "model", range="[1, inf)")
+    lstm_dim: int = opt(0, "BiLSTM: sentence embedding size (0 = --model's hidden size)", "model", range="[0, inf)")
+    lstm_dropout: float = opt(0.1, "BiLSTM: dropout on the embeddings and on each layer's LSTM output", "model",
+                              range="[0, 1)")
     freeze_embeddings: bool = opt(False, "do not train the embeddings (BERT: word, position and token-type tables "
                                   "and their LayerNorm; BiLSTM: the word table)", "model")
     freeze_layers: int = opt(0, "do not train the first N transformer layers (BiLSTM: LSTM layers); embeddings "
-                             "are frozen by --freeze-embeddings alone", "model")
+                             "are frozen by --freeze-embeddings alone", "model", range="[0, inf)")
     # batch and loss
-    batch_size: int = opt(32, "queries per optimiser micro-step (each brings group_size passages)", "loss")
-    group_size: int = opt(4, "passages per query: 1 positive + group_size-1 hard negatives", "loss")
+    batch_size: int = opt(32, "queries per optimiser micro-step (each brings group_size passages)", "loss",
+                          range="[1, inf)")
+    group_size: int = opt(4, "passages per query: 1 positive + group_size-1 hard negatives", "loss", range="[1, inf)")
     positives: str = opt("one", "each epoch a query brings one positive drawn from its pos (one: FlagEmbedding's), "
                          "or every (query, positive) pair is an item of its own (all: sentence-transformers')", "loss",
                          ("one", "all"))
     mine_negatives: int = opt(0, "retrieval data without hard negatives: mine this many per training query with the "
-                              "base model before training (bge/mine.py; cached); 0 = off", "loss")
+                              "base model before training (bge/mine.py; cached); 0 = off", "loss", range="[0, inf)")
     mine_range: str = opt("10-100", "mining: sample negatives from these ranks (A-B: ranks A+1..B, skipping the top A)",
                           "loss")
     mine_margin: str = opt("5%", "mining: drop candidates scoring above (1 - p) x the weakest positive (5%%) or above it "
                            "minus an absolute margin (0.05): likely unlabelled positives", "loss")
-    temperature: float = opt(0.02, "softmax temperature on cosine scores (BGE: 0.02)", "loss")
+    temperature: float = opt(0.02, "softmax temperature on cosine scores (BGE: 0.02)", "loss", range="(0, inf)")
     in_batch_negatives: bool = opt(True, "use the other queries' passages as negatives", "loss")
     symmetric: bool = opt(False, "add the passage-to-query InfoNCE term", "loss")
     cross_device_negatives: bool = opt(True, "under torchrun, every device's passages are negatives for every query",
                                        "loss")
     sts_loss: str = opt("cosent", "STS pairs: CoSENT (ranks pairs by gold score) or cosine_mse (cosine vs gold "
                         "scaled to [0, 1])", "loss", ("cosent", "cosine_mse"))
-    cosent_scale: float = opt(20.0, "CoSENT's scale on cosine differences (1 / temperature)", "loss")
+    cosent_scale: float = opt(20.0, "CoSENT's scale on cosine differences (1 / temperature)", "loss", range="(0, inf)")
     classification_loss: str = opt("contrastive", "classification rows: contrastive (same label = positive), head "
                                    "(linear head + cross-entropy), or both", "loss", ("contrastive", "head", "both"))
     contrastive_weight: float = opt(1.0, "with --distill-from: weight of the InfoNCE term next to the "
-                                    "distillation terms (0 = distillation alone)", "loss")
+                                    "distillation terms (0 = distillation alone)", "loss", range="[0, inf)")
     # distillation
     distill_from: str = opt("", "teacher model (folder, hub id, all-MiniLM-L6-v2): the student also learns to "
                             "match its embeddings and in-batch similarities", "distill")
     distill_loss: str = opt("cosine", "embedding term: 1 - cos(student, teacher), or MSE of the normalised "
                             "embeddings (which is 2 (1 - cos) / dim); none = the KL term only", "distill",
                             ("cosine", "mse", "none"))
-    distill_weight: float = opt(1.0, "weight of the embedding term", "distill")
+    distill_weight: float = opt(1.0, "weight of the embedding term", "distill", range="[0, inf)")
     distill_kl: float = opt(1.0, "weight of KL(teacher || student) between the query-to-passage similarity "
-                            "distributions over the batch", "distill")
+                            "distributions over the batch", "distill", range="[0, inf)")
     distill_temperature: float = opt(0.05, "temperature of the similarity distributions in the KL term",
-                                     "distill")
+                                     "distill", range="(0, inf)")
     kd_weight: float = opt(0.0, "weight of the KL term towards teacher scores (pos_scores/neg_scores on every line; "
-                                "python -m bge.score fills them); 0 = off", "loss")
+                                "python -m bge.score fills them); 0 = off", "loss", range="[0, inf)")
     kd_temperature: float = opt(0.02, "temperature of the teacher's scores: 0.02 for cosines (bge.score), 1 for "
-                                      "reranker logits (FlagEmbedding's default)", "loss")
-    matryoshka_dims: str = opt("", "also apply the loss to embeddings truncated to these sizes, e.g. 256,128,64", "loss")
+                                      "reranker logits (FlagEmbedding's default)", "loss", range="(0, inf)")
+    matryoshka_dims: str = opt("", "also apply the loss to embeddings truncated to these sizes, e.g. 256,128,64", "loss",
+                               range="[1, inf)", items=int)
     # optimisation
-    lr: float = opt(0.0, "peak learning rate; 0 = by model size (3e-5 small, 2e-5 base, 1e-5 large)", "optim")
-    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorms)", "optim")
-    warmup_ratio: float = opt(0.1, "share of steps spent warming up linearly", "optim")
+    lr: float = opt(0.0, "peak learning rate; 0 = by model size (3e-5 small, 2e-5 base, 1e-5 large)", "optim",
+                    range="[0, inf)")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorms)", "optim", range="[0, inf)")
+    warmup_ratio: float = opt(0.1, "share of steps spent warming up linearly", "optim", range="[0, 1]")
     schedule: str = opt("linear", "decay after warmup", "optim", ("linear", "cosine", "constant"))
-    epochs: int = opt(3, "passes over the training queries", "optim")
-    max_steps: int = opt(0, "stop after this many optimiser steps (0 = epochs decide)", "optim")
-    grad_accum: int = opt(1, "micro-batches per optimiser step", "optim")
-    clip_grad: float = opt(1.0, "max gradient norm (0 = no clipping)", "optim")
-    head_lr: float = opt(1e-2, "learning rate of the classification head (it starts from zero)", "optim")
+    epochs: int = opt(3, "passes over the training queries", "optim", range="[0, inf)")
+    max_steps: int = opt(0, "stop after this many optimiser steps (0 = epochs decide)", "optim", range="[0, inf)")
+    grad_accum: int = opt(1, "micro-batches per optimiser step", "optim", range="[1, inf)")
+    clip_grad: float = opt(1.0, "max gradient norm (0 = no clipping)", "optim", range="[0, inf)")
+    head_lr: float = opt(1e-2, "learning rate of the classification head (it starts from zero)", "optim",
+                         range="(0, inf)")
     # regularisation (weight decay is in optim)
     l1: float = opt(0.0, "L1 penalty lambda * sum |w| on the trainable matrices (weight decay's set: no biases, "
-                    "no LayerNorms)", "regularisation")
+                    "no LayerNorms)", "regularisation", range="[0, inf)")
     hidden_dropout: float = opt(-1.0, "dropout on embeddings and layer outputs while fine-tuning (negative = the "
-                                "model's, 0.1 for BERT)", "regularisation")
+                                "model's, 0.1 for BERT)", "regularisation", range="(-inf, 1)")
     attention_dropout: float = opt(-1.0, "dropout on attention probabilities while fine-tuning (negative = the "
-                                   "model's)", "regularisation")
+                                   "model's)", "regularisation", range="(-inf, 1)")
     # loop
-    eval_every: int = opt(0, "validate every N optimiser steps (0 = once per epoch)", "loop")
-    save_every: int = opt(0, "write resumable trainer state every N steps (0 = at each validation)", "loop")
-    patience: int = opt(0, "stop after N validations without improvement (0 = never)", "loop")
-    max_bad_steps: int = opt(5, "stop when the loss is NaN/inf this many steps in a row", "loop")
+    eval_every: int = opt(0, "validate every N optimiser steps (0 = once per epoch)", "loop", range="[0, inf)")
+    save_every: int = opt(0, "write resumable trainer state every N steps (0 = at each validation)", "loop",
+                          range="[0, inf)")
+    patience: int = opt(0, "stop after N validations without improvement (0 = never)", "loop", range="[0, inf)")
+    max_bad_steps: int = opt(5, "stop when the loss is NaN/inf this many steps in a row", "loop", range="[1, inf)")
     log_every: int = opt(0, "read the loss, accuracy and NaN flag back from the device every N steps (metrics.jsonl "
                          "still has every step; a NaN run stops at the read-back); 0 = every step on CPU, where "
-                         "reading back costs nothing, every 10 on CUDA, where it stalls the queue", "loop")
-    seed: int = opt(42, "seed for the split, the sampler, dropout and initialisation", "loop")
+                         "reading back costs nothing, every 10 on CUDA, where it stalls the queue", "loop",
+                         range="[0, inf)")
+    seed: int = opt(42, "seed for the split, the sampler, dropout and initialisation", "loop", range="[0, inf)")
     precision: str = opt("auto", "auto = bf16 autocast on CUDA (fp16 if unsupported) and on CPUs with native bf16 "
                          "(AVX512-BF16/AMX), else fp32", "loop",
                          ("auto", "fp32", "bf16", "fp16"))
@@ -143,25 +203,27 @@ class TrainConfig:
                          "elsewhere the padded view)", "speed", ("sdpa", "flex", "varlen"))
     token_bucket: int = opt(0, "with --attention varlen: pad each micro-batch's packed tokens up to a multiple of N, so "
                             "its shapes repeat and CUDA graphs (--compile-mode reduce-overhead) record once per "
-                            "bucket (0 = exact size)", "speed")
+                            "bucket (0 = exact size)", "speed", range="[0, inf)")
     grad_cache: int = opt(0, "GradCache chunk size in texts: big batches in fixed memory, same gradients (0 = off)",
-                          "speed")
+                          "speed", range="[0, inf)")
     grad_checkpointing: bool = opt(False, "recompute each layer's activations in the backward pass: less "
                                    "memory, more time", "speed")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default); on a busy CPU 1 can be several times "
-                       "faster for the BiLSTM, whose recurrence synchronises the threads at every token", "speed")
+                       "faster for the BiLSTM, whose recurrence synchronises the threads at every token", "speed",
+                       range="[0, inf)")
     device: str = opt("auto", "cpu, cuda, cuda:1, or auto", "loop")
-    eval_batch_size: int = opt(128, "batch size for encoding during evaluation", "loop")
+    eval_batch_size: int = opt(128, "batch size for encoding during evaluation", "loop", range="[1, inf)")
     # forgetting guard
     general_probe: str = opt("", "a general-domain set (STS TSV, BEIR folder or JSONL) scored at every validation and "
                                  "at the end, to watch what fine-tuning costs elsewhere", "guard")
     probe_split: str = opt("test", "qrels split when --general-probe is a BEIR folder", "guard")
     merge_sweep: str = opt("", "after training, mix base and fine-tuned weights at these ratios of the fine-tuned "
-                               "model (e.g. 0.25,0.5,0.75), validate each and export the chosen mix to merged/", "guard")
+                               "model (e.g. 0.25,0.5,0.75), validate each and export the chosen mix to merged/", "guard",
+                       range="[0, 1]", items=float)
     merge_ratio: float = opt(-1.0, "export this fixed mix to merged/ (0 = base, 1 = fine-tuned; negative = none)",
-                             "guard")
+                             "guard", range="(-inf, 1]")
     probe_tolerance: float = opt(0.01, "merge sweep: the most the probe's headline score may fall below the base "
-                                       "model's for a mix to be chosen", "guard")
+                                       "model's for a mix to be chosen", "guard", range="[0, inf)")
     # run
     out_dir: str = opt("checkpoints", "where run folders go", "run")
     cache_dir: str = opt("", "where corpus embeddings and mined negatives are cached (default: <out-dir>/cache); runs "
@@ -169,9 +231,9 @@ class TrainConfig:
     run_name: str = opt("", "run folder name (default: data name + time)", "run")
     resume: str = opt("", "continue the run in this folder from its last saved state", "run")
     explain: int = opt(5, "retrieval diagnostics at the end: the N test queries whose nDCG@10 changed most (0 = off)",
-                       "run")
+                       "run", range="[0, inf)")
     threshold_precision: float = opt(0.9, "the diagnostics suggest the similarity threshold that reaches this "
-                                     "precision", "run")
+                                     "precision", "run", range="(0, 1]")
     report_to: str = opt("none", "also write metrics.jsonl's scalars as TensorBoard events in the run folder's "
                          "tensorboard/ (pip install tensorboard)", "run", ("none", "tensorboard"))
 
@@ -205,7 +267,47 @@ def _convert(f: dataclasses.Field, value, where: str):
     choices = f.metadata.get("choices")
     if choices and v not in choices:
         raise UserError(f"{where}: {f.name} must be one of {', '.join(choices)}, got {v!r}")
+    numbers(f, v, where)
     return v
+
+
+def numbers(f: dataclasses.Field, value, where: str) -> list:
+    """The field's value as numbers checked against its range: [value] for a number, the parsed list for a list field
+    (`items`), [] for other fields. A value outside the range is one line naming the flag, the value and the range."""
+    rng, items = f.metadata.get("range"), f.metadata.get("items")
+    if rng is None:
+        return []
+    if items is None:
+        values = [value]
+    else:
+        try:
+            values = [items(x) for x in str(value).split(",") if x.strip()]
+            if str(value).strip() and not values:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"{where}: {f.name} must be {items.__name__}s separated by commas, got {value!r}") from None
+    bad = next((x for x in values if x not in rng), None)
+    if bad is not None:
+        raise UserError(f"{where}: {f.name} must be in {rng}, got {value!r}")
+    return values
+
+
+def check(cfg: "TrainConfig") -> "TrainConfig":
+    """The checks that involve several fields, before any work (each field's own range is checked as it is read)."""
+    val = 0.0 if cfg.val else cfg.val_ratio  # a --val/--test file replaces the carved share
+    test = 0.0 if cfg.test else cfg.test_ratio
+    if val + test >= 1:
+        raise UserError(f"--val-ratio {cfg.val_ratio} + --test-ratio {cfg.test_ratio} must be below 1: nothing "
+                        f"would be left to train on")
+    if cfg.merge_sweep and cfg.merge_ratio >= 0:
+        raise UserError("pass --merge-sweep (choose a mix on validation) or --merge-ratio (a fixed mix), not both")
+    if cfg.kd_weight > 0 and cfg.group_size < 2:
+        raise UserError("--kd-weight distils over each query's positive and hard negatives: needs --group-size 2 or more")
+    if cfg.distill_from and cfg.matryoshka_dims:
+        # the embedding term compares full-width embeddings with the teacher's; a truncated student has no teacher
+        raise UserError("--distill-from and --matryoshka-dims cannot be combined: the distillation terms compare "
+                        "full-size embeddings with the teacher's; train the Matryoshka sizes without a teacher")
+    return cfg
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -252,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         section = f.metadata["section"]
         g = groups.setdefault(section, p.add_argument_group(section))
         flag = "--" + f.name.replace("_", "-")
+        rng = f.metadata["range"]
         default = repr(f.default).replace("%", "%%")  # argparse formats help strings with %
-        help_ = f"{f.metadata['help']} (default: {default})"
+        help_ = f"{f.metadata['help']} (default: {default}" + (f"; range {rng})" if rng else ")")
         if _field_type(f) is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
         else:
@@ -267,9 +370,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     values = load_toml(ns.pop("config")) if "config" in ns else {}
     for name, v in ns.items():
         values[name] = _convert(FIELDS[name], v, "--" + name.replace("_", "-"))
-    return TrainConfig(**values), set(values)
+    return check(TrainConfig(**values)), set(values)
 
 
 def config_from_dict(d: dict, where: str) -> TrainConfig:
     """A TrainConfig from a run folder's config.json, checked like a preset."""
-    return TrainConfig(**{resolve_key(k, where).name: _convert(resolve_key(k, where), v, where) for k, v in d.items()})
+    return check(TrainConfig(**{resolve_key(k, where).name: _convert(resolve_key(k, where), v, where)
+                                for k, v in d.items()}))

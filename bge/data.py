@@ -50,6 +50,8 @@ class Example:
     neg_scores: list[float] | None = None
     qid: str = ""  # BEIR query id, or the line number in a JSONL file
     line: int = 0
+    kind: str = ""  # FlagEmbedding's `type` (only_1neg, symmetric_sts, ...), which changes how the line is batched
+    own_id: bool = False  # the qid was given (a BEIR id, bge.mine's output): a query of its own, never merged
 
 
 @dataclass
@@ -61,6 +63,17 @@ class RetrievalData:
     qrels: dict[str, dict[str, int]]
     prompts: dict[str, str] = field(default_factory=dict)  # per-query instruction, when the file gave one
     name: str = ""
+    merged: dict[str, list[str]] = field(default_factory=dict)  # qid -> the later lines' qids folded into it
+
+    @property
+    def n_merged(self) -> int:
+        """Training lines folded into an earlier line's query (they repeat its text)."""
+        return sum(len(v) for v in self.merged.values())
+
+    def merged_note(self, label: str) -> str:
+        """What retrieval_from_examples merged, in one line."""
+        return (f"{label}: {self.n_merged} line(s) repeat an earlier line's query; each such query is scored once, with "
+                f"the positives of all its lines ({len(self.queries)} queries)")
 
     def fingerprint(self) -> str:
         """A hash of the content (queries, corpus, qrels), for results files and caches."""
@@ -74,7 +87,8 @@ class RetrievalData:
         keep = set(qids)
         return RetrievalData({q: t for q, t in self.queries.items() if q in keep}, self.corpus,
                              {q: r for q, r in self.qrels.items() if q in keep},
-                             {q: p for q, p in self.prompts.items() if q in keep}, self.name)
+                             {q: p for q, p in self.prompts.items() if q in keep}, self.name,
+                             {q: m for q, m in self.merged.items() if q in keep})
 
 
 # ---- line-level reading ------------------------------------------------------------------------------
@@ -189,7 +203,9 @@ def parse_example(obj: dict, where: str, problems: list[str]) -> Example | None:
         f.bad(f"field 'qid' must be a non-empty string or an integer, got {qid!r}")
     if not f.ok:
         return None
-    return Example(query, pos, neg, prompt, pos_scores, neg_scores, qid="" if qid is None else str(qid))
+    kind = obj.get("type") if obj.get("type") in FLAGEMBEDDING_TYPES else ""
+    return Example(query, pos, neg, prompt, pos_scores, neg_scores, qid="" if qid is None else str(qid), kind=kind,
+                   own_id=qid is not None)
 
 
 def claim_qid(ex: Example, first_line: dict[str, int], where: str, problems: list[str]) -> bool:
@@ -219,34 +235,49 @@ def examples_from_beir(data: RetrievalData) -> list[Example]:
     for qid, rels in data.qrels.items():
         pos = [data.corpus[d] for d, g in rels.items() if g > 0]
         if pos:
-            out.append(Example(data.queries[qid], pos, [], data.prompts.get(qid), qid=qid))
+            out.append(Example(data.queries[qid], pos, [], data.prompts.get(qid), qid=qid, own_id=True))
     return out
+
+
+def normalise(text: str) -> str:
+    """Text as compared for identity: case-folded, whitespace collapsed."""
+    return " ".join(text.split()).casefold()
 
 
 def retrieval_from_examples(examples: list[Example], name: str = "", corpus: dict[str, str] | None = None) -> RetrievalData:
     """An evaluation set from training lines: each query's positives are its relevant documents; the corpus
     is every positive and negative of the lines, deduplicated by text. With `corpus` (id -> text) the corpus is
-    that one, in its order and with its ids, plus any passage of the lines it lacks (ids d0, d1, ...)."""
+    that one, in its order and with its ids, plus any passage of the lines it lacks (ids d0, d1, ...).
+    Lines without a qid of their own that repeat a query (normalised text and instruction) are one query holding all
+    their positives (a FlagEmbedding file often has one line per query-positive pair): scored apart, each line's query
+    would count the other lines' positives as non-relevant. Lines with their own qid (BEIR ids, as bge.mine writes
+    them) stay separate queries, as the benchmark scores them. `merged` records which lines were folded into which."""
     corpus = corpus or {}
     doc_ids: dict[str, str] = {}
     for d, text in corpus.items():
         doc_ids.setdefault(text, d)  # a text held under two ids is judged under the first
     n_added = 0
-    queries, qrels, prompts = {}, {}, {}
-    for ex in examples:
+    queries, qrels, prompts, merged = {}, {}, {}, {}
+    first: dict[tuple[str, str | None], str] = {}  # (normalised query, instruction) -> the qid that holds it
+    for i, ex in enumerate(examples):
         for text in ex.pos + ex.neg:
             if text not in doc_ids:
                 while f"d{n_added}" in corpus:  # never reuse an id of the given corpus
                     n_added += 1
                 doc_ids[text] = f"d{n_added}"
                 n_added += 1
-        qid = ex.qid or f"q{len(queries)}"
+        qid = ex.qid or f"q{i}"
+        holder = qid if ex.own_id else first.setdefault((normalise(ex.query), ex.prompt), qid)
+        if holder != qid:
+            merged.setdefault(holder, []).append(qid)
+            qrels[holder].update({doc_ids[t]: 1 for t in ex.pos})
+            continue
         queries[qid] = ex.query
         qrels[qid] = {doc_ids[t]: 1 for t in ex.pos}
         if ex.prompt is not None:
             prompts[qid] = ex.prompt
     extra = {d: t for t, d in doc_ids.items() if d not in corpus}
-    return RetrievalData(queries, {**corpus, **extra}, qrels, prompts, name)
+    return RetrievalData(queries, {**corpus, **extra}, qrels, prompts, name, merged)
 
 
 # ---- BEIR folders ------------------------------------------------------------------------------------
@@ -462,7 +493,9 @@ def parse_labelled(obj: dict, where: str, problems: list[str]) -> Labelled | Non
 TASKS = ("retrieval", "sts", "classification")
 # A line's `type` -> its task. FlagEmbedding's own values (normal, only_1neg, symmetric_sts, symmetric_class,
 # symmetric_clustering) come on query/pos/neg lines that FlagEmbedding trains contrastively, so they do not force a
-# task: the line's fields decide (a query/pos/neg line is retrieval, whatever its FlagEmbedding type).
+# task: the line's fields decide (a query/pos/neg line is retrieval, whatever its FlagEmbedding type). Their meaning
+# for the batch (Example.kind) is bge.batching's: only_1neg lines bring one negative, symmetric_class lines at most
+# the negatives they have, and symmetric_sts / symmetric_clustering passages get the query instruction too.
 TYPE_TASKS = {"retrieval": "retrieval", "sts": "sts", "regression": "sts", "classification": "classification"}
 FLAGEMBEDDING_TYPES = ("normal", "only_1neg", "symmetric_sts", "symmetric_class", "symmetric_clustering")
 SHAPES = {"sts": {"sentence1", "sentence2", "score"}, "classification": {"text", "label"}}

@@ -41,4 +41,5 @@ class Teacher:
     def embed(self, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
         """{"q": (B, d), "p": (P, d)} in the batch's order; queries carry the teacher's own instruction."""
         queries = batch.query_texts(self.embedder.tokenizer.query_prompt)
-        return {"q": self._lookup("q", queries).to(device), "p": self._lookup("p", batch.passages).to(device)}
+        passages = batch.passage_texts(self.embedder.tokenizer.query_prompt)
+        return {"q": self._lookup("q", queries).to(device), "p": self._lookup("p", passages).to(device)}

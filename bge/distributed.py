@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,12 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group, once every rank is here and gloo's worker thread has dropped its finished work:
+    torch (2.13) joins that thread while holding the GIL, and the thread needs the GIL to free a finished collective's
+    tensors, so a rank could hang at exit (seen in tests/dist_step.py)."""
     if info.enabled:
+        dist.barrier()
+        time.sleep(0.05)  # releases the GIL to the worker thread
         dist.destroy_process_group()
 
 
@@ -124,8 +130,8 @@ def cross_device_batch(q: torch.Tensor, p: torch.Tensor, batch, info: DistInfo) 
     and in global numbering each local query's positive, each passage's owner and text hash; plus this rank's
     first global query index and the weight that makes DDP's average the mean over all global queries."""
     p_all, p_offset = gather(p, info, grad=True)
-    n_all, q_offset = gather(torch.tensor([len(q)], device=q.device), info, grad=False)
-    n_all = int(n_all.sum())
+    counts, _ = gather(torch.tensor([len(q)], device=q.device), info, grad=False)  # queries per rank
+    q_offset, n_all = int(counts[: info.rank].sum()), int(counts.sum())  # (gather's own offset counts rows: 1 a rank)
     owner, _ = gather(batch.owner.to(q.device) + q_offset, info, grad=False)
     hashes, _ = gather(batch.passage_hashes.to(q.device), info, grad=False)
     return p_all, batch.pos_index.to(q.device) + p_offset, owner, hashes, q_offset, len(q) * info.world / n_all

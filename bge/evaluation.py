@@ -246,11 +246,13 @@ def check_dims(embedder: Embedder, dims: Sequence[int]) -> list[int]:
 
 
 def search(embedder: Embedder, data: RetrievalData, *, k: int = 100, batch_size: int = 64,
-           max_length: int | None = None, query_prompt: str | None = None, cache_dir: str | Path | CorpusCache | None = None,
+           max_length: int | None = None, query_max_length: int | None = None, query_prompt: str | None = None,
+           cache_dir: str | Path | CorpusCache | None = None,
            device: str | torch.device | None = None, ignore_identical_ids: bool = False, cpu_bf16: bool = False,
            show_progress: bool | None = None, dims: Sequence[int] = ()) -> Ranking:
     """Exact dense retrieval of the top k passages for every query of `data` (see encode_corpus, encode_queries and
-    rank for the caching, the instructions and the order). `device` runs the search (default: CUDA if present).
+    rank for the caching, the instructions and the order). Passages are truncated at `max_length`, queries at
+    `query_max_length` (default: max_length). `device` runs the search (default: CUDA if present).
     Each size in `dims` is ranked too, on the same embeddings truncated and renormalised (Matryoshka)."""
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
@@ -259,8 +261,8 @@ def search(embedder: Embedder, data: RetrievalData, *, k: int = 100, batch_size:
                            cpu_bf16=cpu_bf16, show_progress=show_progress)
     start = time.perf_counter()
     qids, q_emb = encode_queries(embedder, data.queries, data.prompts, query_prompt=query_prompt,
-                                 batch_size=batch_size, max_length=max_length, cpu_bf16=cpu_bf16,
-                                 show_progress=show_progress)
+                                 batch_size=batch_size, max_length=query_max_length or max_length,
+                                 cpu_bf16=cpu_bf16, show_progress=show_progress)
     encoded = time.perf_counter()
     ranked = rank(qids, q_emb, corpus.ids, corpus.emb, k, ignore_identical_ids=ignore_identical_ids, device=device)
     by_dim = {d: rank(qids, truncate(q_emb, d), corpus.ids, truncate(corpus.emb, d), k,
@@ -282,7 +284,8 @@ class RetrievalEval:
 
 
 def evaluate_retrieval(embedder: Embedder, data: RetrievalData, *, ks: Sequence[int] = DEFAULT_KS,
-                       batch_size: int = 64, max_length: int | None = None, query_prompt: str | None = None,
+                       batch_size: int = 64, max_length: int | None = None, query_max_length: int | None = None,
+                       query_prompt: str | None = None,
                        cache_dir: str | Path | CorpusCache | None = None, device: str | torch.device | None = None,
                        ignore_identical_ids: bool = False, cpu_bf16: bool = False,
                        show_progress: bool | None = None, dims: Sequence[int] = ()) -> RetrievalEval:
@@ -295,9 +298,9 @@ def evaluate_retrieval(embedder: Embedder, data: RetrievalData, *, ks: Sequence[
     if not any(g > 0 for rels in data.qrels.values() for g in rels.values()):
         raise UserError(f"{data.name or 'the data'}: no query has a relevant document (a qrels score above 0)")
     ranking = search(embedder, data, k=ks[-1], batch_size=batch_size, max_length=max_length,
-                     query_prompt=query_prompt, cache_dir=cache_dir, device=device,
-                     ignore_identical_ids=ignore_identical_ids, cpu_bf16=cpu_bf16, show_progress=show_progress,
-                     dims=dims)
+                     query_max_length=query_max_length, query_prompt=query_prompt, cache_dir=cache_dir,
+                     device=device, ignore_identical_ids=ignore_identical_ids, cpu_bf16=cpu_bf16,
+                     show_progress=show_progress, dims=dims)
 
     def scored(ranked: dict[str, list[tuple[str, float]]]) -> RetrievalResult:
         docs = {q: [d for d, _ in hits] for q, hits in ranked.items()}
@@ -334,7 +337,8 @@ def evaluate_sts(embedder: Embedder, sts: STSData, *, batch_size: int = 64, max_
 
 
 def evaluate_probe(embedder: Embedder, data: RetrievalData | STSData, *, batch_size: int = 64,
-                   max_length: int | None = None, cpu_bf16: bool = False) -> dict[str, float]:
+                   max_length: int | None = None, query_max_length: int | None = None,
+                   cpu_bf16: bool = False) -> dict[str, float]:
     """The headline numbers of a general-domain probe, headline first: STS Spearman and Pearson, or retrieval
     nDCG@10, MRR@10 and Recall@100. No progress bar and no cache: train.py calls it on a changing model."""
     if isinstance(data, STSData):
@@ -342,7 +346,8 @@ def evaluate_probe(embedder: Embedder, data: RetrievalData | STSData, *, batch_s
                            show_progress=False)
         return {"spearman": out["spearman"], "pearson": out["pearson"]}
     summary = evaluate_retrieval(embedder, data, ks=(10, 100), batch_size=batch_size, max_length=max_length,
-                                 cpu_bf16=cpu_bf16, show_progress=False).metrics.summary
+                                 query_max_length=query_max_length, cpu_bf16=cpu_bf16,
+                                 show_progress=False).metrics.summary
     return {k: summary[k] for k in ("ndcg@10", "mrr@10", "recall@100")}
 
 

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from bge.batching import normalise
 from bge.checkpoint import atomic_write_text
+from bge.config import Bounded, check_ranges
 from bge.console import console, progress, run_cli
 from bge.data import (Example, RetrievalData, examples_from_beir, load_beir, load_corpus, load_examples,
                       retrieval_from_examples)
@@ -174,7 +175,7 @@ def load_input(data: str, split: str, corpus: str, use_title: bool) -> tuple[Ret
     return retrieval_from_examples(examples, path.name, corpus=load_corpus(corpus, use_title) if corpus else None), examples
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bge.mine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="training queries: a BEIR folder (with --split) or a training JSONL")
@@ -183,22 +184,29 @@ def main(argv: list[str] | None = None) -> None:
                    "text} (default: the BEIR corpus, or every passage of the JSONL)")
     p.add_argument("--out", required=True, help="the training JSONL to write (a report goes next to it as .report.json)")
     p.add_argument("--model", default="auto", help="the model that retrieves: folder, hub id, all-MiniLM-L6-v2, auto")
-    p.add_argument("--negatives", type=int, default=15, help="negatives per query")
+    p.add_argument("--negatives", type=Bounded(int, "[1, inf)"), default=15, help="negatives per query")
     p.add_argument("--range", type=parse_range, default=(10, 200), dest="rank_range",
                    help="A-B: sample from ranks A+1..B, skipping the top A (default 10-200)")
     p.add_argument("--margin", type=parse_margin, default=None, help="drop candidates scoring above the weakest "
                    "positive minus this (0.05) or above (1 - p) times it (5%%); default: no margin filter")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=None, help="truncation length (default: the model's)")
+    p.add_argument("--seed", type=Bounded(int, "[0, inf)"), default=42)
+    p.add_argument("--batch-size", type=Bounded(int, "[1, inf)"), default=64)
+    p.add_argument("--max-length", type=Bounded(int, "[1, inf)"), default=None,
+                   help="truncation length (default: the model's)")
     p.add_argument("--no-title", action="store_true", help="BEIR: embed the text alone, not title + ' ' + text")
     p.add_argument("--cache-dir", default="checkpoints/cache", help="corpus embedding cache (shared with evaluate.py)")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast when encoding on CPU (faster, not exact)")
-    a = p.parse_args(argv)
-    if a.negatives < 1:
-        p.error("--negatives must be at least 1")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    a = check_ranges(p, p.parse_args(argv))
+    inputs = [Path(x).resolve() for x in (a.data, a.corpus) if x]
+    if Path(a.out).resolve() in inputs + [x / "corpus.jsonl" for x in inputs]:
+        raise UserError(f"--out {a.out} is an input of this run; mining writes a new file (pass another --out)")
     began = time.perf_counter()
     data, examples = load_input(a.data, a.split, a.corpus, not a.no_title)
     dropped = sum(ex.pos_scores is not None or ex.neg_scores is not None for ex in examples)

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bge.checkpoint import atomic_write_text
+from bge.config import Bounded
 from bge.console import progress
 from bge.embedder import Embedder
 from bge.errors import UserError
@@ -266,8 +267,9 @@ def add_table_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("results table")
     g.add_argument("--speed-corpus", default=str(SCIFACT), help="BEIR folder whose passages (150-250 words) "
                    "encoding speed is measured on (default: the shared SciFact)")
-    g.add_argument("--speed-n", type=int, default=SpeedSettings.n, help="passages per timed pass")
-    g.add_argument("--speed-threads", type=int, default=0, help="CPU threads while measuring (0 = torch's default)")
+    g.add_argument("--speed-n", type=Bounded(int, "[1, inf)"), default=SpeedSettings.n, help="passages per timed pass")
+    g.add_argument("--speed-threads", type=Bounded(int, "[0, inf)"), default=0,
+                   help="CPU threads while measuring (0 = torch's default)")
     g.add_argument("--no-speed", action="store_true", help="leave the passages/s column empty")
 
 

@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 from bge.checkpoint import atomic_write_text
+from bge.config import Bounded, check_ranges
 from bge.console import console, run_cli
 from bge.data import Example, load_examples, read_json_objects
 from bge.embedder import Embedder
+from bge.errors import UserError
 from bge.evaluation import encode_corpus, encode_queries, unit
 
 
@@ -41,20 +43,28 @@ def teacher_scores(teacher: Embedder, examples: list[Example], *, batch_size: in
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bge.score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="the teacher: folder, hub id, all-MiniLM-L6-v2 or auto")
     p.add_argument("--data", required=True, help="training JSONL (query, pos, neg)")
     p.add_argument("--out", required=True, help="the JSONL to write, with pos_scores and neg_scores")
     p.add_argument("--query-prompt", default=None, help="query instruction for the teacher (default: its own)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=None, help="truncation length (default: the teacher's)")
+    p.add_argument("--batch-size", type=Bounded(int, "[1, inf)"), default=64)
+    p.add_argument("--max-length", type=Bounded(int, "[1, inf)"), default=None,
+                   help="truncation length (default: the teacher's)")
     p.add_argument("--cache-dir", default="checkpoints/cache", help="passage embedding cache")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast when encoding on CPU (faster, not exact)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    a = check_ranges(p, p.parse_args(argv))
+    if Path(a.out).resolve() == Path(a.data).resolve():
+        raise UserError(f"--out {a.out} is the --data file; scoring writes a new file (pass another --out)")
     began = time.perf_counter()
     examples, _ = load_examples(a.data)  # every bad line is reported before the teacher loads
     teacher = Embedder.load(a.teacher, device=a.device)

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,16 @@ class RetrievalTask(Task):
         # what the sampler draws: queries (each brings one positive drawn per epoch), or every (query, positive) pair
         self.items = ([(i, j) for i, ex in enumerate(train) for j in range(len(ex.pos))] if cfg.positives == "all"
                       else [(i, None) for i in range(len(train))])
+        for label, d in (("validation", val), ("test", test)):
+            if isinstance(d, RetrievalData) and d.n_merged:
+                self.notes.append(d.merged_note(label))
+        kinds = Counter(ex.kind for ex in train if ex.kind not in ("", "normal"))
+        if kinds:  # FlagEmbedding's types, followed; and the one place bge differs from it
+            self.notes.append("FlagEmbedding types: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) +
+                              " line(s). only_1neg: one hard negative; symmetric_class: at most the negatives a line has"
+                              "; symmetric_sts/_clustering: the query instruction on passages too (the evaluation "
+                              "corpus is encoded without it). Unlike FlagEmbedding's *no_in_batch_neg folders, "
+                              "in-batch negatives stay on unless --no-in-batch-negatives")
 
     def anchors(self) -> list[str]:
         return [self.train[i].query for i, _ in self.items]
@@ -174,8 +185,9 @@ class RetrievalTask(Task):
         picked = [self.items[k] for k in indices]
         batch = make_batch(self.train, [i for i, _ in picked], group_size=self.group_size, seed=cfg.seed, epoch=epoch,
                            positives=None if cfg.positives == "one" else [j for _, j in picked])
-        inputs = {"q": tokenizer.tokenize(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length),
-                  "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length)}
+        prompt = tokenizer.query_prompt
+        inputs = {"q": tokenizer.tokenize(batch.query_texts(prompt), max_length=cfg.max_query_length),
+                  "p": tokenizer.tokenize(batch.passage_texts(prompt), max_length=cfg.max_passage_length)}
         teacher = self.teacher
 
         def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -197,13 +209,14 @@ class RetrievalTask(Task):
 
     def validate(self, embedder, cpu_bf16):
         ev = evaluate_retrieval(embedder, self.val, ks=VAL_KS, batch_size=self.cfg.eval_batch_size,
-                                max_length=self.cfg.max_passage_length, cpu_bf16=cpu_bf16, show_progress=False,
-                                cache_dir=self.cache.view(write=False))
+                                max_length=self.cfg.max_passage_length, query_max_length=self.cfg.max_query_length,
+                                cpu_bf16=cpu_bf16, show_progress=False, cache_dir=self.cache.view(write=False))
         return ev.metrics.summary
 
     def _test(self, model: Embedder, cpu_bf16: bool):
         return evaluate_retrieval(model, self.test_data, ks=TEST_KS, batch_size=self.cfg.eval_batch_size,
-                                  max_length=self.cfg.max_passage_length, cpu_bf16=cpu_bf16, cache_dir=self.cache)
+                                  max_length=self.cfg.max_passage_length, query_max_length=self.cfg.max_query_length,
+                                  cpu_bf16=cpu_bf16, cache_dir=self.cache)
 
     def test_scores(self, model, cpu_bf16, folder):
         return self._test(model, cpu_bf16).metrics.summary
@@ -437,8 +450,29 @@ class TaskSampler:
 
 # ---- data: training items, the held-out split, validation and test sets ----------------------------------------
 def item_id(item: Example | Pair | Labelled) -> str:
-    """The id split.json lists: a retrieval line's qid (its line number, or the BEIR query id), else the line number."""
+    """The id split.json lists under the item's task: a retrieval line's qid (its line number, or the BEIR query id),
+    else the line number. Ids are unique within a task only (a numeric qid may be another task's line number), so
+    the split keeps one id list per task."""
     return item.qid if isinstance(item, Example) else str(item.line)
+
+
+SPLIT_FORMAT = 2  # 1: one train/val/test id list for all tasks, whose ids could collide; 2: lists per task
+
+
+def read_split(path: Path, tasks: list[str]) -> dict:
+    """A run's split.json, as {"tasks": {task: {"train", "val", "test"}}, ...}. A format-1 file (one id list for all
+    tasks) is read for a single-task run, where its ids are unambiguous; a mixed run's cannot be trusted."""
+    split = json.loads(path.read_text())
+    if split.get("format", 1) == 1:
+        if len(tasks) > 1:
+            raise UserError(f"{path}: an old split (one id list for every task, so ids of different tasks collided); "
+                            f"this mixed run cannot be resumed exactly: start a new run")
+        split = {"format": SPLIT_FORMAT, **{k: v for k, v in split.items() if k not in ("train", "val", "test")},
+                 "tasks": {tasks[0]: {part: split[part] for part in ("train", "val", "test")}}}
+    missing = [t for t in tasks if t not in split["tasks"]]
+    if missing:
+        raise UserError(f"{path}: no split for the {', '.join(missing)} items of --data (the data changed since?)")
+    return split
 
 
 def split_items(task: str, items: list, val_ratio: float, test_ratio: float, seed: int) -> dict[str, list[int]]:
@@ -478,11 +512,6 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
             parse(getattr(cfg, flag))
         except argparse.ArgumentTypeError as e:
             raise UserError(f"--{flag.replace('_', '-')}: {e}") from None
-    for name, ok, want in (("threshold_precision", 0 < cfg.threshold_precision <= 1, "in (0, 1]"),
-                           ("l1", cfg.l1 >= 0, "0 or more"), ("head_lr", cfg.head_lr > 0, "positive"),
-                           ("cosent_scale", cfg.cosent_scale > 0, "positive"), ("explain", cfg.explain >= 0, "0 or more")):
-        if not ok:  # checked before any work, not at the end of a run
-            raise UserError(f"--{name.replace('_', '-')} must be {want}, got {getattr(cfg, name)}")
     path = Path(cfg.data)
     full = None
     if path.is_dir():
@@ -502,15 +531,15 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
             full = retrieval_from_examples(items["retrieval"], name=path.name, corpus=corpus)
     split_file = run_dir / "split.json"
     if split_file.exists():  # resuming: the split is part of the run
-        split = json.loads(split_file.read_text())
+        split = read_split(split_file, list(items))
     else:
         val_ratio = 0.0 if cfg.val else cfg.val_ratio
         test_ratio = 0.0 if cfg.test else cfg.test_ratio
         seed = cfg.split_seed if cfg.split_seed >= 0 else cfg.seed
-        split = {"seed": seed, "val_ratio": val_ratio, "test_ratio": test_ratio, "train": [], "val": [], "test": []}
-        for task, rows in items.items():
-            for part, idx in split_items(task, rows, val_ratio, test_ratio, seed).items():
-                split[part] += [item_id(rows[i]) for i in idx]
+        split = {"format": SPLIT_FORMAT, "seed": seed, "val_ratio": val_ratio, "test_ratio": test_ratio,
+                 "tasks": {task: {part: [item_id(rows[i]) for i in idx]
+                                  for part, idx in split_items(task, rows, val_ratio, test_ratio, seed).items()}
+                           for task, rows in items.items()}}
         if write:  # under torchrun every rank computes the same split; rank 0 writes it
             atomic_write_text(split_file, json.dumps(split) + "\n")
     given = {}
@@ -520,9 +549,10 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
             if task_of(d) not in items:
                 raise UserError(f"{flag} {file} is {task_of(d)} data, but --data has no {task_of(d)} lines")
             given[flag] = d
-    train_ids = set(split["train"])
     tasks = {}
     for task, rows in items.items():
+        parts = split["tasks"][task]
+        train_ids = set(parts["train"])
         train = [it for it in rows if item_id(it) in train_ids]
         if not train:
             raise UserError(f"{cfg.data}: no {task} training items left after holding out validation and test items")
@@ -531,7 +561,7 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
             if flag in given:
                 sets.append(given[flag] if task_of(given[flag]) == task else None)
             else:
-                sets.append(held_out(task, rows, split[part], full, f"{path.name}/{part}"))
+                sets.append(held_out(task, rows, parts[part], full, f"{path.name}/{part}"))
         tasks[task] = TASK_TYPES[task](train, *sets, cfg)
     if "retrieval" in tasks:
         tasks["retrieval"].full = full  # the corpus hard negatives are mined from
@@ -554,6 +584,22 @@ def unlabeled_task(cfg: TrainConfig, tasks: dict[str, Task], path: Path) -> Unla
         raise UserError(f"--unlabeled {cfg.unlabeled}: no passage of {cfg.corpus or path} gives a pair (titles of "
                         f"{MIN_WORDS}+ words, or passages of 3+ sentences)")
     return UnlabeledTask(pairs, cfg, per_epoch=max(1, round(cfg.unlabeled_ratio * len(retrieval.items))))
+
+
+def missing_sets(tasks: dict[str, Task], cfg: TrainConfig) -> list[tuple[str, str, str]]:
+    """(task, 'validation' or 'test', why) for each held-out set a run lacks: said before training, not found out
+    at the end (a small file can leave a carved set empty)."""
+    out = []
+    for t in tasks.values():
+        for part, data, flag in (("validation", t.val, "val"), ("test", t.test_data, "test")):
+            if data is not None:
+                continue
+            ratio = getattr(cfg, f"{flag}_ratio")
+            why = (f"--{flag} {getattr(cfg, flag)} holds another task's data" if getattr(cfg, flag) else
+                   f"--{flag}-ratio 0" if ratio == 0 else
+                   f"{ratio:g} of its {len(t.train)} training items rounds to none; a bigger file or --{flag} FILE")
+            out.append((t.name, part, why))
+    return out
 
 
 # ---- validation across tasks, and the exported model --------------------------------------------------------------

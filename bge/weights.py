@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -198,6 +200,19 @@ def write_sentence_transformers_files(folder: Path, dim: int, pooling: str, norm
                  "similarity_fn_name": "cosine"})
 
 
+@contextmanager
+def writing(tmp: Path, folder: Path) -> Iterator[None]:
+    """Write `folder`'s new content into `tmp`: a failed write (a full disk) removes tmp, keeps `folder` as it was and
+    is one line, not a traceback and a half-written copy."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {folder} ({e.strerror or e}); the partial copy was removed") from None
+
+
 def replace_folder(tmp: Path, folder: Path) -> None:
     """Swap a fully written tmp folder into place, so readers see the old or the new one, never half."""
     old = folder.with_name(folder.name + ".old")
@@ -215,14 +230,13 @@ def save(model: Encoder | BiLSTMEncoder, tokenizer: Tokenizer, folder: str | Pat
         return save_bilstm(model, tokenizer, folder)
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     cfg = model.cfg
-    _write_json(tmp / "config.json", cfg.to_hf())
-    save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save(tmp, cfg.flavour)
-    write_sentence_transformers_files(tmp, cfg.hidden_size, cfg.pooling, cfg.normalize,
-                                      tokenizer.max_length, tokenizer.query_prompt)
+    with writing(tmp, folder):
+        _write_json(tmp / "config.json", cfg.to_hf())
+        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp, cfg.flavour)
+        write_sentence_transformers_files(tmp, cfg.hidden_size, cfg.pooling, cfg.normalize,
+                                          tokenizer.max_length, tokenizer.query_prompt)
     replace_folder(tmp, folder)
     return folder
 
@@ -266,12 +280,11 @@ def save_bilstm(model: BiLSTMEncoder, tokenizer: Tokenizer, folder: str | Path) 
     Only bge reads this folder: transformers and sentence-transformers have no such architecture."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _write_json(tmp / BGE_CONFIG, {"arch": "bilstm", **model.cfg.to_dict(), "max_length": tokenizer.max_length,
-                                   "query_prompt": tokenizer.query_prompt})
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save(tmp, "bert")
+    with writing(tmp, folder):
+        _write_json(tmp / BGE_CONFIG, {"arch": "bilstm", **model.cfg.to_dict(), "max_length": tokenizer.max_length,
+                                       "query_prompt": tokenizer.query_prompt})
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp, "bert")
     replace_folder(tmp, folder)
     return folder

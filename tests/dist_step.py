@@ -3,7 +3,8 @@ and in a single process; rank 0 writes the global loss and the updated weights f
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_step.py OUT_DIR MODEL_DIR [varlen]
 
-With `varlen` the same steps run in the varlen layout (bge/packing.py, padded to a bucket), through DDP's wrapper.
+With `varlen` the same steps run in the varlen layout (bge/packing.py, padded to a bucket), through DDP's wrapper
+and make_embed, in float32; otherwise in float64.
 """
 import functools
 import json
@@ -20,13 +21,15 @@ from bge import distributed, packing
 from bge.batching import make_batch
 from bge.config import TrainConfig
 from bge.data import Example
-from bge.step import forward_backward, make_embed
+from bge.step import forward_backward
 from bge.weights import load_model
 
-VARIANTS = [  # (name, group size, GradCache chunk)
-    ("in-batch", 1, 0),
-    ("hard negatives", 3, 0),
-    ("hard negatives + gradcache", 3, 5),
+VARIANTS = [  # (name, queries in the global batch, group size, GradCache chunk, in-batch negatives)
+    ("in-batch", 8, 1, 0, True),
+    ("hard negatives", 8, 3, 0, True),
+    ("hard negatives + gradcache", 8, 3, 5, True),
+    ("uneven shards", 7, 3, 0, True),  # 3 queries on rank 0, 4 on rank 1: each rank's loss is weighted by its share
+    ("own group only", 8, 3, 0, False),  # no in-batch negatives: a query finds its passages by their global owner
 ]
 
 
@@ -45,18 +48,29 @@ def main() -> None:
     info = distributed.init("cpu")
     ex = examples()
     results = {}
-    for name, group, chunk in VARIANTS:
+    for name, n, group, chunk, in_batch in VARIANTS:
         model, tok = load_model(model_dir)
-        model.train()  # dropout is 0 in this model's config: every path computes the same function
+        # float64 and dropout 0 (this model's config): one process and two must agree to rounding, ~1e-15, so that a
+        # wrong weight or offset (an error of the size of float32 noise, 1e-7, included) cannot hide in a tolerance;
+        # the varlen layout runs as training runs it, through make_embed in float32
+        (model if varlen else model.double()).train()
         # plain SGD: Adam's first step is lr * g / (|g| + eps), which turns rounding in near-zero gradients into
         # visible weight differences; SGD moves the weights by exactly lr * gradient
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         net = distributed.wrap(model, info)
-        pack = functools.partial(packing.pack, pad_id=tok.pad_id, multiple=32, max_length=64) if varlen else None
-        embed = make_embed(net or model.embed, tok.pad, info.device, pack=pack)
-        batch = make_batch(ex, distributed.shard(list(range(8)), info), group_size=group, seed=0, epoch=0)
+        if varlen:
+            pack = functools.partial(packing.pack, pad_id=tok.pad_id, multiple=32, max_length=64)
+            embed = make_embed(net or model.embed, tok.pad, info.device, pack=pack)
+        else:
+            fn = net or model.embed
+
+            def embed(ids):  # make_embed's, without its cast to float32
+                input_ids, mask = tok.pad(ids)
+                return fn(input_ids, mask)
+
+        batch = make_batch(ex, distributed.shard(list(range(n)), info), group_size=group, seed=0, epoch=0)
         inputs = {"q": tok.tokenize(batch.queries), "p": tok.tokenize(batch.passages)}
-        cfg = TrainConfig(temperature=0.05)
+        cfg = TrainConfig(temperature=0.05, in_batch_negatives=in_batch)
         loss, stats = forward_backward(embed, inputs, lambda e: retrieval_loss(e, batch, cfg, info if net else None),
                                        chunk_size=chunk, device=info.device, no_sync=net.no_sync if net else None,
                                        together=varlen)

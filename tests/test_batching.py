@@ -100,3 +100,41 @@ def test_prefetcher_yields_in_order_from_any_start_and_forwards_errors():
     assert [p.get(m) for m in range(3, 7)] == [9, 16, 25, 36]
     with pytest.raises(ValueError, match="bad line 7"):
         p.get(7)
+
+
+def test_flagembedding_types_size_the_group_and_instruct_symmetric_passages(tmp_path):
+    """As FlagEmbedding's training data: only_1neg brings one negative whatever the group size, symmetric_class at most
+    the negatives it has (never repeated), symmetric_sts/_clustering put the query instruction on the passages too."""
+    import json
+
+    from bge.data import load_examples
+    lines = [{"query": "q0", "pos": ["p0"], "neg": ["a", "b", "c"], "type": "only_1neg"},
+             {"query": "q1", "pos": ["p1"], "neg": ["d"], "type": "symmetric_class"},
+             {"query": "q2", "pos": ["p2"], "neg": ["e"], "type": "normal"},
+             {"query": "q3", "pos": ["p3"], "neg": ["f"], "type": "symmetric_sts", "prompt": "Same meaning: "},
+             {"query": "q4", "pos": ["p4"], "neg": ["g", "h"], "type": "symmetric_clustering"},
+             {"query": "q5", "pos": ["p5"], "neg": ["i"]}]
+    path = tmp_path / "types.jsonl"
+    path.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    ex, _ = load_examples(path)
+    assert [e.kind for e in ex] == ["only_1neg", "symmetric_class", "normal", "symmetric_sts", "symmetric_clustering", ""]
+    b = make_batch(ex, list(range(6)), group_size=4, seed=0, epoch=0)
+    sizes = Counter(b.owner.tolist())
+    assert [sizes[i] for i in range(6)] == [2, 2, 4, 4, 4, 4]  # normal lines repeat their negatives, as FlagEmbedding
+    texts = b.passage_texts("Q: ")
+    by_owner = lambda i: [t for t, o in zip(texts, b.owner.tolist()) if o == i]
+    assert all(t.startswith("Same meaning: ") for t in by_owner(3)) and all(t.startswith("Q: ") for t in by_owner(4))
+    assert not any(t.startswith(("Q: ", "Same meaning: ")) for i in (0, 1, 2, 5) for t in by_owner(i))
+    assert b.query_texts("Q: ")[3] == "Same meaning: q3" and b.passages == [t.split(": ")[-1] for t in texts]
+
+
+def test_each_query_draws_one_of_its_positives_by_seed_epoch_and_index():
+    """The positive is drawn, not always the first: over epochs every positive of a line is used, and the draw is a
+    pure function of (seed, epoch, index), so a resumed run sees the same one."""
+    ex = [Example("q", ["first", "second", "third"]), Example("r", ["only"])]
+    drawn = Counter()
+    for epoch in range(30):
+        b = make_batch(ex, [0, 1], group_size=1, seed=7, epoch=epoch)
+        drawn[b.passages[b.pos_index[0]]] += 1
+        assert b.passages == make_batch(ex, [0, 1], group_size=1, seed=7, epoch=epoch).passages
+    assert set(drawn) == {"first", "second", "third"} and min(drawn.values()) >= 5

@@ -1,16 +1,19 @@
 """The benchmark scripts run (tiny sizes, CPU): the GPU check's correctness harness, and the training benchmark's
 side-by-side run with its fp32 loss-trajectory check against sentence-transformers."""
 import json
+import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import long_passages_beir
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(*argv):
-    r = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
+def run(*argv, env=None):
+    r = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     return r
 
@@ -61,8 +64,10 @@ def test_training_benchmark_varlen_gradcache_st_and_trajectory_check(tmp_path, t
 
 def test_encode_benchmark_compares_like_with_like(tmp_path, tiny_model_dir):
     out = tmp_path / "encode.json"
+    corpus = long_passages_beir(tmp_path / "corpus", n=12)  # SciFact-length passages; $BGE_SCIFACT points there
     r = run("benchmarks/encode.py", "--model", str(tiny_model_dir), "--n", "12", "--batch-size", "4", "--repeats", "1",
-            "--max-length", "64", "--precisions", "fp32,bf16", "--vs", "sentence-transformers", "--json", str(out))
+            "--max-length", "64", "--precisions", "fp32,bf16", "--vs", "sentence-transformers", "--json", str(out),
+            env={**os.environ, "BGE_SCIFACT": str(corpus)})
     assert set(json.loads(out.read_text())["results"]) == {"bge fp32", "bge bf16", "sentence-transformers fp32",
                                                           "sentence-transformers bf16"}
     cosine = float(r.stdout.split("agreement (fp32): min cosine bge vs sentence-transformers ")[1].split()[0])

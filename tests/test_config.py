@@ -1,8 +1,9 @@
 import dataclasses
+import math
 
 import pytest
 
-from bge.config import TrainConfig, build_parser, parse_args
+from bge.config import Bounded, Range, TrainConfig, build_parser, check_ranges, parse_args
 from bge.errors import UserError
 
 
@@ -11,12 +12,13 @@ def other_value(f: dataclasses.Field):
     choices = f.metadata.get("choices")
     if choices:
         return next(c for c in choices if c != f.default)
+    if f.metadata.get("items"):
+        return {int: "8", float: "0.5"}[f.metadata["items"]]
     if isinstance(f.default, bool):
         return not f.default
-    if isinstance(f.default, int):
-        return f.default + 3
-    if isinstance(f.default, float):
-        return f.default + 0.25
+    step = 3 if isinstance(f.default, int) else 0.25
+    if isinstance(f.default, (int, float)):
+        return f.default + step if f.default + step in f.metadata["range"] else f.default - step
     return (f.default or "v") + "x"
 
 
@@ -77,3 +79,106 @@ def test_unknown_flag_and_bad_type_are_errors(capsys):
         parse_args(["--epochs", "1.5"])
     cfg, _ = parse_args(["--lr", "1"])  # nanoGPT's `--learning_rate=1` trap: an int is a fine float
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+
+
+# ---- ranges: every number is checked before any work -----------------------------------------------------
+NUMERIC = [f for f in dataclasses.fields(TrainConfig)
+           if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) or f.metadata.get("items")]
+
+
+def outside(rng: Range, kind: type) -> list:
+    """Values just outside each finite end of the range (the end itself when it is open)."""
+    step = 1 if kind is int else 1e-3
+    values = []
+    if math.isfinite(rng.lo):
+        values.append(kind(rng.lo) if not rng.lo_closed else kind(rng.lo - step))
+    if math.isfinite(rng.hi):
+        values.append(kind(rng.hi) if not rng.hi_closed else kind(rng.hi + step))
+    return values
+
+
+def test_every_numeric_field_has_a_range_that_holds_its_default():
+    """A new int/float field without range=... fails here (and so does a number hidden in a str field's list)."""
+    assert len(NUMERIC) >= 40
+    for f in dataclasses.fields(TrainConfig):
+        if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+            assert isinstance(f.metadata["range"], Range), f"{f.name}: a numeric field needs opt(..., range=...)"
+            assert f.default in f.metadata["range"], f.name
+        if f.metadata.get("items"):
+            assert isinstance(f.metadata["range"], Range), f.name
+
+
+@pytest.mark.parametrize("f", NUMERIC, ids=[f.name for f in NUMERIC])
+def test_a_value_outside_the_range_is_one_line_naming_flag_value_and_range(f):
+    rng, flag = f.metadata["range"], "--" + f.name.replace("_", "-")
+    kind = f.metadata.get("items") or type(f.default)
+    values = outside(rng, kind)
+    assert values, f"{f.name}: the range {rng} has no finite end to test"
+    for v in values:
+        text = f"1,{v}" if f.metadata.get("items") else str(v)
+        with pytest.raises(UserError) as e:
+            parse_args([flag, text])
+        message = str(e.value)
+        assert message.startswith(flag) and str(rng) in message and text in message and "\n" not in message, message
+    # the same check guards presets and sweeps, which read values through the same conversion
+    from bge.config import parse_setting
+    with pytest.raises(UserError, match=f"must be in {rng}".replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        parse_setting(f.name, values[0] if not f.metadata.get("items") else f"1,{values[0]}", "preset.toml")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--val-ratio", "0.6", "--test-ratio", "0.6"], "must be below 1"),
+    (["--val-ratio", "0.5", "--test-ratio", "0.5"], "must be below 1"),  # the boundary: no training item left
+    (["--merge-sweep", "0.5", "--merge-ratio", "0.5"], "not both"),
+    (["--kd-weight", "1", "--group-size", "1"], "needs --group-size 2 or more"),
+    (["--distill-from", "teacher", "--matryoshka-dims", "16,8"], "cannot be combined"),
+    (["--matryoshka-dims", "16,x"], "matryoshka_dims must be ints separated by commas"),
+    (["--merge-sweep", ","], "merge_sweep must be floats separated by commas"),
+])
+def test_cross_field_checks(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse_args(argv)
+
+
+def test_a_test_file_replaces_the_carved_test_share():
+    cfg, _ = parse_args(["--val-ratio", "0.6", "--test-ratio", "0.6", "--test", "t.tsv"])
+    assert cfg.val_ratio == 0.6
+
+
+def test_range_intervals():
+    r = Range.parse("[0, 1)")
+    assert 0 in r and 0.5 in r and 1 not in r and -1e-9 not in r and float("nan") not in r
+    r = Range.parse("(-inf, 1]")
+    assert -1e9 in r and 1 in r and 1.0001 not in r
+    with pytest.raises(ValueError):
+        Range.parse("0..1")
+
+
+def cli_parsers():
+    import evaluate
+    import sweep
+    from bge import mine, score
+    return {"evaluate.py": (evaluate.build_parser(), ["--data", "x"]),
+            "bge.mine": (mine.build_parser(), ["--data", "x", "--out", "y"]),
+            "bge.score": (score.build_parser(), ["--teacher", "t", "--data", "x", "--out", "y"]),
+            "sweep.py": (sweep.build_parser(), ["preset.toml"])}
+
+
+def test_every_numeric_flag_of_the_other_clis_has_a_range():
+    """evaluate.py, bge.mine, bge.score and sweep.py: no flag is a bare int or float; each Bounded flag refuses a value
+    outside its range with one line naming it (lists such as --ks and --range parse and check themselves)."""
+    checked = 0
+    for cli, (parser, required) in cli_parsers().items():
+        for action in parser._actions:
+            assert action.type not in (int, float), f"{cli} {action.option_strings}: give it a Bounded(type, range)"
+            if not isinstance(action.type, Bounded):
+                continue
+            flag = action.option_strings[0]
+            assert action.default is None or action.default in action.type.range, (cli, flag)
+            for v in outside(action.type.range, action.type.kind):
+                args = parser.parse_args([*required, flag, str(v)])
+                with pytest.raises(UserError) as e:
+                    check_ranges(parser, args)
+                assert str(e.value) == f"{flag}: must be in {action.type.range}, got {v!r}", (cli, str(e.value))
+                checked += 1
+    assert checked >= 14

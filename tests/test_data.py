@@ -6,6 +6,7 @@ import pytest
 
 from bge.data import DataError, load_examples, load_training_file, retrieval_from_examples
 from bge.errors import UserError
+from conftest import FIXTURES, SHARED_DATA
 
 GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"]}
 
@@ -70,14 +71,25 @@ def test_bom_crlf_blank_lines_string_pos_and_triplets(tmp_path):
     assert examples[2].prompt == "Find: " and examples[2].pos_scores == [0.9] and examples[2].line == 4
 
 
+@pytest.mark.shared_data
 def test_real_flagembedding_samples_load(tmp_path):
-    from pathlib import Path
-    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "flagembedding_examples"
-    files = sorted(folder.glob("*.jsonl"))
+    files = sorted((SHARED_DATA / "flagembedding_examples").glob("*.jsonl"))
     assert len(files) >= 4
     for f in files:
         examples, skipped = load_examples(f)
         assert examples and not skipped
+
+
+def test_flagembedding_shaped_fixtures_load():
+    """The fixtures in FlagEmbedding's shapes: prompts, types, teacher scores."""
+    files = sorted((FIXTURES / "flagembedding").glob("*.jsonl"))
+    assert [f.stem for f in files] == ["normal", "only_1neg", "plain", "symmetric_sts"]
+    for f in files:
+        examples, skipped = load_examples(f)
+        assert len(examples) == 10 and not skipped
+        assert {ex.kind for ex in examples} == {"" if f.stem == "plain" else f.stem}
+    scored, _ = load_examples(FIXTURES / "flagembedding" / "only_1neg.jsonl")
+    assert all(len(ex.neg) == len(ex.neg_scores) == 1 and ex.prompt for ex in scored)
 
 
 def test_retrieval_set_from_examples_dedups_passages_by_text():
@@ -89,7 +101,6 @@ def test_retrieval_set_from_examples_dedups_passages_by_text():
 
 
 # ---- STS pairs, classification rows, mixed files --------------------------------------------------------------
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAIR = {"sentence1": "a cat sits", "sentence2": "a cat is sitting", "score": 4.5}
 ROW = {"text": "my battery will not charge", "label": "ebike_battery"}
 
@@ -133,7 +144,7 @@ def test_task_flag_reads_lines_without_a_type_as_that_task(tmp_path):
     with pytest.raises(DataError, match=":1: sts lines need the fields score, sentence1, sentence2; this one has label"):
         load_training_file(path, task="sts")
     with pytest.raises(UserError, match="cannot be read as --task classification"):
-        load_training_file(SHARED / "stsb" / "sts-dev.tsv", task="classification")
+        load_training_file(FIXTURES / "sts.tsv", task="classification")
 
 
 def test_skip_bad_lines_across_tasks(tmp_path):
@@ -142,11 +153,18 @@ def test_skip_bad_lines_across_tasks(tmp_path):
     assert len(data.sts) == 1 and len(data.classification) == 1 and len(skipped) == 2
 
 
+def test_sts_tsv_as_a_training_file():
+    data, _ = load_training_file(FIXTURES / "sts.tsv")
+    assert list(data.by_task()) == ["sts"] and len(data.sts) == 20
+    assert data.sts[0].line == 2 and data.sts[0].score == 4.2 and data.sts[-1].line == 21
+
+
+@pytest.mark.shared_data
 def test_real_sts_tsv_and_flagembedding_samples_as_training_files():
-    data, _ = load_training_file(SHARED / "stsb" / "sts-train.tsv")
+    data, _ = load_training_file(SHARED_DATA / "stsb" / "sts-train.tsv")
     assert list(data.by_task()) == ["sts"] and len(data.sts) == 5749
     assert data.sts[0].line == 2 and 0 <= min(p.score for p in data.sts) and max(p.score for p in data.sts) <= 5
-    for f in sorted((SHARED / "flagembedding_examples").glob("*.jsonl")):
+    for f in sorted((SHARED_DATA / "flagembedding_examples").glob("*.jsonl")):
         # every FlagEmbedding type comes on query/pos/neg lines, trained contrastively as FlagEmbedding does
         data, skipped = load_training_file(f)
         assert list(data.by_task()) == ["retrieval"] and len(data.retrieval) == 10 and not skipped
@@ -203,3 +221,25 @@ def test_retrieval_only_readers_name_a_line_of_another_task(tmp_path):
         load_examples(path)
     with pytest.raises(DataError, match=r":2: field 'type' must be one of"):
         load_examples(write(tmp_path, [json.dumps(GOOD), json.dumps({**GOOD, "type": "banana"})], "typo.jsonl"))
+
+
+def test_lines_sharing_a_query_are_one_evaluation_query_with_all_their_positives(tmp_path):
+    """One line per (query, positive), as FlagEmbedding files often have: scored apart, each line's query would count
+    the other lines' positives as non-relevant."""
+    from bge.evaluation import load_eval_data
+    lines = [{"query": "How do I fix a flat?", "pos": ["patch the tube"], "neg": ["oil the chain"]},
+             {"query": "how do i  fix a FLAT?", "pos": ["replace the tube"]},
+             {"query": "How do I fix a flat?", "pos": ["patch the tube"], "prompt": "Find: "},  # another instruction
+             {"query": "why do my brakes squeal", "pos": ["clean the rotor"]},
+             {"query": "How do I fix a flat? ", "pos": ["use a tyre lever", "patch the tube"]}]
+    data = load_eval_data(write(tmp_path, [json.dumps(l) for l in lines], "pairs.jsonl"))
+    docs = {t: d for d, t in data.corpus.items()}
+    assert list(data.queries) == ["1", "3", "4"] and data.merged == {"1": ["2", "5"]} and data.n_merged == 2
+    assert data.qrels["1"] == {docs[t]: 1 for t in ("patch the tube", "replace the tube", "use a tyre lever")}
+    assert data.qrels["3"] == {docs["patch the tube"]: 1} and data.prompts == {"3": "Find: "}
+    assert data.subset(["1", "4"]).merged == {"1": ["2", "5"]} and data.subset(["4"]).n_merged == 0
+    assert "2 line(s) repeat an earlier line's query" in data.merged_note("test")
+    # lines that name their query (BEIR ids, as bge.mine writes them) stay apart, as the benchmark scores them
+    named = [dict(l, qid=f"beir-{i}") for i, l in enumerate(lines)]
+    data = load_eval_data(write(tmp_path, [json.dumps(l) for l in named], "named.jsonl"))
+    assert len(data.queries) == 5 and data.n_merged == 0

@@ -16,14 +16,14 @@ from bge.evaluation import CorpusCache, encode_corpus, evaluate_retrieval, evalu
 from bge.model import Encoder, ModelConfig
 from bge.tokenizer import Tokenizer
 from bge.weights import save
+from conftest import FIXTURES, SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAX_LENGTH = 256  # all-MiniLM-L6-v2's own, and what sentence-transformers uses for it
 
 
 def shared(*parts: str) -> Path:
-    path = DATA.joinpath(*parts)
+    path = SHARED_DATA.joinpath(*parts)
     assert path.exists(), f"test data missing: {path} (the shared data folder must sit beside the repo)"
     return path
 
@@ -55,6 +55,7 @@ def scifact_slice(n_queries: int = 100, n_other: int = 400) -> RetrievalData:
                          name="scifact-slice")
 
 
+@pytest.mark.shared_data
 def test_retrieval_matches_sentence_transformers(minilm, st_minilm):
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
@@ -76,6 +77,7 @@ def test_retrieval_matches_sentence_transformers(minilm, st_minilm):
     assert len(hits) == 100 and all(a[1] >= b[1] for a, b in zip(hits, hits[1:]))
 
 
+@pytest.mark.shared_data
 def test_sts_matches_sentence_transformers(minilm, st_minilm):
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
@@ -251,7 +253,7 @@ def test_query_prompt_reaches_queries_only(tiny, monkeypatch):
 
 
 def test_per_line_prompts_from_a_training_file(tiny, monkeypatch):
-    data = load_eval_data(shared("flagembedding_examples", "retrieval__nli.jsonl"))
+    data = load_eval_data(FIXTURES / "flagembedding" / "only_1neg.jsonl")
     assert isinstance(data, RetrievalData) and data.prompts
     prompts = []
     real = Embedder.encode
@@ -311,12 +313,12 @@ def test_load_eval_data_detects_the_format(tmp_path):
     assert load_eval_data(tmp_path / "beir", "test", use_title=False).corpus["d1"] == f"{WORDS[1]} {WORDS[6]}"
     with pytest.raises(UserError, match="no split 'dev'.*it has test"):
         load_eval_data(tmp_path / "beir", "dev")
-    sts = load_eval_data(shared("stsb", "sts-dev.tsv"))
-    assert isinstance(sts, STSData) and len(sts.scores) == 1500
+    sts = load_eval_data(FIXTURES / "sts.tsv")
+    assert isinstance(sts, STSData) and len(sts.scores) == 20
     (tmp_path / "sts.jsonl").write_text('{"sentence1": "a", "sentence2": "b", "score": 1}\n'
                                         '{"sentence1": "c", "sentence2": "d", "score": 2.5}\n')
     assert load_eval_data(tmp_path / "sts.jsonl").scores == [1.0, 2.5]
-    train = load_eval_data(shared("flagembedding_examples", "sts__sts.jsonl"))  # training format despite the name
+    train = load_eval_data(FIXTURES / "flagembedding" / "symmetric_sts.jsonl")  # training format, STS content
     assert isinstance(train, RetrievalData) and len(train.queries) == 10
     assert all(len(r) >= 1 for r in train.qrels.values())
     assert all(d in train.corpus for r in train.qrels.values() for d in r)
@@ -444,3 +446,16 @@ def test_cli_dims_adds_a_row_per_size(tiny_dirs, tmp_path):
     assert [m["dim"] for m in rows] == [32, 16, 8] and rows[1]["metrics"] != rows[0]["metrics"]
     r = run_cli("--model", tiny_dirs[0], "--data", data, "--dims", "64", "--no-cache", "--out", out)
     assert r.returncode == 2 and "--dims 64" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_merges_lines_that_share_a_query_and_says_so(tiny_dirs, tmp_path):
+    lines = [{"query": f"question {i // 2}", "pos": [f"answer {i}"], "neg": [f"other {i}"]} for i in range(8)]
+    data, out = tmp_path / "pairs.jsonl", tmp_path / "out.json"
+    data.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    split = tmp_path / "split.json"  # ids of merged lines name their query
+    split.write_text(json.dumps({"format": 2, "tasks": {"retrieval": {"train": [], "val": [], "test": ["2"]}}}))
+    r = run_cli("--model", tiny_dirs[0], "--data", data, "--no-cache", "--out", out, "--queries", split)
+    assert r.returncode == 0, r.stderr
+    assert "1 line(s) repeat an earlier line's query" in " ".join(r.stderr.split())
+    result = json.loads(out.read_text())["dataset"]
+    assert result["n_queries"] == 1 and result["n_merged_lines"] == 1

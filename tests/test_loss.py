@@ -34,15 +34,16 @@ def naive_mask(passage_texts, query_positive_texts, pos_index):
             for i in range(len(query_positive_texts))]
 
 
-def batch(seed=0, dim=16):
-    """4 queries, group size 3, with a duplicated passage text that is query 0's positive elsewhere in the batch."""
+def batch(seed=0, dim=16, shared=False):
+    """4 queries, group size 3, with a duplicated passage text that is query 0's positive elsewhere in the batch.
+    shared: query 1 also counts query 0's positive among its own (two queries sharing a positive, one way only)."""
     g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(4, dim, generator=g), dim=1)
     p = F.normalize(torch.randn(12, dim, generator=g), dim=1)
     texts = [f"t{j}" for j in range(12)]
     texts[7] = texts[0]  # query 2 brought query 0's positive as a hard negative: a false negative for query 0
     texts[10] = "t3"     # query 3 brought query 1's positive too
-    positives = [{"t0", "t5"}, {"t3"}, {"t6"}, {"t9"}]  # query 0 has a second positive (t5) inside its own group
+    positives = [{"t0", "t5"}, {"t3"} | ({"t0"} if shared else set()), {"t6"}, {"t9"}]  # query 0: t5 in its own group
     pos_index = torch.tensor([0, 3, 6, 9])
     owner = torch.arange(4).repeat_interleave(3)
     return q, p, texts, positives, pos_index, owner
@@ -63,9 +64,9 @@ def test_mask_equals_naive():
 
 @pytest.mark.parametrize("in_batch", [True, False])
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", [False, True, "shared"])
 def test_info_nce_equals_naive_loop_with_gradients(in_batch, symmetric, masked):
-    q, p, texts, positives, pos_index, owner = batch()
+    q, p, texts, positives, pos_index, owner = batch(shared=masked == "shared")
     excluded = naive_mask(texts, positives, pos_index.tolist()) if masked else [[False] * 12 for _ in range(4)]
     mask = torch.tensor(excluded) if masked else None
     q1, p1 = q.clone().requires_grad_(), p.clone().requires_grad_()
@@ -77,6 +78,33 @@ def test_info_nce_equals_naive_loop_with_gradients(in_batch, symmetric, masked):
     ref.backward()
     assert torch.allclose(q1.grad, q2.grad, atol=1e-5) and torch.allclose(p1.grad, p2.grad, atol=1e-5)
     assert 0.0 <= acc.item() <= 1.0
+
+
+def test_a_shared_positive_masks_the_passage_to_query_term_the_right_way_round():
+    """Query 1 counts query 0's positive (t0) among its positives, not the other way: in the passage-to-query term,
+    positive 0 must not be pushed away from query 1, while positive 1 is still pushed away from query 0."""
+    q, p, texts, positives, pos_index, owner = batch(shared=True)
+    mask = torch.tensor(naive_mask(texts, positives, pos_index.tolist()))
+    assert mask[1, 0] and not mask[0, 3]  # one way only
+    moved = q.clone()
+    moved[1] = p[0]  # query 1 on top of positive 0: unmasked, this would dominate positive 0's softmax
+    forward_only, _ = info_nce(moved, p, pos_index, 0.05, mask=mask)
+    both, _ = info_nce(moved, p, pos_index, 0.05, mask=mask, symmetric=True)
+    back = 2 * both - forward_only  # the passage-to-query term alone
+    ref = naive_info_nce(moved, p, pos_index, 0.05, mask.tolist(), True, owner.tolist(), True) * 2 - \
+        naive_info_nce(moved, p, pos_index, 0.05, mask.tolist(), True, owner.tolist(), False)
+    assert torch.allclose(back, ref, atol=1e-5)
+
+
+def test_without_in_batch_negatives_a_rank_sees_its_queries_groups_at_their_global_offset():
+    """Under torchrun, p holds every rank's passages and `owner` counts queries globally: this rank's queries 2 and 3
+    see the passages owned by global queries 2 and 3 (query_offset 2), not those of 0 and 1."""
+    q, p, texts, positives, pos_index, owner = batch()
+    local = q[2:].clone().requires_grad_()
+    loss, _ = info_nce(local, p, pos_index[2:], 0.05, owner=owner, in_batch=False, query_offset=2)
+    none = [[False] * len(p) for _ in range(2)]
+    ref = naive_info_nce(q[2:], p, pos_index[2:], 0.05, none, False, (owner - 2).tolist(), False)
+    assert torch.isfinite(loss) and torch.allclose(loss, ref, atol=1e-5)
 
 
 def test_masking_changes_the_loss_and_ignores_masked_scores():
@@ -311,3 +339,28 @@ def test_matryoshka_adds_the_loss_at_each_truncated_size():
     assert t.shape == (4, 4) and torch.allclose(t.norm(dim=1), torch.ones(4))
     with pytest.raises(ValueError, match="outside 1..16"):
         matryoshka(loss_fn, {"q": q, "p": p}, [32])
+
+
+# ---- the retrieval task's loss on an assembled batch ------------------------------------------------------
+@pytest.mark.parametrize("in_batch", [True, False])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_retrieval_loss_of_an_assembled_batch_equals_the_naive_loop(in_batch, symmetric):
+    """bge.tasks.retrieval_loss on a batch from make_batch (false negatives by text, a positive two queries share)
+    against the naive loop: the wiring of mask, owner, temperature and flags, not only info_nce."""
+    from bge.batching import make_batch
+    from bge.config import TrainConfig
+    from bge.data import Example
+    from bge.tasks import retrieval_loss
+    ex = [Example(f"q{i}", [f"pos {i}"] + (["pos 0"] if i == 1 else []), [f"neg {i} {k}" for k in range(3)])
+          for i in range(4)]
+    ex[2].neg[0] = "pos 0"  # query 2 brings query 0's positive as a hard negative
+    b = make_batch(ex, [0, 1, 2, 3], group_size=3, seed=0, epoch=0)
+    g = torch.Generator().manual_seed(3)
+    emb = {"q": F.normalize(torch.randn(4, 8, generator=g), dim=1),
+           "p": F.normalize(torch.randn(len(b.passages), 8, generator=g), dim=1)}
+    cfg = TrainConfig(temperature=0.05, in_batch_negatives=in_batch, symmetric=symmetric)
+    loss, _ = retrieval_loss(emb, b, cfg)
+    excluded = naive_mask(b.passages, [set(e.pos) for e in ex], b.pos_index.tolist())
+    assert sum(map(sum, excluded)) >= 2  # the masks matter here
+    ref = naive_info_nce(emb["q"], emb["p"], b.pos_index, 0.05, excluded, in_batch, b.owner.tolist(), symmetric)
+    assert torch.allclose(loss, ref, atol=1e-5)

@@ -11,9 +11,11 @@ from bge.batching import normalise
 from bge.config import parse_args
 from bge.data import examples_from_beir, load_beir
 from bge.embedder import Embedder
+from bge.errors import UserError
 from bge.evaluation import encode_corpus
 from bge.mine import filter_candidates, main, mine, parse_margin, parse_range, sample, threshold
 from bge.tasks import load_tasks
+from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN_QUERY = "how often should I replace a bike chain"
@@ -161,11 +163,11 @@ def test_cli_writes_a_file_that_splits_and_evaluates_as_the_beir_folder(beir, ti
     assert all(ex.neg for ex in from_mined[0]) and not any(ex.neg for ex in from_beir[0])
 
 
+@pytest.mark.shared_data
 def test_scifact_mined_format_gives_the_beir_split_and_test_set(tmp_path):
     """On the real SciFact train split: lines as bge.mine writes them (here with arbitrary negatives) carve the same
     validation and test queries, over the same 5,183-passage corpus, as the BEIR folder."""
-    scifact = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
-    assert scifact.exists(), f"test data missing: {scifact}"
+    scifact = SHARED_DATA / "scifact"
     data = load_beir(scifact, "train")
     texts = list(data.corpus.values())
     lines = [{"qid": ex.qid, "query": ex.query, "pos": ex.pos, "neg": texts[i : i + 3]}
@@ -175,6 +177,17 @@ def test_scifact_mined_format_gives_the_beir_split_and_test_set(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     a = load_retrieval(parse_args(["--data", str(scifact)])[0], tmp_path / "a")
     b = load_retrieval(parse_args(["--data", str(mined_file), "--corpus", str(scifact)])[0], tmp_path / "b")
-    assert a[3] == b[3] and len(a[3]["test"]) == len(b[2].queries) == 121
+    assert a[3] == b[3] and len(a[3]["tasks"]["retrieval"]["test"]) == len(b[2].queries) == 121
     assert a[2].fingerprint() == b[2].fingerprint() and len(b[2].corpus) == 5183
     assert a[1].fingerprint() == b[1].fingerprint()
+
+
+def test_out_that_is_an_input_is_refused_before_any_work(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"query": "q", "pos": ["p"]}\n')
+    for out in (data, tmp_path / "." / "train.jsonl"):
+        with pytest.raises(UserError, match="is an input of this run"):
+            main(["--data", str(data), "--out", str(out), "--model", "nowhere"])
+    assert data.read_text() == '{"query": "q", "pos": ["p"]}\n'
+    with pytest.raises(UserError, match="--negatives: must be in \\[1, inf\\), got 0"):
+        main(["--data", str(data), "--out", str(tmp_path / "o.jsonl"), "--negatives", "0"])

@@ -19,6 +19,12 @@ def test_warmup_then_linear_decay():
     assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+def test_linear_decay_ends_at_its_floor():
+    kw = dict(lr=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert get_lr(60, **kw) == pytest.approx(0.55) and get_lr(110, **kw) == pytest.approx(0.1)
+    assert get_lr(10, **kw) == pytest.approx(1.0) and get_lr(500, **kw) == pytest.approx(0.1)
+
+
 def test_cosine_constant_and_floor():
     kw = dict(lr=2.0, warmup_steps=0, total_steps=100)
     assert get_lr(0, schedule="cosine", **kw) == pytest.approx(2.0)

@@ -148,9 +148,10 @@ def test_mined_negatives_are_never_positives_cached_and_share_the_base_encoding(
     negatives = json.loads(cached[0].read_text())["negatives"]
     split = json.loads((tmp_path / "a" / "split.json").read_text())
     corpus = {json.loads(l)["_id"]: json.loads(l) for l in (beir / "corpus.jsonl").read_text().splitlines()}
-    assert len(negatives) == len(split["train"]) and all(len(n) == 3 for n in negatives)
-    for qid, negs in zip(split["train"], negatives):  # the training queries, in order
-        own = corpus["d" + str(qid).split(":")[-1].lstrip("q")]
+    train_ids = split["tasks"]["retrieval"]["train"]
+    assert len(negatives) == len(train_ids) and all(len(n) == 3 for n in negatives)
+    for qid, negs in zip(train_ids, negatives):  # the training queries, in order
+        own = corpus["d" + qid.lstrip("q")]
         assert normalise(f"{own['title']} {own['text']}") not in {normalise(n) for n in negs}
     results = json.loads((tmp_path / "a" / "results.json").read_text())
     assert results["test_passages_encoded"] == 0
@@ -165,7 +166,7 @@ def test_mined_negatives_are_never_positives_cached_and_share_the_base_encoding(
 def test_split_seed_fixes_the_test_set_across_seeds(beir, tmp_path):
     def test_ids(*extra):
         cfg, _ = parse_args(["--data", str(beir), "--out-dir", str(tmp_path), *extra])
-        return load_tasks(cfg, tmp_path / "_".join(extra), write=False)[1]["test"]
+        return load_tasks(cfg, tmp_path / "_".join(extra), write=False)[1]["tasks"]["retrieval"]["test"]
 
     assert test_ids("--seed", "1", "--split-seed", "7") == test_ids("--seed", "2", "--split-seed", "7")
     assert test_ids("--seed", "1") != test_ids("--seed", "2")  # without it, --seed draws the split as before

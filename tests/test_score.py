@@ -40,3 +40,11 @@ def test_bad_lines_fail_before_the_teacher_loads(tmp_path):
     data.write_text('{"query": "q"}\n')
     with pytest.raises(UserError, match=":1: missing field 'pos'"):
         main(["--teacher", str(tmp_path / "no-such-model"), "--data", str(data), "--out", str(tmp_path / "o.jsonl")])
+
+
+def test_out_equal_to_data_is_refused(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(UserError, match="--out .* is the --data file"):
+        main(["--teacher", "nowhere", "--data", str(data), "--out", str(tmp_path / "sub" / ".." / "train.jsonl")])
+    assert json.loads(data.read_text()) == ROWS[0]

@@ -50,6 +50,16 @@ def test_gradcache_equals_full_batch_gradients(minilm_dir, chunk, dtype, tol):
     assert max(g.abs().max().item() for g in full.values()) > 1e-4  # the gradients are not trivially zero
 
 
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_loss_scale_scales_the_gradients_and_not_the_loss(minilm_dir, chunk):
+    """fp16's GradScaler and gradient accumulation pass loss_scale: the backward sees loss * scale on both paths."""
+    model, embed, inputs, loss_fn = setup(0.0, minilm_dir, torch.float64)
+    loss1, g1 = grads(model, embed, inputs, loss_fn, chunk)
+    loss8, g8 = grads(model, embed, inputs, loss_fn, chunk, loss_scale=8.0)
+    assert torch.equal(loss1, loss8)
+    assert max((g8[n] - 8 * g1[n]).abs().max().item() for n in g1) <= 1e-12
+
+
 def test_dropout_is_replayed_in_the_second_forward(minilm_dir):
     # a single chunk consumes the RNG exactly as the one-forward (DDP-style) plain step does, so even with
     # dropout the two agree; if the re-forward drew fresh dropout masks, the gradients would not match the loss

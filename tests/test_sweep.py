@@ -10,9 +10,9 @@ import pytest
 
 import sweep
 from bge.errors import UserError
+from conftest import long_passages_beir
 
 REPO = Path(__file__).resolve().parents[1]
-SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 EXAMPLE = REPO / "examples" / "bike_repair.jsonl"
 
 
@@ -28,7 +28,11 @@ def preset(tmp_path_factory, tiny_model_dir):
     return path
 
 
-SPEED = ["--speed-corpus", str(SCIFACT), "--speed-n", "8", "--speed-threads", "1"]
+@pytest.fixture(scope="module")
+def speed(tmp_path_factory):
+    """How the table measures encoding speed: on 8 generated passages of SciFact's length, one thread."""
+    corpus = long_passages_beir(tmp_path_factory.mktemp("speed") / "corpus", n=8)
+    return ["--speed-corpus", str(corpus), "--speed-n", "8", "--speed-threads", "1"]
 
 
 def test_cells_are_named_by_the_grid_values_that_change_the_preset(preset):
@@ -45,9 +49,9 @@ def test_cells_are_named_by_the_grid_values_that_change_the_preset(preset):
         sweep.parse_settings(["temperature"], "--grid", many=True)
 
 
-def test_sweep_runs_skips_resumes_and_tabulates(preset, tmp_path, monkeypatch):
+def test_sweep_runs_skips_resumes_and_tabulates(preset, tmp_path, monkeypatch, speed):
     out = tmp_path / "sw"
-    argv = [str(preset), "--grid", "arch=bert,bilstm", "--set", "max_steps=3", "--out", str(out), *SPEED]
+    argv = [str(preset), "--grid", "arch=bert,bilstm", "--set", "max_steps=3", "--out", str(out), *speed]
     sweep.main(argv)
     for cell in ("tiny", "tiny-arch=bilstm"):
         for f in ("results.json", "best/model.safetensors", "speed.json", "command.txt"):
@@ -79,7 +83,7 @@ def test_sweep_runs_skips_resumes_and_tabulates(preset, tmp_path, monkeypatch):
 
     # evaluate.py --compare builds the same table from the run folders (speed read back from speed.json)
     r = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--compare", *map(str, sorted(out.iterdir())),
-                        "--out", str(tmp_path / "cmp"), *SPEED], cwd=REPO, capture_output=True, text=True)
+                        "--out", str(tmp_path / "cmp"), *speed], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"skipped {len(list(out.iterdir())) - 2} folder(s)" in r.stderr  # cache/ and results.* are not runs
     assert (tmp_path / "cmp.md").read_text().split("\n", 1)[1] == md.split("\n", 1)[1]

@@ -22,14 +22,20 @@ from bge.step import forward_backward
 from bge.tasks import ClassificationTask, STSTask, TaskSampler, load_tasks
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TICKETS = REPO / "examples" / "bike_tickets.jsonl"
 REPAIR = REPO / "examples" / "bike_repair.jsonl"
 
 
-def sts_lines(n: int) -> list[str]:
-    rows = (SHARED / "stsb" / "sts-train.tsv").read_text(encoding="utf-8").splitlines()[1 : n + 1]
-    return [json.dumps({"sentence1": a, "sentence2": b, "score": float(s)}) for s, a, b in (r.split("\t") for r in rows)]
+def sts_pairs(n: int, start: int = 0) -> list[tuple[str, str, float]]:
+    """n invented scored pairs, every sentence distinct (the real STS-B is in ../shared/data, not needed here)."""
+    who = ["a cyclist", "the baker", "a gardener", "two children", "the mechanic", "a chef", "the dog"]
+    does = ["fixes a wheel", "bakes bread", "waters the roses", "plays outside", "oils a chain", "stirs soup"]
+    return [(f"{who[i % 7]} {does[i % 6]} on day {i}", f"{who[(i * 3) % 7]} {does[(i * 5) % 6]} at hour {i}",
+             float(i % 6)) for i in range(start, start + n)]
+
+
+def sts_lines(n: int, start: int = 0) -> list[str]:
+    return [json.dumps({"sentence1": a, "sentence2": b, "score": s}) for a, b, s in sts_pairs(n, start)]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +104,57 @@ def test_mixed_split_is_per_task_and_saved(mixed, tmp_path):
     assert not train_sentences & (set(sts.test_data.sentence1) | set(sts.test_data.sentence2))
 
 
+def test_colliding_numeric_ids_of_two_tasks_never_leak_across_the_split(tmp_path):
+    """Retrieval lines whose qids are 41-80 (numeric, as bge.mine writes BEIR ids) beside classification rows on lines
+    41-80: one shared id space put a query in train because the classification row of its number was there."""
+    rows = TICKETS.read_text().splitlines()[:40]
+    queries = [dict(json.loads(l), qid=41 + (7 * i) % 40) for i, l in enumerate(REPAIR.read_text().splitlines()[:40])]
+    data = tmp_path / "collide.jsonl"
+    data.write_text("\n".join([json.dumps(q) for q in queries] + rows) + "\n")
+    cfg, _ = parse_args(["--data", str(data), "--val-ratio", "0.25", "--test-ratio", "0.25"])
+    tasks, split = load_tasks(cfg, tmp_path)
+    r, c = tasks["retrieval"], tasks["classification"]
+    held = set(r.val.queries) | set(r.test_data.queries)
+    assert len(held) == 20 and not held & {ex.qid for ex in r.train}  # no held-out query is trained on
+    assert len(r.train) == 20 and len(c.train) == 20
+    assert not (set(c.val.texts) | set(c.test_data.texts)) & {x.text for x in c.train}
+    for task, parts in split["tasks"].items():  # each id once per task, in one part
+        ids = parts["train"] + parts["val"] + parts["test"]
+        assert sorted(ids, key=int) == [str(i) for i in range(41, 81)]
+    # a split.json from before (one id list for all tasks) resumes a single-task run, and refuses a mixed one
+    old = {"seed": 42, "val_ratio": 0.25, "test_ratio": 0.25, **split["tasks"]["retrieval"]}
+    (tmp_path / "split.json").write_text(json.dumps(old))
+    with pytest.raises(UserError, match="an old split .*cannot be resumed exactly"):
+        load_tasks(cfg, tmp_path)
+    only = tmp_path / "only.jsonl"
+    only.write_text("\n".join(json.dumps(q) for q in queries) + "\n")
+    tasks, _ = load_tasks(parse_args(["--data", str(only)])[0], tmp_path)
+    assert set(tasks["retrieval"].test_data.queries) == set(old["test"])
+
+
+def test_validation_and_test_truncate_queries_at_max_query_length(tiny_model_dir, tmp_path, monkeypatch):
+    """Training truncates queries at --max-query-length; validation and test must see the same queries."""
+    cfg, _ = parse_args(["--data", str(REPAIR), "--max-query-length", "7", "--max-passage-length", "40",
+                         "--out-dir", str(tmp_path)])
+    task = load_tasks(cfg, tmp_path)[0]["retrieval"]
+    seen = []
+    real = Embedder.encode
+    monkeypatch.setattr(Embedder, "encode", lambda self, texts, **kw: seen.append(
+        (kw.get("is_query", False), kw.get("max_length"))) or real(self, texts, **kw))
+    emb = Embedder.load(str(tiny_model_dir), device="cpu")
+    task.validate(emb, False)
+    task.test_scores(emb, False, tmp_path)
+    # queries encoded twice (validation and test); the corpus once: the test reuses validation's (CorpusCache)
+    assert {m for q, m in seen if q} == {7} and {m for q, m in seen if not q} == {40}
+    assert sum(q for q, _ in seen) == 2 and sum(not q for q, _ in seen) == 1
+    inputs, _ = task.micro_batch(list(range(8)), 0, emb.tokenizer, torch.device("cpu"))
+    assert max(map(len, inputs["q"])) <= 7  # training's own truncation, for comparison
+    from bge.evaluation import evaluate_retrieval  # evaluate.py --max-query-length takes the same path
+    seen.clear()
+    evaluate_retrieval(emb, task.val, ks=(10,), max_length=30, query_max_length=5)
+    assert {m for q, m in seen if q} == {5} and {m for q, m in seen if not q} == {30}
+
+
 # ---- batches and losses ------------------------------------------------------------------------------------------
 def micro_batch_grads(task, tiny_model_dir, chunk):
     emb = Embedder.load(str(tiny_model_dir), device="cpu")
@@ -151,13 +208,67 @@ def test_classification_positives_share_the_anchor_label_and_other_labels_are_ne
     assert all(label[a] == label[p] and a != p for a, p in zip(anchors, partners))
 
 
+@pytest.mark.parametrize("kind", ["cosent", "cosine_mse"])
+def test_sts_batch_loss_pairs_each_gold_score_with_its_own_pair(kind, tiny_model_dir):
+    """The loss of STS pairs [5, 2, 7, 0, 3] against the naive formula on those pairs' own gold scores."""
+    import torch.nn.functional as F
+    cfg, _ = parse_args(["--data", "x", "--sts-loss", kind])
+    pairs = [Pair(f"first {i}", f"second {i}", s, i) for i, s in enumerate([0.0, 5.0, 2.0, 4.0, 1.0, 3.0, 2.5, 0.5])]
+    task = STSTask(pairs, None, None, cfg)
+    tok = Embedder.load(str(tiny_model_dir), device="cpu").tokenizer
+    indices = [5, 2, 7, 0, 3]
+    inputs, loss_fn = task.micro_batch(indices, 0, tok, torch.device("cpu"))
+    assert [tok.tk.decode(x, skip_special_tokens=True) for x in inputs["a"]] == [f"first {i}" for i in indices]
+    g = torch.Generator().manual_seed(0)
+    a, b = (F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=1) for _ in range(2))
+    loss, stats = loss_fn({"a": a, "b": b})
+    cos, gold = (a * b).sum(1).tolist(), [pairs[i].score for i in indices]
+    if kind == "cosent":
+        terms = [20 * (cos[j] - cos[i]) for i in range(5) for j in range(5) if gold[i] > gold[j]]
+        naive = torch.logsumexp(torch.tensor([0.0] + terms, dtype=torch.float64), 0)
+    else:  # gold mapped from the training range [0, 5] onto [0, 1]
+        naive = torch.tensor(sum((c - g / 5.0) ** 2 for c, g in zip(cos, gold)) / 5, dtype=torch.float64)
+    assert torch.allclose(loss, naive, atol=1e-9) and 0 <= stats["acc"] <= 1
+
+
+def synonym_pairs(n: int, seed: int) -> list[tuple[str, str, float]]:
+    """Pairs whose gold score counts the words that mean the same: colour i in sentence 1 and animal i in sentence 2
+    are synonyms by construction. A random model sees no link between the two vocabularies (Spearman about 0); only
+    training on the right gold scores can teach it."""
+    import random
+    colours, animals = "red blue green black white brown pink gray gold silver".split(), \
+        "cat dog cow pig hen fox owl bee ant rat".split()
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        idx, k = rng.sample(range(10), 3), rng.randrange(4)
+        other = idx[:k] + rng.sample([i for i in range(10) if i not in idx], 3 - k)
+        rng.shuffle(other)
+        out.append((" ".join(colours[i] for i in idx), " ".join(animals[i] for i in other), float(k)))
+    return out
+
+
+def test_an_sts_run_learns_what_its_gold_scores_say(tmp_path, minilm_dir):
+    """End to end: after two epochs the held-out Spearman is high where the base model's is about 0. Gold scores
+    wired to the wrong pairs, or a loss that ignores them, leave nothing to learn."""
+    from conftest import make_tiny_model
+    model = make_tiny_model(tmp_path / "model", minilm_dir, pooling="mean", dropout=0.0)
+    data, test = tmp_path / "train.jsonl", tmp_path / "test.tsv"
+    data.write_text("".join(json.dumps({"sentence1": a, "sentence2": b, "score": s}) + "\n"
+                            for a, b, s in synonym_pairs(120, 0)))
+    test.write_text("score\tsentence1\tsentence2\n" + "".join(f"{s}\t{a}\t{b}\n" for a, b, s in synonym_pairs(60, 1)))
+    train.main(["--data", str(data), "--test", str(test), "--model", str(model), "--out-dir", str(tmp_path),
+                "--run-name", "sts", "--batch-size", "16", "--lr", "3e-3", "--epochs", "2", "--max-passage-length", "16",
+                "--val-ratio", "0.1", "--eval-every", "1000", "--explain", "0"])
+    results = json.loads((tmp_path / "sts" / "results.json").read_text())
+    assert abs(results["base"]["spearman"]) < 0.2 and results["fine_tuned"]["spearman"] > 0.5
+
+
 # ---- train.py end to end -------------------------------------------------------------------------------------------
 def test_sts_run_with_a_test_file(tiny_model_dir, tmp_path):
     data = tmp_path / "sts.tsv"
-    lines = (SHARED / "stsb" / "sts-train.tsv").read_text(encoding="utf-8").splitlines()
-    data.write_text("\n".join(lines[:121]) + "\n")
+    data.write_text("score\tsentence1\tsentence2\n" + "".join(f"{s}\t{a}\t{b}\n" for a, b, s in sts_pairs(120)))
     test = tmp_path / "dev.jsonl"
-    test.write_text("\n".join(sts_lines(200)[140:]) + "\n")
+    test.write_text("\n".join(sts_lines(60, start=140)) + "\n")
     train.main(args(data, tiny_model_dir, tmp_path, "--run-name", "sts", "--epochs", "1", "--test", str(test)))
     run = tmp_path / "sts"
     results = json.loads((run / "results.json").read_text())
@@ -166,7 +277,8 @@ def test_sts_run_with_a_test_file(tiny_model_dir, tmp_path):
     val = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val/spearman" in l]
     assert [v["step"] for v in val] == [0, 13]
     split = json.loads((run / "split.json").read_text())
-    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (102, 18, 0)
+    parts = split["tasks"]["sts"]
+    assert (len(parts["train"]), len(parts["val"]), len(parts["test"])) == (102, 18, 0)
 
 
 def test_classification_run_with_head_exports_a_loadable_folder_and_resumes(tiny_model_dir, tmp_path):
@@ -176,8 +288,10 @@ def test_classification_run_with_head_exports_a_loadable_folder_and_resumes(tiny
 
     fit("whole", 4)
     run = tmp_path / "whole"
-    results = json.loads((run / "results.json").read_text())
+    results = json.loads((run / "results.json").read_text(), parse_constant=pytest.fail)  # no bare NaN
     assert results["test_rows"] == 36 and {"knn_macro_f1", "probe_accuracy", "head_accuracy"} <= set(results["fine_tuned"])
+    assert results["base"]["head_accuracy"] is None  # the base model has no head: null, and a note says so
+    assert results["undefined"]["base.head_accuracy"] == "the base model has no classification head"
     head = ClassifierHead.load(run / "final")
     assert head.labels == sorted({json.loads(l)["label"] for l in TICKETS.read_text().splitlines()})
     assert head.weight.shape == (6, 32) and head.weight.abs().sum() > 0
@@ -277,9 +391,24 @@ def test_evaluate_explain_two_models(tiny_model_dir, tmp_path, minilm_dir):
     assert r.returncode == 2 and "--explain compares two models" in r.stderr
 
 
-@pytest.mark.parametrize("flag,value,message", [("--threshold-precision", "1.5", "--threshold-precision must be in"),
-                                                ("--l1", "-1", "--l1 must be 0 or more"),
-                                                ("--hidden-dropout", "1.0", "hidden_dropout must be below 1")])
+@pytest.mark.parametrize("flag,value,message", [("--threshold-precision", "1.5", r"--threshold-precision: .* \(0, 1\]"),
+                                                ("--l1", "-1", r"--l1: l1 must be in \[0, inf\), got -1.0"),
+                                                ("--hidden-dropout", "1.0", r"hidden_dropout must be in \(-inf, 1\)")])
 def test_out_of_range_knobs_fail_before_training(flag, value, message, tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match=message):
         train.main(args(TICKETS, tiny_model_dir, tmp_path, flag, value))
+
+
+def test_retrieval_batches_follow_flagembedding_types(tiny_model_dir, tmp_path):
+    lines = [{"query": f"question {i}", "pos": [f"answer {i}"], "neg": [f"wrong {i}", f"off {i}", f"far {i}"],
+              "type": ["symmetric_sts", "only_1neg"][i % 2], "prompt": "Alike: "} for i in range(8)]
+    data = tmp_path / "types.jsonl"
+    data.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    cfg, _ = parse_args(["--data", str(data), "--val-ratio", "0", "--test-ratio", "0", "--group-size", "4"])
+    task = load_tasks(cfg, tmp_path)[0]["retrieval"]
+    assert any("4 only_1neg, 4 symmetric_sts line(s)" in n for n in task.notes)
+    tok = Embedder.load(str(tiny_model_dir), device="cpu").tokenizer
+    inputs, _ = task.micro_batch(list(range(8)), 0, tok, torch.device("cpu"))
+    passages = [tok.tk.decode(ids, skip_special_tokens=True) for ids in inputs["p"]]
+    assert len(passages) == 4 * 4 + 4 * 2  # symmetric_sts: group of 4; only_1neg: its positive and one negative
+    assert sum(p.startswith("alike :") for p in passages) == 16  # the instruction on the symmetric lines' passages

@@ -43,7 +43,8 @@ def test_run_folder_holds_everything(data, tiny_model_dir, tmp_path):
               "best/model.safetensors", "best/modules.json", "final/model.safetensors", "state/latest.json"):
         assert (run / f).exists(), f
     split = json.loads((run / "split.json").read_text())
-    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (42, 9, 9)
+    parts = split["tasks"]["retrieval"]
+    assert split["format"] == 2 and (len(parts["train"]), len(parts["val"]), len(parts["test"])) == (42, 9, 9)
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 12 and results["train_queries"] == 42  # 6 batches of 8 per epoch
     assert set(results["base"]) == set(results["fine_tuned"]) and "ndcg@10" in results["change"]
@@ -102,7 +103,9 @@ def test_crash_while_writing_state_leaves_the_previous_state_readable(tmp_path, 
     trainer = checkpoint.load_state(state, fresh, torch.optim.AdamW(fresh.parameters()))
     assert trainer["step"] == 1 and all(torch.equal(fresh.state_dict()[k], before[k]) for k in before)
     checkpoint.save_state(tmp_path, 3, model, opt, {"step": 3})  # the next save cleans up the torn folder
-    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["latest.json", "step-00000003"]
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["latest.json", "step-00000001", "step-00000003"]
+    checkpoint.save_state(tmp_path, 4, model, opt, {"step": 4})  # and keeps the newest two
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["latest.json", "step-00000003", "step-00000004"]
 
 
 def test_optimizer_state_round_trips_exactly(tmp_path):
@@ -151,8 +154,10 @@ def test_repeated_nan_loss_stops_with_a_clear_message(data, tiny_model_dir, tmp_
     monkeypatch.setattr(bge.tasks, "info_nce", lambda *a, **k: (real(*a, **k)[0] * float("nan"), torch.tensor(0.0)))
     with pytest.raises(UserError, match="NaN/inf for 3 steps in a row"):
         train.main(args(data, tiny_model_dir, tmp_path, "--max-bad-steps", "3", "--run-name", "nan"))
-    lines = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    lines = [json.loads(l, parse_constant=pytest.fail) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in l]
     assert [l["skipped"] for l in lines] == [True, True]  # the third one raised before it was logged
+    assert lines[0]["loss"] is None and lines[0]["undefined"] == {"loss": "undefined (NaN or infinite)"}  # no bare NaN
 
 
 # ---- teacher scores, Matryoshka and the forgetting guard --------------------------------------------------
@@ -276,3 +281,18 @@ def test_stopwatch_charges_each_second_to_one_phase(monkeypatch):
     assert {k: report[k] for k in ("setup", "train", "validation", "export", "test")} == {
         "setup": 1, "train": 2, "validation": 2, "export": 1, "test": 1}
     assert report["total"] == 7 and report["peak_rss_gb"] > 0
+
+
+def test_too_little_data_is_said_up_front_and_in_results(tiny_model_dir, tmp_path, capsys):
+    small = tmp_path / "small.jsonl"  # 3 queries: 15% of them rounds to no validation and no test query
+    small.write_text("".join(EXAMPLE.read_text().splitlines(keepends=True)[:3]))
+    train.main(args(small, tiny_model_dir, tmp_path, "--run-name", "small", "--max-steps", "1"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "retrieval: no validation set (0.15 of its 3 training items rounds to none" in err
+    assert "retrieval: no test set" in err and err.index("no test set") < err.index("wrote")
+    results = json.loads((tmp_path / "small" / "results.json").read_text())
+    assert "rounds to none" in results["no_test_set"]["retrieval"] and "base" not in results
+    with pytest.raises(UserError, match="--patience stops when validation stops improving; this run has no validation"):
+        train.main(args(small, tiny_model_dir, tmp_path, "--run-name", "patience", "--patience", "2"))
+    with pytest.raises(UserError, match="--merge-sweep chooses a mix on the validation set"):
+        train.main(args(small, tiny_model_dir, tmp_path, "--run-name", "sweep", "--merge-sweep", "0.5"))

@@ -59,7 +59,9 @@ def load_student(cfg: TrainConfig, device: torch.device) -> Embedder:
         raise UserError(f"--model {cfg.model} is a BiLSTM; pass --arch bilstm to train it")
     if cfg.arch == "bilstm" and not isinstance(embedder.model, BiLSTMEncoder):
         lstm = BiLSTMEncoder.from_encoder(embedder.model, hidden_size=cfg.lstm_hidden, num_layers=cfg.lstm_layers,
-                                          dim=cfg.lstm_dim, dropout=cfg.lstm_dropout)
+                                          dim=cfg.lstm_dim, dropout=cfg.lstm_dropout, embed_dim=cfg.lstm_embed_dim,
+                                          embed_init=cfg.lstm_embed_init, highway=cfg.lstm_highway,
+                                          pooling=cfg.lstm_pooling)
         embedder = Embedder(lstm, embedder.tokenizer, name=f"bilstm({embedder.name})", device=device)
     if cfg.freeze_embeddings or cfg.freeze_layers:
         n = freeze(embedder.model, embeddings=cfg.freeze_embeddings, layers=cfg.freeze_layers)

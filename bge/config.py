@@ -58,6 +58,14 @@ class TrainConfig:
     lstm_layers: int = opt(2, "BiLSTM: number of gated bidirectional LSTM layers", "model")
     lstm_dim: int = opt(0, "BiLSTM: sentence embedding size (0 = --model's hidden size)", "model")
     lstm_dropout: float = opt(0.1, "BiLSTM: dropout on the embeddings and on each layer's LSTM output", "model")
+    lstm_highway: bool = opt(True, "BiLSTM: a highway gate in each layer (each feature mixes the layer's output with "
+                             "its input); --no-lstm-highway: a plain residual, LayerNorm(x + lstm(x))", "model")
+    lstm_pooling: str = opt("attention", "BiLSTM: pooling over the real tokens: gated attention (learned weights), "
+                            "mean, or max (per feature)", "model", ("attention", "mean", "max"))
+    lstm_embed_dim: int = opt(0, "BiLSTM: word table width, 0 or 1 to --model's hidden size (0 = that size); "
+                              "narrower: --model's table projected onto its top principal components (PCA)", "model")
+    lstm_embed_init: str = opt("model", "BiLSTM: the word table starts as --model's (copied, or PCA-projected at "
+                               "--lstm-embed-dim) or random, N(0, 0.02)", "model", ("model", "random"))
     freeze_embeddings: bool = opt(False, "do not train the embeddings (BERT: word, position and token-type tables "
                                   "and their LayerNorm; BiLSTM: the word table)", "model")
     freeze_layers: int = opt(0, "do not train the first N transformer layers (BiLSTM: LSTM layers); embeddings "

@@ -42,7 +42,7 @@ from bge.merge import choose_ratio, merged_embedder, parse_ratios
 from bge.optim import decayed, default_lr, freeze, get_lr, make_optimizer, param_groups, step_if
 from bge.runs import Stopwatch
 from bge.step import forward_backward, make_embed
-from bge.tasks import TaskSampler, export, labelled, load_tasks, metric_label, validate
+from bge.tasks import TaskSampler, cache_folder, export, labelled, load_tasks, metric_label, validate
 
 REPO = Path(__file__).resolve().parent
 RESUMABLE_OVERRIDES = {"epochs", "max_steps", "cache_dir", "patience", "eval_every", "save_every", "device", "compile",
@@ -71,11 +71,13 @@ def load_student(cfg: TrainConfig, device: torch.device) -> Embedder:
 
 
 def load_teacher(cfg: TrainConfig, device: torch.device, student_dim: int, cpu_bf16: bool) -> Teacher | None:
-    """The --distill-from model, frozen, with its embedding cache; None without --distill-from."""
+    """The --distill-from model, frozen, with its embedding cache (on disk in the cache folder); None without
+    --distill-from."""
     if not cfg.distill_from:
         return None
     teacher = Teacher(Embedder.load(cfg.distill_from, device=device), max_query_length=cfg.max_query_length,
-                      max_passage_length=cfg.max_passage_length, cpu_bf16=cpu_bf16, batch_size=cfg.eval_batch_size)
+                      max_passage_length=cfg.max_passage_length, cpu_bf16=cpu_bf16, batch_size=cfg.eval_batch_size,
+                      store=cache_folder(cfg))
     if cfg.distill_loss != "none" and cfg.distill_weight and teacher.dim != student_dim:
         raise UserError(f"--distill-from {cfg.distill_from} embeds in {teacher.dim} dimensions, the student in "
                         f"{student_dim}: set --lstm-dim {teacher.dim}, or --distill-loss none (KL term only)")
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"run {run_dir}: " + "; ".join(t.describe() for t in tasks.values()))
     for note in (n for t in tasks.values() for n in t.notes):
         console.print(note)
-    has_val = any(t.val is not None for t in tasks.values())
+    has_val = any(t.val is not None for t in labelled(tasks).values())
     probe = load_eval_data(cfg.general_probe, cfg.probe_split, cfg.title) if cfg.general_probe else None
     merge_ratios = parse_ratios(cfg.merge_sweep) if cfg.merge_sweep else []
     if merge_ratios and not has_val:
@@ -231,12 +233,15 @@ def main(argv: list[str] | None = None) -> None:
         if "retrieval" not in tasks:
             raise UserError("--distill-from distils on query/passage batches; --data has no retrieval lines")
         tasks["retrieval"].teacher = teacher  # its loss adds the distillation terms
+        if "corpus" in tasks:
+            tasks["corpus"].teacher = teacher  # the --distill-corpus stage's only target
 
     # optimisation
     lr = cfg.lr or default_lr(model.dim, cfg.arch)
-    sampler = TaskSampler(tasks, cfg.batch_size * info.world, cfg.seed, min_size=info.world)  # global batches
-    steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    sampler = TaskSampler(tasks, cfg.batch_size * info.world, cfg.seed, min_size=info.world,  # global batches
+                          stage_steps=cfg.distill_corpus_steps, grad_accum=cfg.grad_accum)
+    steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)  # of the labelled data, after any --distill-corpus stage
+    total_steps = sampler.stage_steps + (cfg.max_steps or steps_per_epoch * cfg.epochs)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     eval_every = cfg.eval_every or steps_per_epoch
     save_every = cfg.save_every or eval_every
@@ -387,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
             step = trainer["step"]
             pending.append((step, epoch, task_name, lr_now, tokens, torch.cat([values, finite.double()[None]])))
 
-            evaluate, save = step % eval_every == 0 or step == total_steps, step % save_every == 0 or step == total_steps
+            evaluate = step % eval_every == 0 or step in (sampler.stage_steps, total_steps)  # the stage's end too
+            save = step % save_every == 0 or step in (sampler.stage_steps, total_steps)
             if step % log_every == 0 or evaluate or save:
                 read_back()
             if evaluate:
@@ -395,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
                 if stop:
                     console.print(f"early stop: no improvement in {cfg.patience} validations")
             if save or stop:
+                if teacher is not None:  # the rows computed up to this state: a resumed run reads them, not recomputes
+                    teacher.flush()
                 rng = distributed.rng_states(info)  # every rank's dropout RNG, for an exact resume
                 if info.main:
                     with clock("checkpoint"):

@@ -105,6 +105,16 @@ class TrainConfig:
                             "distributions over the batch", "distill")
     distill_temperature: float = opt(0.05, "temperature of the similarity distributions in the KL term",
                                      "distill")
+    distill_corpus: str = opt("", "a first stage on unlabeled text: the student matches the teacher's embeddings (and "
+                              "in-batch similarities; no contrastive term) of this corpus's passages, sentences and "
+                              "spans cut from them, and the training queries, then trains on the labelled data as "
+                              "usual; a BEIR folder, a JSONL of passages, or 'data' (--data's own passages); '' = none",
+                              "distill")
+    distill_corpus_steps: int = opt(0, "optimiser steps of the --distill-corpus stage, 0 or more (0 = one pass over "
+                                    "its passages and queries); they come before --epochs/--max-steps of labelled "
+                                    "data, under one learning-rate schedule", "distill")
+    distill_corpus_val: int = opt(100, "--distill-corpus passages held out (0 or more): the stage's loss on them is "
+                                  "validated as val/corpus/distill_loss", "distill")
     kd_weight: float = opt(0.0, "weight of the KL term towards teacher scores (pos_scores/neg_scores on every line; "
                                 "python -m bge.score fills them); 0 = off", "loss")
     kd_temperature: float = opt(0.02, "temperature of the teacher's scores: 0.02 for cosines (bge.score), 1 for "

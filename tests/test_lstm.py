@@ -23,14 +23,7 @@ def tiny(seed: int = 0, dropout: float = 0.0, **kw) -> BiLSTMEncoder:
     return BiLSTMEncoder(cfg)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The recurrence synchronises threads at every token; on a shared CI CPU one thread is many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tok(minilm_dir):

@@ -35,7 +35,7 @@ from bge.console import console, progress, run_cli
 from bge.distill import Teacher
 from bge.embedder import Embedder, native_cpu_bf16
 from bge.errors import UserError
-from bge.evaluation import evaluate_probe, load_eval_data
+from bge.evaluation import CorpusCache, evaluate_probe, load_eval_data
 from bge.loss import LossFn, l1_penalty, matryoshka
 from bge.lstm import BiLSTMEncoder
 from bge.merge import choose_ratio, merged_embedder, parse_ratios
@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         tasks["retrieval"].teacher = teacher  # its loss adds the distillation terms
         if "corpus" in tasks:
             tasks["corpus"].teacher = teacher  # the --distill-corpus stage's only target
+            if cfg.distill_corpus == "data":  # its passages are the evaluation corpus: kept by the teacher's own test?
+                teacher.preload(tasks["retrieval"].full.corpus, CorpusCache(cache_folder(cfg)))
 
     # optimisation
     lr = cfg.lr or default_lr(model.dim, cfg.arch)

@@ -113,8 +113,8 @@ class TrainConfig:
     distill_corpus_steps: int = opt(0, "optimiser steps of the --distill-corpus stage, 0 or more (0 = one pass over "
                                     "its passages and queries); they come before --epochs/--max-steps of labelled "
                                     "data, under one learning-rate schedule", "distill")
-    distill_corpus_val: int = opt(100, "--distill-corpus passages held out (0 or more): the stage's loss on them is "
-                                  "validated as val/corpus/distill_loss", "distill")
+    distill_corpus_val: int = opt(100, "--distill-corpus passages held out, 0 or more (at most a tenth of the corpus): "
+                                  "the stage's loss on them is validated as val/corpus/distill_loss", "distill")
     kd_weight: float = opt(0.0, "weight of the KL term towards teacher scores (pos_scores/neg_scores on every line; "
                                 "python -m bge.score fills them); 0 = off", "loss")
     kd_temperature: float = opt(0.02, "temperature of the teacher's scores: 0.02 for cosines (bge.score), 1 for "

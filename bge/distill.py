@@ -14,6 +14,10 @@ reads these rows. Each flush appends one safetensors shard (int64 text keys, flo
 runs sharing a --cache-dir add to the same folder without clashing. train.py flushes right before each saved
 state: a resumed run then finds every row the killed run had computed up to that state, and computes the later ones
 in the same groups an uninterrupted run does, so resuming gives the same targets bit for bit.
+
+`preload` takes a whole corpus's passage rows at once through the evaluation's corpus cache (bge.evaluation): a
+teacher that is a fine-tuned run's best/ has had its test corpus encoded and kept there by that run, so a
+--distill-corpus stage on the same corpus starts with every passage's target and encodes only the pieces.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from bge.batching import Batch
 from bge.checkpoint import atomic_write_text
 from bge.embedder import Embedder
+from bge.evaluation import CorpusCache, encode_corpus
 
 STORE_FORMAT = 1  # bump when what a shard holds changes
 
@@ -99,6 +104,15 @@ class Teacher:
         """{"q": (B, d), "p": (P, d)} in the batch's order; queries carry the teacher's own instruction."""
         queries = batch.query_texts(self.embedder.tokenizer.query_prompt)
         return {"q": self.lookup("q", queries).to(device), "p": self.lookup("p", batch.passages).to(device)}
+
+    def preload(self, corpus: dict[str, str], cache: CorpusCache) -> int:
+        """Take every passage of `corpus` (id -> text) from the evaluation's corpus cache, encoding the corpus there on
+        a miss (in length-sorted batches, cheaper than a few per step); returns how many were read, not encoded."""
+        got = encode_corpus(self.embedder, corpus, batch_size=self.batch_size, max_length=self.max_length["p"],
+                            cache_dir=cache, cpu_bf16=self.cpu_bf16)
+        for text, e in zip(corpus.values(), got.emb):
+            self.cache.setdefault(text_key("p", text), e)
+        return got.n_cached
 
     def flush(self) -> None:
         """Write the rows computed since the last flush to a new shard of the store (nothing without a store)."""

@@ -344,8 +344,8 @@ class CorpusTask(Task):
 
 def corpus_task(cfg: TrainConfig, tasks: dict[str, Task], path: Path) -> CorpusTask:
     """The --distill-corpus stage: passages of a BEIR folder's corpus or a passage JSONL ('data': --data's own: a BEIR
-    folder's corpus, or every passage of the file's lines and --corpus), less --distill-corpus-val held out; plus the
-    training queries."""
+    folder's corpus, or every passage of the file's lines and --corpus), less --distill-corpus-val held out (at most a
+    tenth of them); plus the training queries."""
     retrieval = tasks.get("retrieval")
     if not cfg.distill_from:
         raise UserError("--distill-corpus trains the student towards a teacher's embeddings: pass --distill-from MODEL")
@@ -364,8 +364,8 @@ def corpus_task(cfg: TrainConfig, tasks: dict[str, Task], path: Path) -> CorpusT
                 for title, body in unique(raw) if len(body.split()) >= MIN_WORDS]
     positives = {p for ex in retrieval.train for p in ex.pos}
     candidates = [i for i, p in enumerate(passages) if p.text not in positives]
-    held = set(random.Random(f"{cfg.seed}/corpus/held-out").sample(candidates, min(cfg.distill_corpus_val,
-                                                                                    len(candidates))))
+    n_held = min(cfg.distill_corpus_val, len(passages) // 10, len(candidates))  # a small corpus keeps 90% to train on
+    held = set(random.Random(f"{cfg.seed}/corpus/held-out").sample(candidates, n_held))
     train = [p for i, p in enumerate(passages) if i not in held]
     if not train:
         raise UserError(f"--distill-corpus {cfg.distill_corpus}: no passage of {MIN_WORDS}+ words left to train on "

@@ -17,6 +17,7 @@ from bge.config import TrainConfig
 from bge.data import Example
 from bge.distill import Teacher, read_store, text_key
 from bge.errors import UserError
+from bge.evaluation import CorpusCache, encode_corpus
 from bge.tasks import CorpusTask, RetrievalTask, TaskSampler, corpus_task
 from bge.unlabeled import MIN_WORDS, SPAN_WORDS, piece, sentences
 from conftest import make_tiny_model, start_and_kill
@@ -86,6 +87,20 @@ def test_teacher_store_is_read_back_and_keyed_by_teacher_length_and_precision(tm
     assert len({t.folder for t in (first, other, longer, bf16)}) == 4 and longer.cache == {} and bf16.cache == {}
 
 
+def test_preload_takes_the_corpus_from_the_evaluation_cache(tmp_path, tiny_model_dir, monkeypatch):
+    model = load(str(tiny_model_dir), device="cpu")
+    corpus = {f"d{i}": f"passage number {i} says something about chains" for i in range(5)}
+    kept = encode_corpus(model, corpus, max_length=32, cache_dir=tmp_path / "c").emb  # as the teacher's own test did
+    calls = []
+    real = Embedder.encode
+    monkeypatch.setattr(Embedder, "encode", lambda self, t, **kw: calls.append(list(t)) or real(self, t, **kw))
+    teacher = Teacher(model, max_query_length=16, max_passage_length=32, store=tmp_path / "c")
+    assert teacher.preload(corpus, CorpusCache(tmp_path / "c")) == 5 and calls == []
+    assert torch.equal(teacher.lookup("p", list(corpus.values())), kept) and calls == []
+    other = Teacher(model, max_query_length=16, max_passage_length=24, store=tmp_path / "c")
+    assert other.preload(corpus, CorpusCache(tmp_path / "c")) == 0 and len(calls) == 1  # another length: encoded
+
+
 def test_the_stage_comes_first_then_the_labelled_epochs_as_without_it(tmp_path):
     cfg = TrainConfig(seed=3)
     queries = [Example(f"query {i}", [f"passage {i}"]) for i in range(10)]
@@ -108,10 +123,13 @@ def test_corpus_task_sources_held_out_passages_and_errors(data, tmp_path):
     retrieval = RetrievalTask(queries, None, None, cfg)
     corpus = tmp_path / "passages.jsonl"
     lines = [{"title": f"T{i}", "text": f"Passage number {i} says a few words. And a second sentence here."}
-             for i in range(12)] + [{"text": "too short"}, {"text": queries[0].pos[0]}]
+             for i in range(58)] + [{"text": "too short"}, {"text": queries[0].pos[0]}]
     corpus.write_text("".join(json.dumps(l) + "\n" for l in lines))
     task = corpus_task(TrainConfig(**{**cfg.to_dict(), "distill_corpus": str(corpus)}), {"retrieval": retrieval}, data)
-    assert task.n_passages == 13 - 5 and task.n_queries == 1 and len(task.val) == 5
+    assert task.n_passages == 59 - 5 and task.n_queries == 1 and len(task.val) == 5
+    ten = corpus_task(TrainConfig(**{**cfg.to_dict(), "distill_corpus": str(corpus), "distill_corpus_val": 99}),
+                      {"retrieval": retrieval}, data)
+    assert len(ten.val) == 5 and ten.n_passages == 54  # at most a tenth of the 59 passages held out
     held = {ex.pos[0] for ex in task.val}
     assert queries[0].pos[0] not in held  # a training query's positive is never held out
     assert held.isdisjoint(t.text for t in task.train[: task.n_passages])
@@ -149,6 +167,7 @@ def test_the_stage_lowers_the_distillation_loss_on_held_out_passages(data, tiny_
     assert val[12]["val/corpus/cosine"] > val[0]["val/corpus/cosine"] + 0.2
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 14 and results["train_corpus"] == 177 - 16 + 42  # passages less held out, queries
+    assert len({l["val/corpus/distill_loss"] for l in val.values()}) == 3
     saved = json.loads((run / "best" / "bge_config.json").read_text())
     assert (saved["pooling"], saved["highway"], saved["embed_size"]) == ("mean", False, 16)  # the knobs reach it
     assert list((tmp_path / "cache").glob("teacher-*/*.safetensors"))  # the teacher's rows kept on disk

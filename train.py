@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         if "corpus" in tasks:
             tasks["corpus"].teacher = teacher  # the --distill-corpus stage's only target
             if cfg.distill_corpus == "data":  # its passages are the evaluation corpus: kept by the teacher's own test?
-                teacher.preload(tasks["retrieval"].full.corpus, CorpusCache(cache_folder(cfg)))
+                corpus = tasks["retrieval"].full.corpus
+                n = teacher.preload(corpus, CorpusCache(cache_folder(cfg)))
+                console.print(f"teacher: {n:,} of {len(corpus):,} passage embeddings read from the corpus cache")
 
     # optimisation
     lr = cfg.lr or default_lr(model.dim, cfg.arch)

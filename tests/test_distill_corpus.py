@@ -184,7 +184,9 @@ def test_killed_mid_stage_resumes_to_identical_weights(data, tiny_model_dir, tmp
                                 str(tmp_path / "cache-killed")], tmp_path / "killed", at_step=3, cwd=REPO)
     assert 3 <= killed_at < 12  # inside the stage
     (store,) = (tmp_path / "cache-killed").glob("teacher-*")
-    assert len(read_store(store)) >= 3 * 8 * 2  # flushed with each saved state: the resumed run reads, not recomputes
+    # the pieces of every step up to the saved state (passages come from the corpus cache): flushed with each state,
+    # so the resumed run reads them
+    assert len(read_store(store)) >= killed_at * 8
     resumed = run("--resume", str(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {killed_at}" in " ".join(resumed.stderr.split())

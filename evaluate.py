@@ -168,8 +168,9 @@ def compare(a: argparse.Namespace) -> None:
     if skipped:
         console.print(f"skipped {skipped} folder(s) without results.json and best/")
     prefix = Path(a.out).with_suffix("") if a.out else Path(f"checkpoints/eval/compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    stdout_console().print(report(runs, prefix, f"{len(runs)} runs", a))
-    console.print(f"wrote {prefix}.csv, .md and .json", markup=False, highlight=False)
+    table, png = report(runs, prefix, f"{len(runs)} runs", a)
+    stdout_console().print(table)
+    console.print(f"wrote {prefix}.csv, .md and .json" + (f" and {png}" if png else ""), markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

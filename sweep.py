@@ -165,8 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     finished = [out / c.name for c in cells if (out / c.name / "results.json").exists()]
     if finished:
         title = f"sweep {out.name}: {', '.join(p.stem for p in a.presets)}" + (f" × {', '.join(a.grid)}" if a.grid else "")
-        stdout_console().print(report(finished, out / a.table, title, a))
-        console.print(f"wrote {out / a.table}.csv, .md and .json", markup=False, highlight=False)
+        table, png = report(finished, out / a.table, title, a)
+        stdout_console().print(table)
+        console.print(f"wrote {out / a.table}.csv, .md and .json" + (f" and {png}" if png else ""), markup=False,
+                      highlight=False)
     if failed:
         raise UserError(f"{len(failed)} cell(s) failed: {', '.join(failed)}; re-run the same command to retry them")
 

@@ -35,14 +35,14 @@ from bge.console import console, progress, run_cli
 from bge.distill import Teacher
 from bge.embedder import Embedder, native_cpu_bf16
 from bge.errors import UserError
-from bge.evaluation import evaluate_probe, load_eval_data
+from bge.evaluation import CorpusCache, evaluate_probe, load_eval_data
 from bge.loss import LossFn, l1_penalty, matryoshka
 from bge.lstm import BiLSTMEncoder
 from bge.merge import choose_ratio, merged_embedder, parse_ratios
 from bge.optim import decayed, default_lr, freeze, get_lr, make_optimizer, param_groups, step_if
 from bge.runs import Stopwatch
 from bge.step import forward_backward, make_embed
-from bge.tasks import TaskSampler, export, labelled, load_tasks, metric_label, missing_sets, validate
+from bge.tasks import TaskSampler, cache_folder, export, labelled, load_tasks, metric_label, missing_sets, validate
 from bge.tracking import open_tracker
 
 REPO = Path(__file__).resolve().parent
@@ -60,7 +60,9 @@ def load_student(cfg: TrainConfig, device: torch.device) -> Embedder:
         raise UserError(f"--model {cfg.model} is a BiLSTM; pass --arch bilstm to train it")
     if cfg.arch == "bilstm" and not isinstance(embedder.model, BiLSTMEncoder):
         lstm = BiLSTMEncoder.from_encoder(embedder.model, hidden_size=cfg.lstm_hidden, num_layers=cfg.lstm_layers,
-                                          dim=cfg.lstm_dim, dropout=cfg.lstm_dropout)
+                                          dim=cfg.lstm_dim, dropout=cfg.lstm_dropout, embed_dim=cfg.lstm_embed_dim,
+                                          embed_init=cfg.lstm_embed_init, highway=cfg.lstm_highway,
+                                          pooling=cfg.lstm_pooling)
         embedder = Embedder(lstm, embedder.tokenizer, name=f"bilstm({embedder.name})", device=device)
     if cfg.freeze_embeddings or cfg.freeze_layers:
         n = freeze(embedder.model, embeddings=cfg.freeze_embeddings, layers=cfg.freeze_layers)
@@ -70,11 +72,13 @@ def load_student(cfg: TrainConfig, device: torch.device) -> Embedder:
 
 
 def load_teacher(cfg: TrainConfig, device: torch.device, student_dim: int, cpu_bf16: bool) -> Teacher | None:
-    """The --distill-from model, frozen, with its embedding cache; None without --distill-from."""
+    """The --distill-from model, frozen, with its embedding cache (on disk in the cache folder); None without
+    --distill-from."""
     if not cfg.distill_from:
         return None
     teacher = Teacher(Embedder.load(cfg.distill_from, device=device), max_query_length=cfg.max_query_length,
-                      max_passage_length=cfg.max_passage_length, cpu_bf16=cpu_bf16, batch_size=cfg.eval_batch_size)
+                      max_passage_length=cfg.max_passage_length, cpu_bf16=cpu_bf16, batch_size=cfg.eval_batch_size,
+                      store=cache_folder(cfg))
     if cfg.distill_loss != "none" and cfg.distill_weight and teacher.dim != student_dim:
         raise UserError(f"--distill-from {cfg.distill_from} embeds in {teacher.dim} dimensions, the student in "
                         f"{student_dim}: set --lstm-dim {teacher.dim}, or --distill-loss none (KL term only)")
@@ -187,8 +191,8 @@ def run(argv: list[str] | None = None) -> None:
     console.print(f"run {run_dir}: " + "; ".join(t.describe() for t in tasks.values()))
     for note in (n for t in tasks.values() for n in t.notes):
         console.print(note)
-    has_val = any(t.val is not None for t in tasks.values())
-    missing = missing_sets(tasks, cfg)
+    has_val = any(t.val is not None for t in labelled(tasks).values())
+    missing = missing_sets(labelled(tasks), cfg)
     for task, part, why in missing:
         then = "nothing is validated, best/ is the last step's model" if part == "validation" else "no test table"
         console.print(f"[yellow]{task}: no {part} set[/] ({why}): {then}")
@@ -242,12 +246,19 @@ def run(argv: list[str] | None = None) -> None:
         if "retrieval" not in tasks:
             raise UserError("--distill-from distils on query/passage batches; --data has no retrieval lines")
         tasks["retrieval"].teacher = teacher  # its loss adds the distillation terms
+        if "corpus" in tasks:
+            tasks["corpus"].teacher = teacher  # the --distill-corpus stage's only target
+            if cfg.distill_corpus == "data":  # its passages are the evaluation corpus: kept by the teacher's own test?
+                corpus = tasks["retrieval"].full.corpus
+                n = teacher.preload(corpus, CorpusCache(cache_folder(cfg)))
+                console.print(f"teacher: {n:,} of {len(corpus):,} passage embeddings read from the corpus cache")
 
     # optimisation
     lr = cfg.lr or default_lr(model.dim, cfg.arch)
-    sampler = TaskSampler(tasks, cfg.batch_size * info.world, cfg.seed, min_size=info.world)  # global batches
-    steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    sampler = TaskSampler(tasks, cfg.batch_size * info.world, cfg.seed, min_size=info.world,  # global batches
+                          stage_steps=cfg.distill_corpus_steps, grad_accum=cfg.grad_accum)
+    steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)  # of the labelled data, after any --distill-corpus stage
+    total_steps = sampler.stage_steps + (cfg.max_steps or steps_per_epoch * cfg.epochs)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     eval_every = cfg.eval_every or steps_per_epoch
     save_every = cfg.save_every or eval_every
@@ -406,7 +417,8 @@ def run(argv: list[str] | None = None) -> None:
             step = trainer["step"]
             pending.append((step, epoch, task_name, lr_now, tokens, torch.cat([values, finite.double()[None]])))
 
-            evaluate, save = step % eval_every == 0 or step == total_steps, step % save_every == 0 or step == total_steps
+            evaluate = step % eval_every == 0 or step in (sampler.stage_steps, total_steps)  # the stage's end too
+            save = step % save_every == 0 or step in (sampler.stage_steps, total_steps)
             if step % log_every == 0 or evaluate or save:
                 read_back()
             if evaluate:
@@ -414,6 +426,8 @@ def run(argv: list[str] | None = None) -> None:
                 if stop:
                     console.print(f"early stop: no improvement in {cfg.patience} validations")
             if save or stop:
+                if teacher is not None:  # the rows computed up to this state: a resumed run reads them, not recomputes
+                    teacher.flush()
                 rng = distributed.rng_states(info)  # every rank's dropout RNG, for an exact resume
                 if info.main:
                     with clock("checkpoint"):

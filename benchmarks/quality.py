@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -133,7 +134,8 @@ def st_train(a: argparse.Namespace, opts: list[str], seed: int, out: Path) -> di
 # ---- one (recipe, seed) -------------------------------------------------------------------------------
 def run_recipe(a: argparse.Namespace, kind: str, name: str, flags: str, seed: int, out: Path) -> dict:
     """Train one recipe at one seed in a fresh process; (model folder, training seconds, wall seconds)."""
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # what an interrupted attempt left (a finished one has its score.json)
+    out.mkdir(parents=True)
     threads = ["--threads", str(a.threads)] if a.threads else []
     if kind == "bge":
         cmd = [sys.executable, str(REPO / "train.py"), "--data", a.data, "--model", a.model, "--split-seed",

@@ -112,8 +112,9 @@ def run_story(cfg: TrainConfig, tasks: dict, run_dir: Path, role: str, lr: float
     return {
         "run": run_dir.name, "role": role, "base": cfg.model,
         "data": [{"role": label, "name": Path(path).name, "sha256": sha256_of(path)} for label, path in files],
-        "splits": {name: {"train": len(t.train), "validation": t.size(t.val) if t.val is not None else 0,
-                          "test": t.size(t.test_data) if t.test_data is not None else 0} for name, t in tasks.items()},
+        "splits": {name: {"train": len(t.train)} if not t.labelled else  # pseudo-pairs, a distillation corpus
+                   {"train": len(t.train), "validation": t.size(t.val) if t.val is not None else 0,
+                    "test": t.size(t.test_data) if t.test_data is not None else 0} for name, t in tasks.items()},
         "loss": loss_summary(cfg, list(tasks)),
         "settings": {k: (lr if k == "lr" else getattr(cfg, k)) for k in SETTINGS},
         "command": command.read_text().strip() if command.exists() else "",
@@ -169,7 +170,9 @@ def _story(run: dict, repo: str | None) -> str:
     for d in run["data"]:
         lines.append(f"- {d['role']}: `{d['name']}` (sha256 `{d['sha256'] or 'unavailable'}`)")
     lines += ["", "| task | train | validation | test |", "|---|---|---|---|"]
-    lines += [f"| {task} | {s['train']:,} | {s['validation']:,} | {s['test']:,} |" for task, s in run["splits"].items()]
+    count = lambda s, part: f"{s[part]:,}" if part in s else "-"  # pseudo-pairs and distillation text: training only
+    lines += [f"| {task} | {count(s, 'train')} | {count(s, 'validation')} | {count(s, 'test')} |"
+              for task, s in run["splits"].items()]
     lines += ["", "Loss:", *(f"- {l}" for l in run["loss"]), "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v:g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in run["settings"].items()]
     if run["command"]:

@@ -112,6 +112,15 @@ class TrainConfig:
     lstm_dim: int = opt(0, "BiLSTM: sentence embedding size (0 = --model's hidden size)", "model", range="[0, inf)")
     lstm_dropout: float = opt(0.1, "BiLSTM: dropout on the embeddings and on each layer's LSTM output", "model",
                               range="[0, 1)")
+    lstm_highway: bool = opt(True, "BiLSTM: a highway gate in each layer (each feature mixes the layer's output with "
+                             "its input); --no-lstm-highway: a plain residual, LayerNorm(x + lstm(x))", "model")
+    lstm_pooling: str = opt("attention", "BiLSTM: pooling over the real tokens: gated attention (learned weights), "
+                            "mean, or max (per feature)", "model", ("attention", "mean", "max"))
+    lstm_embed_dim: int = opt(0, "BiLSTM: word table width, up to --model's hidden size (0 = that size); "
+                              "narrower: --model's table projected onto its top principal components (PCA)", "model",
+                              range="[0, inf)")
+    lstm_embed_init: str = opt("model", "BiLSTM: the word table starts as --model's (copied, or PCA-projected at "
+                               "--lstm-embed-dim) or random, N(0, 0.02)", "model", ("model", "random"))
     freeze_embeddings: bool = opt(False, "do not train the embeddings (BERT: word, position and token-type tables "
                                   "and their LayerNorm; BiLSTM: the word table)", "model")
     freeze_layers: int = opt(0, "do not train the first N transformer layers (BiLSTM: LSTM layers); embeddings "
@@ -152,6 +161,17 @@ class TrainConfig:
                             "distributions over the batch", "distill", range="[0, inf)")
     distill_temperature: float = opt(0.05, "temperature of the similarity distributions in the KL term",
                                      "distill", range="(0, inf)")
+    distill_corpus: str = opt("", "a first stage on unlabeled text: the student matches the teacher's embeddings (and "
+                              "in-batch similarities; no contrastive term) of this corpus's passages, sentences and "
+                              "spans cut from them, and the training queries, then trains on the labelled data as "
+                              "usual; a BEIR folder, a JSONL of passages, or 'data' (--data's own passages); '' = none",
+                              "distill")
+    distill_corpus_steps: int = opt(0, "optimiser steps of the --distill-corpus stage (0 = one pass over its passages "
+                                    "and queries); they come before --epochs/--max-steps of labelled data, under one "
+                                    "learning-rate schedule", "distill", range="[0, inf)")
+    distill_corpus_val: int = opt(100, "--distill-corpus passages held out (at most a tenth of the corpus): the "
+                                  "stage's loss on them is validated as val/corpus/distill_loss", "distill",
+                                  range="[0, inf)")
     kd_weight: float = opt(0.0, "weight of the KL term towards teacher scores (pos_scores/neg_scores on every line; "
                                 "python -m bge.score fills them); 0 = off", "loss", range="[0, inf)")
     kd_temperature: float = opt(0.02, "temperature of the teacher's scores: 0.02 for cosines (bge.score), 1 for "

@@ -1,7 +1,8 @@
 """The gated BiLSTM encoder: a CPU-cheap alternative to the transformer, with the same `embed()` interface.
 
-Word embeddings (initialisable from a BERT/BGE checkpoint) -> projection if the widths differ -> N gated
-bidirectional LSTM layers -> gated attention pooling -> projection to the embedding size -> L2 normalisation.
+Word embeddings (initialisable from a BERT/BGE checkpoint, or from its principal components at a smaller width) ->
+projection if the widths differ -> N bidirectional LSTM layers, each with a highway gate (or a plain residual) ->
+pooling (gated attention, mean or max over the real tokens) -> projection to the embedding size -> L2 normalisation.
 
 Padding never leaks into the states of real tokens. Each direction is its own LSTM, and the backward one reads
 every sequence reversed within its own length, so in both directions a real token's state depends on real tokens
@@ -27,10 +28,12 @@ from torch.nn.utils.rnn import pack_sequence, unpack_sequence
 
 from bge.dropout import Dropout
 from bge.errors import UserError
-from bge.model import Encoder, run_layers
+from bge.model import Encoder, pool, run_layers
 
 # how a layer's two LSTMs run over x in one layout: (forward LSTM, backward LSTM, x) -> (..., 2 * hidden)
 Recur = Callable[[nn.LSTM, nn.LSTM, torch.Tensor], torch.Tensor]
+POOLING = ("attention", "mean", "max")
+EMBED_INIT = ("model", "random")  # the word table: copied (or PCA-projected) from the source checkpoint, or fresh
 
 
 @dataclass
@@ -46,8 +49,9 @@ class LSTMConfig:
     pad_token_id: int = 0
     max_tokens: int = 512  # longest input; carried over from the source checkpoint's tokenizer
     layer_norm_eps: float = 1e-5
-    pooling: str = "attention"  # always gated attention pooling; recorded for the fingerprint and the reader
+    pooling: str = "attention"  # gated attention, mean or max over the real tokens (POOLING)
     normalize: bool = True
+    highway: bool = True  # a highway gate in each layer; False: a plain residual, LN(x + lstm(x))
 
     @property
     def width(self) -> int:
@@ -59,19 +63,22 @@ class LSTMConfig:
 
 class GatedLayer(nn.Module):
     """One bidirectional LSTM layer with a highway gate: out = LN(g * drop(lstm(x)) + (1 - g) * x), where
-    g = sigmoid(W [x; lstm(x)]) per feature, so each token chooses how much of the layer to take. `recur` runs
-    the two LSTMs in the caller's layout, so the layer works on padded (B, L, W) and packed (T, W) inputs alike."""
+    g = sigmoid(W [x; lstm(x)]) per feature, so each token chooses how much of the layer to take; without the gate
+    (cfg.highway False) a plain residual, LN(x + drop(lstm(x))). `recur` runs the two LSTMs in the caller's layout,
+    so the layer works on padded (B, L, W) and packed (T, W) inputs alike."""
 
     def __init__(self, cfg: LSTMConfig):
         super().__init__()
         self.fwd = nn.LSTM(cfg.width, cfg.hidden_size, batch_first=True)
         self.bwd = nn.LSTM(cfg.width, cfg.hidden_size, batch_first=True)  # reads each sequence reversed
-        self.gate = nn.Linear(2 * cfg.width, cfg.width)
+        self.gate = nn.Linear(2 * cfg.width, cfg.width) if cfg.highway else None
         self.ln = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, recur: Recur) -> torch.Tensor:
         h = recur(self.fwd, self.bwd, x)
+        if self.gate is None:
+            return self.ln(x + self.drop(h))
         g = torch.sigmoid(self.gate(torch.cat([x, h], dim=-1)))
         return self.ln(g * self.drop(h) + (1 - g) * x)
 
@@ -121,17 +128,32 @@ def attention_pool(states: torch.Tensor, scores: torch.Tensor, attention_mask: t
     return torch.einsum("bl,blh->bh", weights, states)
 
 
+def max_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) states -> (B, H): each feature's largest value over the real tokens."""
+    return states.masked_fill(~attention_mask.bool().unsqueeze(-1), float("-inf")).amax(1)
+
+
+def pca_project(table: torch.Tensor, k: int) -> torch.Tensor:
+    """(V, H) word table -> (V, k): each row, centred, in the coordinates of the table's top k principal
+    components (largest variance first); a narrower table that keeps as much of the rows' spread as k dimensions can."""
+    centred = table.double() - table.double().mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ vh[:k].T).to(table.dtype)
+
+
 class BiLSTMEncoder(nn.Module):
     """Gated BiLSTM sentence encoder: `embed(input_ids, attention_mask)` -> (B, dim) L2-normalised embeddings."""
 
     def __init__(self, cfg: LSTMConfig):
         super().__init__()
+        if cfg.pooling not in POOLING:
+            raise ValueError(f"unknown pooling {cfg.pooling!r} ({', '.join(POOLING)})")
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.embed_size, padding_idx=cfg.pad_token_id)
         self.proj = nn.Linear(cfg.embed_size, cfg.width) if cfg.embed_size != cfg.width else nn.Identity()
         self.drop = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(GatedLayer(cfg) for _ in range(cfg.num_layers))
-        self.pool = GatedAttentionPool(cfg.width, cfg.hidden_size)
+        self.pool = GatedAttentionPool(cfg.width, cfg.hidden_size) if cfg.pooling == "attention" else None
         self.out = nn.Linear(cfg.width, cfg.dim)
         self.grad_checkpointing = False  # recompute each layer in backward: less memory, more time
         self.init_weights()
@@ -170,16 +192,26 @@ class BiLSTMEncoder(nn.Module):
 
     @classmethod
     def from_encoder(cls, encoder: Encoder, *, hidden_size: int, num_layers: int, dim: int = 0,
-                     dropout: float = 0.1) -> "BiLSTMEncoder":
-        """A fresh BiLSTM whose word embeddings are a copy of a transformer's (same vocabulary and tokenizer).
-        dim = 0: the transformer's embedding size, so the two embed into spaces of the same width."""
+                     dropout: float = 0.1, embed_dim: int = 0, embed_init: str = "model", highway: bool = True,
+                     pooling: str = "attention") -> "BiLSTMEncoder":
+        """A fresh BiLSTM with a transformer's vocabulary and tokenizer. Its word table (embed_dim wide; 0 = the
+        transformer's hidden size) is the transformer's ("model"; projected onto its top principal components when
+        narrower) or fresh ("random"). dim = 0: the transformer's embedding size, so the two embed alike wide."""
         src = encoder.cfg
-        cfg = LSTMConfig(vocab_size=src.vocab_size, embed_size=src.hidden_size, hidden_size=hidden_size,
+        width = embed_dim or src.hidden_size
+        if not 0 < width <= src.hidden_size:
+            raise UserError(f"--lstm-embed-dim must be between 1 and the model's hidden size {src.hidden_size} "
+                            f"(0 = that size), got {embed_dim}")
+        if embed_init not in EMBED_INIT:
+            raise UserError(f"--lstm-embed-init must be one of {', '.join(EMBED_INIT)}, got {embed_init!r}")
+        cfg = LSTMConfig(vocab_size=src.vocab_size, embed_size=width, hidden_size=hidden_size,
                          num_layers=num_layers, dim=dim or src.hidden_size, dropout=dropout,
-                         pad_token_id=src.pad_token_id, max_tokens=src.max_tokens)
+                         pad_token_id=src.pad_token_id, max_tokens=src.max_tokens, pooling=pooling, highway=highway)
         model = cls(cfg)
-        with torch.no_grad():
-            model.emb.weight.copy_(encoder.emb.word.weight)
+        if embed_init == "model":
+            table = encoder.emb.word.weight.detach()
+            with torch.no_grad():
+                model.emb.weight.copy_(table if width == src.hidden_size else pca_project(table, width))
         return model.to(encoder.emb.word.weight.device)
 
     # ---- forward --------------------------------------------------------------------------------
@@ -212,6 +244,12 @@ class BiLSTMEncoder(nn.Module):
         x = self._embed_tokens(input_ids[attention_mask.bool()])
         return self._run_layers(x, lambda f, b, x: recur_packed(f, b, x, lengths))
 
+    def pooled(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, W) last-layer states -> (B, W), by cfg.pooling over the real tokens."""
+        if self.pool is not None:
+            return self.pool(states, attention_mask)
+        return pool(states, attention_mask, "mean") if self.cfg.pooling == "mean" else max_pool(states, attention_mask)
+
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
         """Pooled, projected, (by default) L2-normalised sentence embeddings (B, dim)."""
         if packed:
@@ -220,5 +258,5 @@ class BiLSTMEncoder(nn.Module):
             states = tokens.new_zeros(*real.shape, tokens.shape[-1]).index_put((real,), tokens)
         else:
             states = self.forward(input_ids, attention_mask)
-        pooled = self.out(self.pool(states, attention_mask))
+        pooled = self.out(self.pooled(states, attention_mask))
         return F.normalize(pooled, dim=-1) if self.cfg.normalize else pooled

@@ -1,11 +1,14 @@
 """Run folders side by side: one row per run with the settings that differ between the runs, the held-out test
 metrics of `best/`, its parameter count, the training time and its encoding speed; shown as a rich table and
-written as CSV, markdown and JSON. sweep.py and `evaluate.py --compare` both build their tables here.
+written as CSV, markdown and JSON, with the quality/speed trade-off plotted (`pareto.png`, the Pareto front marked;
+when matplotlib is installed). sweep.py and `evaluate.py --compare` both build their tables here.
 
 Encoding speed is measured, not read from the run: Embedder.encode on a fixed set of real passages (the first
-`n` SciFact documents of 150-250 words by default), same batch size, max length and thread count for every run,
-median of `repeats` timed passes after one warm-up batch. The result is kept in the run folder (`speed.json`,
-keyed by those settings and the machine), so a second table re-measures nothing.
+`n` SciFact documents of 150-250 words by default), same batch size and thread count for every run, and the same
+max length (--speed-max-length N), or each run's own --max-passage-length, the length its test metrics were measured
+at (0, the default: a run trained and tested at 128 tokens is timed at 128), median of `repeats` timed passes after
+one warm-up batch. The result is kept in the run folder (`speed.json`, keyed by those settings and the machine), so
+a second table re-measures nothing.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -118,7 +121,7 @@ class SpeedSettings:
 
     n: int = 256
     batch_size: int = 32
-    max_length: int = 256
+    max_length: int = 256  # 0 = each run's own --max-passage-length (run_row)
     threads: int = 0  # 0 = torch's default
     repeats: int = 3
 
@@ -180,6 +183,7 @@ def model_label(name: str) -> str:
 def run_row(folder: Path, *, speed_texts: list[str] | None, speed: SpeedSettings = SpeedSettings()) -> dict:
     """One run's numbers: config, test metrics of best/, parameters, training time, passages/s (None: not measured)."""
     results = json.loads((folder / "results.json").read_text())
+    speed = replace(speed, max_length=speed.max_length or results.get("config", {}).get("max_passage_length", 256))
     embedder = Embedder.load(str(folder / "best"))
     params = sum(p.numel() for p in embedder.model.parameters())
     embedding = sum(p.numel() for p in embedder.model.emb.parameters())
@@ -187,7 +191,8 @@ def run_row(folder: Path, *, speed_texts: list[str] | None, speed: SpeedSettings
             "test": results.get("fine_tuned"), "base": results.get("base"), "test_queries": results.get("test_queries"),
             "best_step": results.get("best_step"), "steps": results.get("steps"),
             "train_seconds": results.get("train_seconds", 0.0), "params": params, "params_no_emb": params - embedding,
-            "passages_per_s": cached_speed(folder, embedder, speed_texts, speed) if speed_texts else None}
+            "passages_per_s": cached_speed(folder, embedder, speed_texts, speed) if speed_texts else None,
+            "speed_max_length": speed.max_length if speed_texts else None}
 
 
 def differing_settings(rows: list[dict]) -> list[str]:
@@ -204,17 +209,43 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """Whether each (quality, speed) point is on the Pareto front: no other point is at least as good on both and
+    better on one. Points of equal speed are taken together, fastest first: a point is on the front when it is the
+    best of its speed and better than every faster point."""
+    front = [False] * len(points)
+    best_faster = float("-inf")
+    for speed in sorted({s for _, s in points}, reverse=True):
+        same = [i for i, (_, s) in enumerate(points) if s == speed]
+        top = max(points[i][0] for i in same)
+        for i in same:
+            front[i] = points[i][0] == top and top > best_faster
+        best_faster = max(best_faster, top)
+    return front
+
+
+def trade_off(rows: list[dict], metric: str = "ndcg@10") -> list[bool | None]:
+    """Per row: on the quality/speed Pareto front (test `metric` against passages/s), or None without both."""
+    have = [i for i, r in enumerate(rows) if r["passages_per_s"] and (r["test"] or {}).get(metric) is not None]
+    front = pareto_front([(rows[i]["test"][metric], rows[i]["passages_per_s"]) for i in have])
+    out: list[bool | None] = [None] * len(rows)
+    for i, on in zip(have, front):
+        out[i] = on
+    return out
+
+
 def table_cells(rows: list[dict], settings: list[str]) -> tuple[list[str], list[list[str]], list[list]]:
     """(headers, display strings per row, raw values per row) for the table."""
-    headers = ["run", *settings, *(h for _, h in METRICS), "params", "params w/o emb.", "train time", "passages/s"]
+    headers = ["run", *settings, *(h for _, h in METRICS), "params", "params w/o emb.", "train time", "passages/s",
+               "Pareto"]
     shown, raw = [], []
-    for r in rows:
+    for r, front in zip(rows, trade_off(rows)):
         test = r["test"] or {}
         values = [r["run"], *(r["config"].get(k) for k in settings), *(test.get(m) for m, _ in METRICS),
-                  r["params"], r["params_no_emb"], r["train_seconds"], r["passages_per_s"]]
+                  r["params"], r["params_no_emb"], r["train_seconds"], r["passages_per_s"], front]
         raw.append(values)
         fmt = [str, *([str] * len(settings)), *([lambda v: f"{v:.4f}"] * len(METRICS)), _count, _count,
-               _duration, lambda v: f"{v:.1f}"]
+               _duration, lambda v: f"{v:.1f}", lambda v: "front" if v else ""]
         shown.append(["–" if v is None else f(v) for f, v in zip(fmt, values)])
     return headers, shown, raw
 
@@ -240,13 +271,58 @@ def write_tables(prefix: Path, title: str, rows: list[dict], caption: str) -> Ta
     prefix.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     settings = differing_settings(rows)
-    names = ["run", *settings, *(m for m, _ in METRICS), "params", "params_no_emb", "train_seconds", "passages_per_s"]
+    names = ["run", *settings, *(m for m, _ in METRICS), "params", "params_no_emb", "train_seconds", "passages_per_s",
+             "pareto"]
     csv.writer(buf, lineterminator="\n").writerows([names, *raw])
     atomic_write_text(prefix.with_suffix(".csv"), buf.getvalue())
     atomic_write_text(prefix.with_suffix(".md"), f"{title}\n\n{markdown(headers, shown)}\n{caption}\n")
     atomic_write_text(prefix.with_suffix(".json"), json.dumps({"title": title, "caption": caption, "rows": rows},
                                                               indent=2) + "\n")
     return rich_table(title, headers, shown, caption)
+
+
+def pareto_path(prefix: Path) -> Path:
+    """The plot beside a table: pareto.png for the default stem `results`, else <stem>-pareto.png."""
+    return prefix.parent / ("pareto.png" if prefix.name == "results" else f"{prefix.name}-pareto.png")
+
+
+def plot_pareto(rows: list[dict], path: Path, title: str, metric: str = "ndcg@10") -> Path | None:
+    """Test `metric` against passages/s (log scale), one labelled point per run, the Pareto front joined and
+    marked. Needs matplotlib, which bge does not require: returns None when it is not installed or no run has
+    both numbers."""
+    front = trade_off(rows, metric)
+    shown = [(r, on) for r, on in zip(rows, front) if on is not None]
+    if not shown:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r, on in shown:
+        x, y = r["passages_per_s"], r["test"][metric]
+        ax.scatter([x], [y], s=40, color="tab:red" if on else "tab:gray", zorder=3)
+        ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    edge = sorted((r["passages_per_s"], r["test"][metric]) for r, on in shown if on)
+    # the edge of what the front dominates: from each point down and left to the next slower one's height
+    ax.step([x for x, _ in edge], [y for _, y in edge], where="pre", color="tab:red", label="Pareto front")
+    ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 30, not 3 x 10^1
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel("encoding speed, passages/s (log scale)")
+    ax.set_ylabel(f"test {dict(METRICS).get(metric, metric)}")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def caption(rows: list[dict], speed: SpeedSettings | None, corpus: str | Path = SCIFACT) -> str:
@@ -256,8 +332,10 @@ def caption(rows: list[dict], speed: SpeedSettings | None, corpus: str | Path = 
              "train time: optimiser steps only, validation excluded"]
     if speed:
         threads = speed.threads or torch.get_num_threads()
+        length = speed.max_length or "each run's --max-passage-length"
         parts.append(f"passages/s: {speed.n} {Path(corpus).name} passages, batch {speed.batch_size}, max length "
-                     f"{speed.max_length}, {threads} thread{'s' if threads > 1 else ''}, median of {speed.repeats}")
+                     f"{length}, {threads} thread{'s' if threads > 1 else ''}, median of {speed.repeats}")
+        parts.append("Pareto: no other run has a higher test nDCG@10 at the same or higher speed")
     return " · ".join(parts) + f" · {machine()}"
 
 
@@ -270,12 +348,17 @@ def add_table_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speed-n", type=Bounded(int, "[1, inf)"), default=SpeedSettings.n, help="passages per timed pass")
     g.add_argument("--speed-threads", type=Bounded(int, "[0, inf)"), default=0,
                    help="CPU threads while measuring (0 = torch's default)")
+    g.add_argument("--speed-max-length", type=Bounded(int, "[0, inf)"), default=0, help="token length the passages "
+                   "are cut to while measuring (0 = each run's own --max-passage-length, the length it was tested at)")
     g.add_argument("--no-speed", action="store_true", help="leave the passages/s column empty")
 
 
-def report(folders: list[Path], prefix: Path, title: str, a: argparse.Namespace) -> Table:
-    """Rows for the run folders (measuring speed where not cached), written to {prefix}.csv/.md/.json."""
-    speed = None if a.no_speed else SpeedSettings(n=a.speed_n, threads=a.speed_threads)
+def report(folders: list[Path], prefix: Path, title: str, a: argparse.Namespace) -> tuple[Table, Path | None]:
+    """Rows for the run folders (measuring speed where not cached), written to {prefix}.csv/.md/.json; the table and
+    the Pareto plot (pareto_path; None when not drawn)."""
+    if a.speed_max_length < 0:
+        raise UserError(f"--speed-max-length must be 0 or more, got {a.speed_max_length}")
+    speed = None if a.no_speed else SpeedSettings(n=a.speed_n, threads=a.speed_threads, max_length=a.speed_max_length)
     texts = speed_passages(a.speed_corpus, speed.n) if speed else None
     rows = []
     with progress(transient=True) as bar:
@@ -283,7 +366,8 @@ def report(folders: list[Path], prefix: Path, title: str, a: argparse.Namespace)
         for folder in folders:
             rows.append(run_row(folder, speed_texts=texts, speed=speed or SpeedSettings()))
             bar.advance(task)
-    return write_tables(prefix, title, rows, caption(rows, speed, a.speed_corpus))
+    table = write_tables(prefix, title, rows, caption(rows, speed, a.speed_corpus))
+    return table, plot_pareto(rows, pareto_path(prefix), title)
 
 
 def stdout_console() -> Console:

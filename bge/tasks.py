@@ -7,6 +7,8 @@
                     the batch is a negative and the other texts of its own label are masked (bge.loss.label_mask);
                     optionally a linear head with cross-entropy. Validated by kNN and linear-probe accuracy and
                     macro-F1, fitted on the training rows
+Two tasks are training signal only (never tested or reported): --unlabeled's pseudo-pairs (UnlabeledTask), and
+--distill-corpus's teacher embeddings of unlabeled text (CorpusTask), a stage whose micro-batches all come first.
 A file may mix them: TaskSampler draws each micro-batch from one task, as FlagEmbedding draws each batch from one
 dataset. train.py runs one loop; per micro-batch it asks the task for (token-id groups, loss function).
 """
@@ -15,9 +17,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,7 +45,7 @@ from bge.loss import (LossFn, cosent, cosine_mse, distill_loss, false_negative_m
 from bge.mine import mine, parse_margin, parse_range
 from bge.optim import default_lr
 from bge.tokenizer import Tokenizer
-from bge.unlabeled import KINDS, MIN_WORDS, pseudo_pairs, read_passages, unique
+from bge.unlabeled import KINDS, MIN_WORDS, piece, pseudo_pairs, read_passages, sentences, unique
 
 VAL_KS = (1, 10, 100)
 TEST_KS = (1, 3, 5, 10, 100)
@@ -66,7 +69,8 @@ class Task:
     metric = ""  # the validation metric that chooses best/
     metric_label = ""
     table_metrics: tuple[str, ...] = ()  # rows of the ending's table
-    labelled = True  # False: training signal only (pseudo-pairs), never validated, tested or reported
+    labelled = True  # False: training signal only (pseudo-pairs), never tested or reported, never chooses best/
+    stage = False  # True: every micro-batch of this task comes before any other task's (TaskSampler)
     per_epoch: int | None = None  # items drawn per epoch (None: all of them)
 
     def __init__(self, train: list, val, test, cfg: TrainConfig):
@@ -192,12 +196,8 @@ class RetrievalTask(Task):
 
         def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
             loss, stats = retrieval_loss(emb, batch, cfg, info)
-            if teacher is not None:  # looked up here, on the training thread: the teacher is a model too
-                target = teacher.embed(batch, emb["q"].device)
-                mask = false_negative_mask(batch.passage_hashes, batch.query_pos_hashes, batch.pos_index).to(emb["q"].device)
-                loss = cfg.contrastive_weight * loss + distill_loss(
-                    emb, target, kind=cfg.distill_loss, weight=cfg.distill_weight, kl_weight=cfg.distill_kl,
-                    temperature=cfg.distill_temperature, mask=mask)
+            if teacher is not None:
+                loss = cfg.contrastive_weight * loss + teacher_terms(emb, batch, teacher, cfg)
             if cfg.kd_weight > 0:  # towards the teacher's scores over each query's own group (FlagEmbedding's KD)
                 dev = emb["q"].device
                 loss = loss + cfg.kd_weight * teacher_score_kl(emb["q"], emb["p"], batch.owner.to(dev),
@@ -235,6 +235,17 @@ class RetrievalTask(Task):
                           comparison)
 
 
+def teacher_terms(emb: dict[str, torch.Tensor], batch: Batch, teacher, cfg: TrainConfig) -> torch.Tensor:
+    """The distillation terms (bge.loss.distill_loss) of a batch's embeddings against the teacher's (a
+    bge.distill.Teacher) embeddings of the same texts, false negatives masked in the KL term. Called inside the loss,
+    on the training thread: the teacher is a model too."""
+    dev = emb["q"].device
+    target = teacher.embed(batch, dev)
+    mask = false_negative_mask(batch.passage_hashes, batch.query_pos_hashes, batch.pos_index).to(dev)
+    return distill_loss(emb, target, kind=cfg.distill_loss, weight=cfg.distill_weight, kl_weight=cfg.distill_kl,
+                        temperature=cfg.distill_temperature, mask=mask)
+
+
 def cache_folder(cfg: TrainConfig) -> Path:
     """--cache-dir, else <out-dir>/cache."""
     return Path(cfg.cache_dir or Path(cfg.out_dir) / "cache")
@@ -264,6 +275,116 @@ class UnlabeledTask(RetrievalTask):
 
     def describe(self) -> str:
         return f"unlabeled: {self.per_epoch} of {len(self.train)} pseudo-pairs per epoch"
+
+
+# ---- --distill-corpus: the teacher's embeddings of unlabeled text, a stage before the labelled data ---------------
+@dataclass
+class CorpusPassage:
+    """A passage of the --distill-corpus stage: the text the student embeds, the body pieces are cut from, and the
+    body's sentences long enough to be a pseudo-query."""
+
+    text: str  # as the evaluation corpus holds it: (title + ' ' + body).strip() with --title
+    body: str
+    usable: list[str] = field(default_factory=list)
+
+
+class CorpusTask(Task):
+    """The student learns the teacher's embeddings and in-batch similarities (bge.loss.distill_loss; no contrastive
+    term: the teacher is the only target, so any text will do) on (pseudo-query, passage) pairs: each corpus passage
+    with a sentence or random-length span cut from it afresh each epoch (bge.unlabeled.piece), and each training query
+    with one of its positives. A stage: TaskSampler draws all its micro-batches before the labelled tasks'. Validated
+    by the same loss on held-out passages (never trained on, never a training query's positive), logged as
+    val/corpus/distill_loss; it never chooses best/."""
+
+    name, labelled, stage = "corpus", False, True
+
+    def __init__(self, passages: list[CorpusPassage], queries: list[Example], held_out: list[CorpusPassage],
+                 cfg: TrainConfig):
+        super().__init__([*passages, *queries], None, None, cfg)
+        self.n_passages, self.n_queries = len(passages), len(queries)
+        self.teacher = None  # bge.distill.Teacher: train.py sets it (--distill-from)
+        self.val = [self.example(p, f"held-out/{k}", 0) for k, p in enumerate(held_out)] or None
+
+    def describe(self) -> str:
+        return (f"corpus: {self.n_passages} passages (each with a sentence or span cut from it) and {self.n_queries} "
+                f"training queries per pass, {len(self.val or [])} passages held out")
+
+    def anchors(self) -> list[str]:
+        return [it.text if isinstance(it, CorpusPassage) else it.query for it in self.train]
+
+    def example(self, item: CorpusPassage | Example, k: int | str, epoch: int) -> Example:
+        """Item k's pair at this epoch, a pure function of (seed, epoch, k): (piece, passage) or (query, a positive)."""
+        rng = random.Random(f"{self.cfg.seed}/corpus/{epoch}/{k}")
+        if isinstance(item, CorpusPassage):
+            return Example(piece(item.body, item.usable, rng), [item.text])
+        return Example(item.query, [rng.choice(item.pos)], prompt=item.prompt)
+
+    def _batch(self, examples: list[Example], epoch: int) -> Batch:
+        return make_batch(examples, list(range(len(examples))), group_size=1, seed=self.cfg.seed, epoch=epoch)
+
+    def micro_batch(self, indices, epoch, tokenizer, device, info=None):
+        cfg = self.cfg
+        batch = self._batch([self.example(self.train[k], k, epoch) for k in indices], epoch)
+        inputs = {"q": tokenizer.tokenize(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length),
+                  "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length)}
+        teacher = self.teacher
+
+        def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+            # acc: how often a piece's nearest passage in the batch is its own (the student's view; not trained on)
+            own = (emb["q"] @ emb["p"].T).argmax(1) == torch.arange(len(indices), device=emb["q"].device)
+            return teacher_terms(emb, batch, teacher, cfg), {"acc": own.float().mean().detach()}
+
+        return inputs, loss_fn
+
+    def validate(self, embedder, cpu_bf16):
+        """The stage's loss on the held-out pairs, in batches of --batch-size as in training (the KL term depends on
+        what shares a batch), and the mean cosine between the student's and the teacher's embeddings."""
+        cfg, n = self.cfg, len(self.val)
+        batch = self._batch(self.val, 0)
+        kw = dict(batch_size=cfg.eval_batch_size, as_numpy=False, show_progress=False, cpu_bf16=cpu_bf16)
+        student = {"q": embedder.encode(batch.query_texts(embedder.tokenizer.query_prompt),
+                                        max_length=cfg.max_query_length, **kw),
+                   "p": embedder.encode(batch.passages, max_length=cfg.max_passage_length, **kw)}
+        target = self.teacher.embed(batch, torch.device("cpu"))
+        total = 0.0
+        for start in range(0, n, cfg.batch_size):
+            part = slice(start, start + cfg.batch_size)
+            chunk = self._batch(self.val[part], 0)
+            loss = teacher_terms({k: v[part] for k, v in student.items()}, chunk, self.teacher, cfg)
+            total += float(loss) * len(chunk.queries)
+        cos = F.cosine_similarity(torch.cat(list(student.values())), torch.cat(list(target.values())), dim=-1)
+        return {"distill_loss": total / n, "cosine": float(cos.mean())}
+
+
+def corpus_task(cfg: TrainConfig, tasks: dict[str, Task], path: Path) -> CorpusTask:
+    """The --distill-corpus stage: passages of a BEIR folder's corpus or a passage JSONL ('data': --data's own: a BEIR
+    folder's corpus, or every passage of the file's lines and --corpus), less --distill-corpus-val held out (at most a
+    tenth of them); plus the training queries."""
+    retrieval = tasks.get("retrieval")
+    if not cfg.distill_from:
+        raise UserError("--distill-corpus trains the student towards a teacher's embeddings: pass --distill-from MODEL")
+    if retrieval is None:
+        raise UserError("--distill-corpus distils on query/passage pairs; --data has no retrieval lines")
+    for name in ("distill_corpus_steps", "distill_corpus_val"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    source = path if cfg.distill_corpus == "data" else Path(cfg.distill_corpus)
+    if cfg.distill_corpus == "data" and not path.is_dir():
+        raw = [("", text) for text in retrieval.full.corpus.values()]
+    else:
+        raw = read_passages(source)
+    passages = [CorpusPassage((title + " " + body).strip() if cfg.title else body, body,
+                              [s for s in sentences(body) if len(s.split()) >= MIN_WORDS])
+                for title, body in unique(raw) if len(body.split()) >= MIN_WORDS]
+    positives = {p for ex in retrieval.train for p in ex.pos}
+    candidates = [i for i, p in enumerate(passages) if p.text not in positives]
+    n_held = min(cfg.distill_corpus_val, len(passages) // 10, len(candidates))  # a small corpus keeps 90% to train on
+    held = set(random.Random(f"{cfg.seed}/corpus/held-out").sample(candidates, n_held))
+    train = [p for i, p in enumerate(passages) if i not in held]
+    if not train:
+        raise UserError(f"--distill-corpus {cfg.distill_corpus}: no passage of {MIN_WORDS}+ words left to train on "
+                        f"in {source} (--distill-corpus-val {cfg.distill_corpus_val} holds some out)")
+    return CorpusTask(train, retrieval.train, [passages[i] for i in sorted(held)], cfg)
 
 
 # ---- STS / regression --------------------------------------------------------------------------------------
@@ -415,12 +536,22 @@ TASK_TYPES: dict[str, type[Task]] = {"retrieval": RetrievalTask, "sts": STSTask,
 class TaskSampler:
     """Micro-batches of one task at a time. Each task has its own Sampler (one pass over its items per epoch);
     an epoch's batches of all tasks are interleaved in an order drawn by (seed, epoch), so the whole state is still
-    one integer, the micro-step. With a single task the order is exactly that task's Sampler."""
+    one integer, the micro-step. With a single task the order is exactly that task's Sampler.
 
-    def __init__(self, tasks: dict[str, Task], batch_size: int, seed: int, min_size: int = 1):
+    A stage task (Task.stage: --distill-corpus) comes first: its `stage_steps` optimiser steps (stage_steps x
+    grad_accum micro-batches, its own epochs over its items; 0 = one pass) before any batch of the others, whose
+    epochs then start at 0. One micro-step counter still covers the whole run, so resuming mid-stage is exact."""
+
+    def __init__(self, tasks: dict[str, Task], batch_size: int, seed: int, min_size: int = 1, stage_steps: int = 0,
+                 grad_accum: int = 1):
         self.seed = seed
-        self.samplers = {name: Sampler([Example(text, []) for text in t.anchors()], batch_size, seed, min_size=min_size,
-                                       per_epoch=t.per_epoch) for name, t in tasks.items()}
+        make = lambda t: Sampler([Example(text, []) for text in t.anchors()], batch_size, seed, min_size=min_size,
+                                 per_epoch=t.per_epoch)
+        self.samplers = {name: make(t) for name, t in tasks.items() if not t.stage}
+        self.stage_name = next((name for name, t in tasks.items() if t.stage), None)
+        self.stage = make(tasks[self.stage_name]) if self.stage_name else None
+        self.stage_steps = (stage_steps or math.ceil(self.stage.epoch_length(0) / grad_accum)) if self.stage else 0
+        self.stage_batches = self.stage_steps * grad_accum
         self._epoch, self._order = -1, []
 
     def epoch_batches(self, epoch: int) -> list[tuple[str, list[int]]]:
@@ -440,6 +571,10 @@ class TaskSampler:
 
     def batch(self, micro_step: int) -> tuple[int, str, list[int]]:
         """(epoch, task, item indices) of the micro_step-th batch of the run."""
+        if micro_step < self.stage_batches:
+            epoch, indices = self.stage.batch(micro_step)
+            return epoch, self.stage_name, indices
+        micro_step -= self.stage_batches
         epoch = 0
         while micro_step >= self.epoch_length(epoch):
             micro_step -= self.epoch_length(epoch)
@@ -567,6 +702,8 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
         tasks["retrieval"].full = full  # the corpus hard negatives are mined from
     if cfg.unlabeled != "off":
         tasks["unlabeled"] = unlabeled_task(cfg, tasks, path)
+    if cfg.distill_corpus:
+        tasks["corpus"] = corpus_task(cfg, tasks, path)
     return tasks, split
 
 
@@ -615,6 +752,9 @@ def validate(tasks: dict[str, Task], embedder: Embedder, cpu_bf16: bool) -> tupl
         scores = task.validate(embedder, cpu_bf16)
         metrics |= {(f"{name}/{k}" if len(judged) > 1 else k): v for k, v in scores.items()}
         primary.append(scores[task.metric])
+    for name, task in tasks.items():  # training signal with a held-out check of its own (--distill-corpus): logged only
+        if name not in judged and task.val is not None:
+            metrics |= {f"{name}/{k}": v for k, v in task.validate(embedder, cpu_bf16).items()}
     return metrics, (sum(primary) / len(primary) if primary else None)
 
 

@@ -5,6 +5,8 @@
            the positive; the sentence is taken out of its context, so the pair cannot be matched by copying words
 
 The pairs are drawn once per run from the passages, by seed: each passage gives at most one pair of each kind.
+`piece` cuts the pseudo-queries of the --distill-corpus stage (bge.tasks.CorpusTask): a sentence, or a span of words
+of random length, drawn afresh each epoch.
 train.py trains on them as a task of their own (bge.tasks.UnlabeledTask): their own micro-batches, in-batch
 negatives, a share of each epoch set by --unlabeled-ratio. The passages are the run's corpus, so the test queries'
 passages are among them, but never a test query: the text is what a user has before any label.
@@ -21,12 +23,25 @@ from bge.errors import UserError
 # a sentence ends at . ! or ? followed by space and something that can start a sentence
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[\"'])")
 MIN_WORDS = 4  # shorter titles and sentences say too little to be a query
+SPAN_WORDS = 48  # the longest span `piece` cuts: about what the default --max-query-length of 64 tokens holds
 KINDS = {"title": ("title",), "ict": ("ict",), "both": ("title", "ict"), "off": ()}
 
 
 def sentences(text: str) -> list[str]:
     """The text cut at sentence ends (a heuristic for prose: abbreviations like 'e.g. A' cut too early)."""
     return [s.strip() for s in SENTENCE_END.split(text.strip()) if s.strip()]
+
+
+def piece(body: str, usable: list[str], rng: random.Random) -> str:
+    """A pseudo-query cut from a passage's body: half the time one of its `usable` sentences (MIN_WORDS+ words;
+    always a span when it has none), else a span of consecutive words whose length is drawn uniformly from
+    MIN_WORDS..SPAN_WORDS (at most the whole body)."""
+    if usable and rng.random() < 0.5:
+        return rng.choice(usable)
+    words = body.split()
+    n = rng.randint(min(MIN_WORDS, len(words)), min(SPAN_WORDS, len(words)))
+    start = rng.randrange(len(words) - n + 1)
+    return " ".join(words[start : start + n])
 
 
 def pseudo_pairs(passages: list[tuple[str, str]], kinds: tuple[str, ...], seed: int) -> list[Example]:

@@ -3,8 +3,7 @@ and in a single process; rank 0 writes the global loss and the updated weights f
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_step.py OUT_DIR MODEL_DIR [varlen]
 
-With `varlen` the same steps run in the varlen layout (bge/packing.py, padded to a bucket), through DDP's wrapper
-and make_embed, in float32; otherwise in float64.
+With `varlen` the same steps run in the varlen layout (bge/packing.py, padded to a bucket), through DDP's wrapper.
 """
 import functools
 import json
@@ -51,22 +50,20 @@ def main() -> None:
     for name, n, group, chunk, in_batch in VARIANTS:
         model, tok = load_model(model_dir)
         # float64 and dropout 0 (this model's config): one process and two must agree to rounding, ~1e-15, so that a
-        # wrong weight or offset (an error of the size of float32 noise, 1e-7, included) cannot hide in a tolerance;
-        # the varlen layout runs as training runs it, through make_embed in float32
-        (model if varlen else model.double()).train()
+        # wrong weight or offset (an error of the size of float32 noise, 1e-7, included) cannot hide in a tolerance
+        model.double().train()
         # plain SGD: Adam's first step is lr * g / (|g| + eps), which turns rounding in near-zero gradients into
         # visible weight differences; SGD moves the weights by exactly lr * gradient
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         net = distributed.wrap(model, info)
-        if varlen:
-            pack = functools.partial(packing.pack, pad_id=tok.pad_id, multiple=32, max_length=64)
-            embed = make_embed(net or model.embed, tok.pad, info.device, pack=pack)
-        else:
-            fn = net or model.embed
+        fn = net or model.embed
+        pack = functools.partial(packing.pack, pad_id=tok.pad_id, multiple=32, max_length=64)
 
-            def embed(ids):  # make_embed's, without its cast to float32
-                input_ids, mask = tok.pad(ids)
-                return fn(input_ids, mask)
+        def embed(ids):  # make_embed's (the varlen layout: packed on the host), without its cast to float32
+            if varlen:
+                return fn(pack(ids).to(info.device))
+            input_ids, mask = tok.pad(ids)
+            return fn(input_ids, mask)
 
         batch = make_batch(ex, distributed.shard(list(range(n)), info), group_size=group, seed=0, epoch=0)
         inputs = {"q": tok.tokenize(batch.queries), "p": tok.tokenize(batch.passages)}

@@ -36,15 +36,15 @@ def no_dropout_model(tmp_path_factory, minilm_dir):
     return make_tiny_model(tmp_path_factory.mktemp("m") / "model", minilm_dir, dropout=0.0)
 
 
-def one_and_two_ranks(tmp_path: Path, model: Path, *two_ranks_argv: str) -> tuple[Path, Path, dict, dict]:
-    """tests/dist_step.py in one process and under torchrun on 2 ranks (with two_ranks_argv): folders and losses."""
+def one_and_two_ranks(tmp_path: Path, model: Path, *argv: str) -> tuple[Path, Path, dict, dict]:
+    """tests/dist_step.py (with argv) in one process and under torchrun on 2 ranks: folders and losses."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     script = str(REPO / "tests" / "dist_step.py")
-    r = subprocess.run([sys.executable, script, str(one), str(model)], capture_output=True, text=True, env=env(),
-                       timeout=600)
+    r = subprocess.run([sys.executable, script, str(one), str(model), *argv], capture_output=True, text=True,
+                       env=env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(torchrun(2, script, str(two), str(model), *two_ranks_argv), capture_output=True, text=True,
+    r = subprocess.run(torchrun(2, script, str(two), str(model), *argv), capture_output=True, text=True,
                        env=env(), timeout=600)  # a rank that hangs fails the test instead of blocking the suite
     assert r.returncode == 0, r.stderr[-3000:]
     return one, two, json.loads((one / "losses.json").read_text()), json.loads((two / "losses.json").read_text())
@@ -66,14 +66,16 @@ def test_two_ranks_take_the_single_process_step(tmp_path, no_dropout_model):
 
 
 def test_two_ranks_take_the_single_process_step_in_the_varlen_layout(tmp_path, no_dropout_model):
-    # DDP hands the Packed batch through its wrapper; the gradients must be the padded single-process step's
+    # DDP hands the Packed batch through its wrapper: two ranks must take the single process's step, to float64
+    # rounding as above (that the varlen layout equals the padded one is tests/test_packing.py's)
     one, two, l1, l2 = one_and_two_ranks(tmp_path, no_dropout_model, "varlen")
     assert set(l1) == set(l2) and len(l1) == 5
     for name in l1:
-        assert abs(l1[name] - l2[name]) <= 1e-5, name
+        assert abs(l1[name] - l2[name]) <= 1e-12, name
         a, b = load_file(str(one / f"{name}.safetensors")), load_file(str(two / f"{name}.safetensors"))
         grads = [k for k in a if k.startswith("grad.")]
-        assert max((a[k] - b[k]).abs().max().item() for k in grads) <= 1e-6, name
+        assert a[grads[0]].dtype == torch.float64 and max(a[k].abs().max().item() for k in grads) > 1e-4, name
+        assert max((a[k] - b[k]).abs().max().item() for k in grads) <= 1e-12, name
 
 
 def bikes_beir(folder: Path, n_queries: int = 40, n_other: int = 160) -> Path:

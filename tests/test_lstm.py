@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from bge import Embedder, UserError, load
 from bge.loss import info_nce
-from bge.lstm import BiLSTMEncoder, LSTMConfig, attention_pool, recur_packed, recur_padded, reverse_index
+from bge.lstm import (BiLSTMEncoder, LSTMConfig, attention_pool, max_pool, pca_project, recur_packed, recur_padded,
+                      reverse_index)
 from bge.model import Encoder, ModelConfig
 from bge.tokenizer import Tokenizer
 
@@ -22,14 +23,7 @@ def tiny(seed: int = 0, dropout: float = 0.0, **kw) -> BiLSTMEncoder:
     return BiLSTMEncoder(cfg)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The recurrence synchronises threads at every token; on a shared CI CPU one thread is many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tok(minilm_dir):
@@ -114,6 +108,89 @@ def test_attention_pool_against_a_naive_loop():
     garbage_s, garbage_sc = states.clone(), scores.clone()
     garbage_s[mask == 0], garbage_sc[mask == 0] = 1e4, 1e4  # large values at padding must not matter
     assert torch.allclose(attention_pool(garbage_s, garbage_sc, mask), torch.stack(expected), atol=1e-6)
+
+
+def test_mean_and_max_pooling_against_naive_loops():
+    g = torch.Generator().manual_seed(1)
+    states = torch.randn(3, 6, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0]])
+    model = {mode: tiny(pooling=mode) for mode in ("mean", "max")}
+    mean, most = [], []
+    for i in range(3):
+        rows = [states[i, t] for t in range(int(mask[i].sum()))]
+        mean.append(sum(rows) / len(rows))
+        most.append(torch.tensor([max(float(r[h]) for r in rows) for h in range(5)]))
+    garbage = states.clone()
+    garbage[mask == 0] = 1e4  # padding must never be averaged in or win the max
+    for s in (states, garbage):
+        assert torch.allclose(model["mean"].pooled(s, mask), torch.stack(mean), atol=1e-6)
+        assert torch.allclose(model["max"].pooled(s, mask), torch.stack(most), atol=1e-6)
+        assert torch.equal(max_pool(s, mask), model["max"].pooled(s, mask))
+    assert model["mean"].pool is None and model["max"].pool is None  # no parameters of their own
+
+
+VARIANTS = {"no highway": dict(highway=False), "mean": dict(pooling="mean"), "max": dict(pooling="max"),
+            "narrow table, one layer": dict(embed_size=6, num_layers=1)}
+
+
+@pytest.mark.parametrize("kw", VARIANTS.values(), ids=VARIANTS.keys())
+def test_each_student_variant_embeds_ignores_padding_and_round_trips(tok, tmp_path, kw):
+    torch.manual_seed(0)
+    cfg = LSTMConfig(**{**dict(embed_size=24, hidden_size=8, num_layers=2, dim=12, dropout=0.0), **kw})
+    model = BiLSTMEncoder(cfg).eval()
+    ids, mask = batch(tok)
+    noisy = ids.clone()
+    noisy[mask == 0] = 999
+    with torch.no_grad():
+        e = model.embed(ids, mask)
+        assert e.shape == (len(TEXTS), 12)
+        assert torch.allclose(e.norm(dim=1), torch.ones(len(TEXTS)), atol=1e-6)
+        assert torch.allclose(e, model.embed(ids, mask, packed=True), atol=1e-5)
+        assert torch.allclose(e, model.embed(noisy, mask), atol=1e-6)
+    assert all((layer.gate is None) == (cfg.highway is False) for layer in model.layers)
+    folder = Embedder(model, tok, device="cpu").save(tmp_path / "v")
+    saved = json.loads((folder / "bge_config.json").read_text())
+    assert (saved["pooling"], saved["highway"], saved["embed_size"]) == (cfg.pooling, cfg.highway, cfg.embed_size)
+    back = load(str(folder), device="cpu")
+    assert back.model.cfg == cfg
+    with torch.no_grad():
+        assert torch.equal(back.model.embed(ids, mask), model.embed(ids, mask))
+
+
+def test_unknown_pooling_is_an_error_naming_the_choices(tok, tmp_path):
+    with pytest.raises(ValueError, match="unknown pooling 'cls' \\(attention, mean, max\\)"):
+        tiny(pooling="cls")
+    folder = Embedder(tiny(), tok, device="cpu").save(tmp_path / "p")
+    cfg = json.loads((folder / "bge_config.json").read_text())
+    (folder / "bge_config.json").write_text(json.dumps({**cfg, "pooling": "cls"}))
+    with pytest.raises(UserError, match="invalid configuration .*unknown pooling 'cls'"):
+        load(str(folder))
+
+
+def test_pca_project_against_the_covariance_eigenvectors():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(200, 6, generator=g) @ torch.randn(6, 6, generator=g) + 3.0  # correlated, off-centre
+    got = pca_project(table, 3)
+    centred = (table - table.mean(0)).double()
+    values, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending
+    naive = (centred @ vectors[:, [5, 4, 3]]).float()  # the three largest, largest first
+    signs = torch.sign((got * naive).sum(0))  # a component's sign is arbitrary
+    assert torch.allclose(got * signs, naive, atol=1e-4)
+    variances = got.var(0)
+    assert variances[0] >= variances[1] >= variances[2]
+
+
+def test_from_encoder_knobs_reach_the_student():
+    torch.manual_seed(0)
+    bert = Encoder(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    narrow = BiLSTMEncoder.from_encoder(bert, hidden_size=8, num_layers=1, embed_dim=10, pooling="max", highway=False)
+    assert narrow.emb.weight.shape == (bert.cfg.vocab_size, 10) and narrow.cfg.embed_size == 10
+    assert torch.allclose(narrow.emb.weight, pca_project(bert.emb.word.weight.detach(), 10))
+    assert narrow.cfg.pooling == "max" and narrow.layers[0].gate is None
+    fresh = BiLSTMEncoder.from_encoder(bert, hidden_size=8, num_layers=1, embed_init="random")
+    assert fresh.emb.weight.std() < 0.03 and not torch.equal(fresh.emb.weight, bert.emb.word.weight)
+    with pytest.raises(UserError, match="--lstm-embed-dim must be between 1 and the model's hidden size 32"):
+        BiLSTMEncoder.from_encoder(bert, hidden_size=8, num_layers=1, embed_dim=33)
 
 
 def test_embeddings_are_unit_vectors_and_dim_is_the_config_dim(tok):

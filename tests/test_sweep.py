@@ -2,6 +2,7 @@
 skipped, an interrupted one resumed, one results table (CSV, markdown) that evaluate.py --compare reproduces."""
 import csv
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import sweep
 from bge.errors import UserError
 from conftest import long_passages_beir
+from bge.runs import pareto_front, plot_pareto, trade_off
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "bike_repair.jsonl"
@@ -62,6 +64,13 @@ def test_sweep_runs_skips_resumes_and_tabulates(preset, tmp_path, monkeypatch, s
     for r in rows:
         assert 0 <= float(r["ndcg@10"]) <= 1 and int(r["params"]) > int(r["params_no_emb"]) > 0
         assert float(r["train_seconds"]) > 0 and float(r["passages_per_s"]) > 0
+    quality_speed = [(float(r["ndcg@10"]), float(r["passages_per_s"])) for r in rows]
+    assert [r["pareto"] for r in rows] == [str(on) for on in pareto_front(quality_speed)]
+    assert "True" in [r["pareto"] for r in rows]  # someone is always on the front
+    # timed at the length each run was trained and tested at (the preset's max_passage_length), unless told otherwise
+    assert json.loads((out / "tiny" / "speed.json").read_text())["key"]["max_length"] == 48
+    if has_matplotlib():
+        assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "results.md").read_text()
     assert "| run | arch | nDCG@10 |" in md and "| tiny-arch=bilstm | bilstm |" in md
 
@@ -124,3 +133,31 @@ def test_rows_are_named_by_run_even_when_given_best(tmp_path, tiny_model_dir):
     table = (tmp_path / "cmp.md").read_text().splitlines()
     rows = [l.split(" | ")[0].strip("| ") for l in table if l.startswith("| lr")]
     assert rows == ["lr-1e-5", "lr-3e-5"] and "skipped" not in r.stderr
+
+
+def has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_pareto_front_against_the_definition():
+    rng = random.Random(0)
+    for _ in range(300):
+        points = [(rng.randint(0, 4) / 4, float(rng.randint(1, 5))) for _ in range(rng.randint(1, 9))]  # many ties
+        naive = [not any(q2 >= q and s2 >= s and (q2, s2) != (q, s) for q2, s2 in points) for q, s in points]
+        assert pareto_front(points) == naive, points
+    assert pareto_front([(0.5, 10.0), (0.5, 10.0)]) == [True, True]  # equal points: neither dominates
+
+
+def test_trade_off_and_plot_skip_runs_without_both_numbers(tmp_path, monkeypatch):
+    row = lambda name, ndcg, speed: {"run": name, "test": {"ndcg@10": ndcg} if ndcg is not None else None,
+                                     "passages_per_s": speed}
+    rows = [row("slow-good", 0.7, 25.0), row("fast-poor", 0.4, 100.0), row("dominated", 0.3, 50.0),
+            row("no-speed", 0.9, None), row("sts", None, 80.0)]
+    assert trade_off(rows) == [True, True, False, None, None]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: no plot, no error
+    assert plot_pareto(rows, tmp_path / "p.png", "t") is None and not (tmp_path / "p.png").exists()
+    assert plot_pareto(rows[3:], tmp_path / "q.png", "t") is None  # nothing to plot

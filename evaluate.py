@@ -37,10 +37,9 @@ from bge.checkpoint import atomic_write_text, json_text
 from bge.config import Bounded, check_ranges
 from bge.console import console, run_cli
 from bge import diagnostics
-from bge.data import ClassificationData, RetrievalData, STSData
+from bge.data import ClassificationData, RetrievalData, STSData, load_eval_data
 from bge.errors import UserError
-from bge.evaluation import (DEFAULT_KS, effective_max_length, evaluate_classification, evaluate_retrieval, evaluate_sts,
-                            load_eval_data)
+from bge.evaluation import DEFAULT_KS, effective_max_length, evaluate_classification, evaluate_retrieval, evaluate_sts
 from bge.hub import resolve_model
 from bge.runs import add_table_args, as_run, is_run, model_label, report, stdout_console
 

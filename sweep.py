@@ -25,12 +25,8 @@ from pathlib import Path
 from bge.config import TrainConfig, check_ranges, parse_args, parse_setting
 from bge.console import console, run_cli
 from bge.errors import UserError
+from bge.rundir import RESUMABLE_OVERRIDES
 from bge.runs import add_table_args, report, stdout_console
-
-if __package__:  # installed: bge_scripts.sweep beside bge_scripts.train (never a train.py in the working directory)
-    from .train import RESUMABLE_OVERRIDES
-else:  # run from the checkout: train.py sits beside this file
-    from train import RESUMABLE_OVERRIDES
 
 REPO = Path(__file__).resolve().parent
 

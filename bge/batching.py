@@ -68,7 +68,7 @@ def split_by_keys(keys: list[set[int]], val_ratio: float, test_ratio: float, see
 class Sampler:
     """Batches of example indices: a fresh shuffle each epoch, and never the same query twice in a batch."""
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, min_size: int = 1,
+    def __init__(self, examples: list[Example], batch_size: int, seed: int | str, min_size: int = 1,
                  per_epoch: int | None = None):
         self.batch_size, self.seed, self.min_size = batch_size, seed, min_size  # min_size: one query per rank
         self.per_epoch = per_epoch  # take only the first per_epoch of each epoch's shuffle (a large unlabeled pool)

@@ -107,7 +107,8 @@ def run_story(cfg: TrainConfig, tasks: dict, run_dir: Path, role: str, lr: float
     """What a train.py run's card tells (JSON-able): where the weights came from and how they were trained."""
     roles = (("training data", "data"), ("validation", "val"), ("test", "test"), ("evaluation corpus", "corpus"),
              ("general probe", "general_probe"))
-    files = [(label, getattr(cfg, key)) for label, key in roles if getattr(cfg, key)]
+    files = [(label, path) for label, key in roles for path in
+             (getattr(cfg, key) if isinstance(getattr(cfg, key), tuple) else [getattr(cfg, key)]) if path]
     command = run_dir / "command.txt"
     return {
         "run": run_dir.name, "role": role, "base": cfg.model,

@@ -78,7 +78,10 @@ def opt(default, help: str, section: str, choices: tuple | None = None, range: s
 @dataclass
 class TrainConfig:
     # data
-    data: str = opt("", "training data: a FlagEmbedding-format JSONL, or a BEIR folder (with --split)", "data")
+    data: tuple[str, ...] = opt((), "training data, one or more: FlagEmbedding-format JSONL files, STS TSV files, BEIR "
+                                "folders (with --split), folders of *.jsonl files (one file each); each micro-batch "
+                                "comes from one file, and a file or folder named *no_in_batch_neg trains without "
+                                "in-batch negatives (FlagEmbedding's conventions)", "data")
     split: str = opt("train", "qrels split to train on when --data is a BEIR folder", "data")
     val: str = opt("", "validation set (JSONL or BEIR folder); default: carved from --data", "data")
     test: str = opt("", "test set (JSONL or BEIR folder); default: carved from --data", "data")
@@ -257,8 +260,14 @@ class TrainConfig:
     report_to: str = opt("none", "also write metrics.jsonl's scalars as TensorBoard events in the run folder's "
                          "tensorboard/ (pip install tensorboard)", "run", ("none", "tensorboard"))
 
+    def __post_init__(self):
+        if isinstance(self.data, str):  # TrainConfig(data="a.jsonl"): one path
+            self.data = (self.data,) if self.data else ()
+        self.data = tuple(self.data)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as JSON holds them (config.json, results.json): lists for the list fields."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -272,6 +281,11 @@ def _field_type(f: dataclasses.Field) -> type:
 def _convert(f: dataclasses.Field, value, where: str):
     """A TOML/CLI value as the field's declared type, with a clear error."""
     t = _field_type(f)
+    if typing.get_origin(t) is tuple:  # paths: a TOML or JSON list, the flag's words, or one path as a string
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) and v for v in values):
+            raise UserError(f"{where}: {f.name} must be a list of paths, got {value!r}")
+        return tuple(values)
     if t is bool:
         if isinstance(value, bool):
             return value
@@ -379,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_ = f"{f.metadata['help']} (default: {default}" + (f"; range {rng})" if rng else ")")
         if _field_type(f) is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        elif typing.get_origin(_field_type(f)) is tuple:
+            g.add_argument(flag, dest=f.name, nargs="+", action="extend", metavar="PATH", help=help_)
         else:
             g.add_argument(flag, dest=f.name, metavar=_field_type(f).__name__.upper(), help=help_)
     return p
@@ -397,3 +413,18 @@ def config_from_dict(d: dict, where: str) -> TrainConfig:
     """A TrainConfig from a run folder's config.json, checked like a preset."""
     return check(TrainConfig(**{resolve_key(k, where).name: _convert(resolve_key(k, where), v, where)
                                 for k, v in d.items()}))
+
+
+def as_flags(cfg: TrainConfig) -> list[str]:
+    """The command-line flags that give `cfg` (its fields that differ from the defaults): parse_args(as_flags(cfg))
+    is cfg again."""
+    argv = []
+    for name, f in FIELDS.items():
+        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{name.replace('_', '-')}")
+        else:
+            argv += [flag, *value] if isinstance(value, tuple) else [flag, str(value)]
+    return argv

@@ -52,6 +52,7 @@ class Example:
     line: int = 0
     kind: str = ""  # FlagEmbedding's `type` (only_1neg, symmetric_sts, ...), which changes how the line is batched
     own_id: bool = False  # the qid was given (a BEIR id, bge.mine's output): a query of its own, never merged
+    file: int | None = None  # the --data source it came from, in a run of several (its qid then starts "<file>:")
 
 
 @dataclass
@@ -430,6 +431,7 @@ class Pair:
     sentence2: str
     score: float
     line: int = 0
+    file: int | None = None  # the --data source it came from, in a run of several
 
 
 @dataclass
@@ -439,6 +441,7 @@ class Labelled:
     text: str
     label: str
     line: int = 0
+    file: int | None = None  # the --data source it came from, in a run of several
 
 
 @dataclass
@@ -571,3 +574,147 @@ def load_training_file(path: str | Path, task: str = "auto", skip_bad_lines: boo
     if not out.by_task():
         raise UserError(f"{path}: no training examples")
     return out, problems
+
+
+# ---- --data: one or more sources, read into one training set ---------------------------------------------
+NO_IN_BATCH = "no_in_batch_neg"  # FlagEmbedding's name suffix for data trained without in-batch negatives
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training source of --data: a file (JSONL, or STS TSV) or a BEIR folder."""
+
+    path: Path
+    beir: bool = False
+    in_batch_negatives: bool = True  # False: the file's stem, or its folder's name, ends in no_in_batch_neg
+
+
+def data_sources(paths: tuple[str, ...] | list[str]) -> list[Source]:
+    """--data's sources in order: a file as it is, a BEIR folder (it has corpus.jsonl) as one source, any other folder
+    as its *.jsonl files (sorted). A file whose stem, or a folder whose name, ends in no_in_batch_neg trains without
+    in-batch negatives, as FlagEmbedding reads its training data."""
+    if not paths:
+        raise UserError("--data is required (FlagEmbedding-format JSONL files, STS TSV files, BEIR folders, or folders "
+                        "of JSONL files)")
+    out, seen = [], {}
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise UserError(f"--data {given}: no such file or folder")
+        if path.is_dir() and not (path / "corpus.jsonl").exists():
+            files = sorted(p for p in path.glob("*.jsonl") if p.is_file())
+            if not files:
+                raise UserError(f"--data {given}: neither a BEIR folder (corpus.jsonl, queries.jsonl, qrels/) nor a "
+                                f"folder of *.jsonl files")
+            folder_off = path.resolve().name.endswith(NO_IN_BATCH)
+            found = [Source(f, False, not (folder_off or f.stem.endswith(NO_IN_BATCH))) for f in files]
+        else:
+            name = path.resolve().name if path.is_dir() else path.stem
+            found = [Source(path, path.is_dir(), not name.endswith(NO_IN_BATCH))]
+        for src in found:
+            key = src.path.resolve()
+            if key in seen:
+                raise UserError(f"--data: {src.path} is given twice (also as {seen[key]})")
+            seen[key] = src.path
+            out.append(src)
+    return out
+
+
+@dataclass
+class TrainingSet:
+    """Every --data source's items by task, and the retrieval evaluation set they make."""
+
+    items: dict[str, list]  # task -> its items from every source, in TASKS order
+    full: RetrievalData | None  # queries, corpus and qrels of the retrieval items (what is carved and mined from)
+    sources: list[Source]
+    name: str  # what the held-out sets are called: the source's file name, or the names joined
+    notes: list[str] = field(default_factory=list)  # one line per remark: skipped lines, each source's counts
+
+
+def read_training_data(sources: list[Source], task: str = "auto", split: str = "train", use_title: bool = True,
+                       corpus: str = "", skip_bad_lines: bool = False) -> TrainingSet:
+    """The items of every source. One source is read as it always was. Of several, each item remembers its source
+    (`file`) and its ids are namespaced by it ("<file>:<qid>"; STS and classification ids are "<file>:<line>"), so two
+    files' line numbers or two folders' query and document ids never collide; the retrieval evaluation set is the
+    union of the sources' (a BEIR folder's graded qrels kept), over --corpus and the BEIR folders' corpora."""
+    several, notes = len(sources) > 1, []
+    items: dict[str, list] = {}
+    beir_corpus, beir_qrels = {}, {}
+    full = None
+    for k, src in enumerate(sources):
+        if src.beir:
+            if task not in ("auto", "retrieval"):
+                raise UserError(f"--data {src.path} is a BEIR folder (retrieval); it cannot be read as --task {task}")
+            if corpus and not several:
+                raise UserError("--corpus is for a JSONL --data; a BEIR folder brings its own corpus")
+            beir = load_beir(src.path, split, use_title=use_title)
+            part = {"retrieval": examples_from_beir(beir)}
+            full = beir
+        else:
+            data, skipped = load_training_file(src.path, task, skip_bad_lines=skip_bad_lines)
+            if skipped:
+                notes.append(f"[yellow]skipped {len(skipped)} bad line(s) of {src.path}[/] (--skip-bad-lines); "
+                             f"first: {skipped[0]}")
+            part = data.by_task()
+        if several:
+            for rows in part.values():
+                for it in rows:
+                    it.file = k
+                    if isinstance(it, Example):
+                        it.qid = f"{k}:{it.qid}"
+            if src.beir:
+                beir_corpus |= {f"{k}:{d}": text for d, text in beir.corpus.items()}
+                beir_qrels |= {f"{k}:{q}": {f"{k}:{d}": g for d, g in rels.items()} for q, rels in beir.qrels.items()}
+        for name, rows in part.items():
+            items.setdefault(name, []).extend(rows)
+        if several or not src.in_batch_negatives:
+            counts = ", ".join(f"{len(rows)} {name}" for name, rows in part.items())
+            notes.append(f"--data {src.path}: {counts} {'queries (BEIR)' if src.beir else 'line(s)'}"
+                         + ("" if src.in_batch_negatives else "; no in-batch negatives (its name ends in no_in_batch_neg)"))
+    items = {t: items[t] for t in TASKS if t in items}
+    names = [s.path.name for s in sources]
+    name = names[0] if not several else "+".join(names) if len(names) <= 3 else f"{names[0]}+{len(names) - 1} more"
+    if "retrieval" in items and (several or not sources[0].beir):
+        given = load_corpus(corpus, use_title=use_title) if corpus else {}
+        full = retrieval_from_examples(items["retrieval"], name=name, corpus={**given, **beir_corpus})
+        full.qrels.update({q: r for q, r in beir_qrels.items() if q in full.queries})  # graded, as the folder has them
+    return TrainingSet(items, full, sources, name, notes)
+
+
+# ---- reading evaluation data ----------------------------------------------------------------------------
+def load_eval_data(path: str | Path, split: str = "test",
+                   use_title: bool = True) -> RetrievalData | STSData | ClassificationData:
+    """A BEIR folder (-> RetrievalData of `split`), a training-format JSONL (-> RetrievalData: each query's positives
+    are its relevant documents), an STS file (TSV with a score/sentence1/sentence2 header, or such JSONL), or a
+    JSONL of {text, label} rows (-> ClassificationData)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "corpus.jsonl").exists():
+            raise UserError(f"{path}: not a BEIR folder (no corpus.jsonl)")
+        qrels = path / "qrels"
+        if not (qrels / f"{split}.tsv").exists():
+            splits = sorted(p.stem for p in qrels.glob("*.tsv")) if qrels.is_dir() else []
+            have = f"it has {', '.join(splits)}; pass --split" if splits else "it has no qrels/*.tsv"
+            raise UserError(f"{path}: no split {split!r} (qrels/{split}.tsv); {have}")
+        return load_beir(path, split, use_title=use_title)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.suffix in (".tsv", ".csv", ".txt"):
+        return load_sts(path)
+    if path.suffix != ".jsonl":
+        raise UserError(f"{path}: expected a BEIR folder, a .jsonl file or an STS .tsv file")
+    problems: list[str] = []
+    first = next(read_json_objects(path, problems), None)  # the first valid line tells which format it is
+    if first is None:
+        raise DataError(path, problems) if problems else UserError(f"{path}: the file is empty")
+    n, obj = first
+    if "sentence1" in obj or "score" in obj:
+        return load_sts(path)
+    if "query" in obj or "anchor" in obj:
+        examples, _ = load_examples(path)
+        return retrieval_from_examples(examples, name=path.name)
+    if "text" in obj or "label" in obj:
+        rows = load_training_file(path, task="classification")[0].classification
+        return ClassificationData.of(rows, name=path.name)
+    raise UserError(f"{path}:{n}: neither a training line (query, pos, neg), an STS pair (score, sentence1, "
+                    f"sentence2) nor a classification row (text, label); fields are {', '.join(sorted(obj)) or 'none'}")

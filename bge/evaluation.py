@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from bge.data import (ClassificationData, DataError, RetrievalData, STSData, load_beir, load_examples, load_sts,
-                      load_training_file, read_json_objects, retrieval_from_examples)
+from bge.data import ClassificationData, RetrievalData, STSData
 from bge.embedder import Embedder, default_device
 from bge.errors import UserError
 from bge.loss import truncate
@@ -442,42 +441,3 @@ def cross_validation_folds(labels: list[str], folds: int, seed: int) -> list[int
             fold[i] = (offset + j) % folds
         offset += len(rows)  # the next label starts where this one stopped, so fold sizes stay even
     return fold
-
-
-# ---- reading evaluation data ----------------------------------------------------------------------------
-def load_eval_data(path: str | Path, split: str = "test",
-                   use_title: bool = True) -> RetrievalData | STSData | ClassificationData:
-    """A BEIR folder (-> RetrievalData of `split`), a training-format JSONL (-> RetrievalData: each query's positives
-    are its relevant documents), an STS file (TSV with a score/sentence1/sentence2 header, or such JSONL), or a
-    JSONL of {text, label} rows (-> ClassificationData)."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "corpus.jsonl").exists():
-            raise UserError(f"{path}: not a BEIR folder (no corpus.jsonl)")
-        qrels = path / "qrels"
-        if not (qrels / f"{split}.tsv").exists():
-            splits = sorted(p.stem for p in qrels.glob("*.tsv")) if qrels.is_dir() else []
-            have = f"it has {', '.join(splits)}; pass --split" if splits else "it has no qrels/*.tsv"
-            raise UserError(f"{path}: no split {split!r} (qrels/{split}.tsv); {have}")
-        return load_beir(path, split, use_title=use_title)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
-    if path.suffix in (".tsv", ".csv", ".txt"):
-        return load_sts(path)
-    if path.suffix != ".jsonl":
-        raise UserError(f"{path}: expected a BEIR folder, a .jsonl file or an STS .tsv file")
-    problems: list[str] = []
-    first = next(read_json_objects(path, problems), None)  # the first valid line tells which format it is
-    if first is None:
-        raise DataError(path, problems) if problems else UserError(f"{path}: the file is empty")
-    n, obj = first
-    if "sentence1" in obj or "score" in obj:
-        return load_sts(path)
-    if "query" in obj or "anchor" in obj:
-        examples, _ = load_examples(path)
-        return retrieval_from_examples(examples, name=path.name)
-    if "text" in obj or "label" in obj:
-        rows = load_training_file(path, task="classification")[0].classification
-        return ClassificationData.of(rows, name=path.name)
-    raise UserError(f"{path}:{n}: neither a training line (query, pos, neg), an STS pair (score, sentence1, "
-                    f"sentence2) nor a classification row (text, label); fields are {', '.join(sorted(obj)) or 'none'}")

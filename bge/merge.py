@@ -4,14 +4,16 @@ its base keeps much of the domain gain while giving back general ability the fin
     merged = base + ratio * (fine_tuned - base)      ratio 0 = the base model, 1 = the fine-tuned one
 
 `merge_state_dicts` is the pure function; `merged_embedder` builds an Embedder from two; `choose_ratio` picks a
-mix from validation scores.
+mix from validation scores; `sweep` validates the mixes of a run (--merge-sweep) and chooses one.
 """
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 
+from bge.console import console
 from bge.embedder import Embedder
 
 
@@ -63,3 +65,24 @@ def choose_ratio(domain: dict[float, float], probe: dict[float, float] | None, t
             raise ValueError("choose_ratio needs the base model's probe score (ratio 0)")
         candidates = [r for r in candidates if probe[r] >= probe[0.0] - tolerance]
     return max(candidates, key=lambda r: (domain[r], -r))
+
+
+def sweep(base: Embedder, tuned: Embedder, ratios: list[float], score: Callable[[Embedder], dict[str, float]],
+          known: dict[float, dict[str, float] | None], tolerance: float,
+          label: str = "score") -> tuple[float, dict[float, dict[str, float]]]:
+    """(the chosen ratio, the validation scores of every mix): each ratio's mix scored by `score` (val/score, what
+    chooses best/, and probe/<metric>), the ends taken from `known` when training validated them (0: the base model at
+    step 0, 1: best/), and the ratio chosen by choose_ratio on val/score, held to the probe's headline metric.
+    `label` names val/score in the line that says the choice."""
+    scores = {0.0: known.get(0.0) or score(base), 1.0: known.get(1.0) or score(tuned)}
+    for r in ratios:
+        if r not in scores:
+            scores[r] = score(merged_embedder(base, tuned, r))
+            console.print(f"merged at {r:g}: " + " · ".join(f"{k} {v:.4f}" for k, v in scores[r].items()
+                                                            if k == "val/score" or k.startswith("probe/")))
+    headline = next((k for k in scores[0.0] if k.startswith("probe/")), None)
+    ratio = choose_ratio({r: s["val/score"] for r, s in scores.items()},
+                         {r: s[headline] for r, s in scores.items()} if headline else None, tolerance)
+    console.print(f"merge sweep: chose ratio {ratio:g} (best validation {label} with {headline or 'no probe'} at most "
+                  f"{tolerance} below the base model's)")
+    return ratio, scores

@@ -1,7 +1,9 @@
-"""A run folder's life outside the training loop: held by one process at a time, removed when its start fails,
-repaired when a kill left an export half-swapped, checked before a resume, and its log trimmed to the state a resume
-continues from.
+"""A run folder's life outside the training loop: made (or found again by --resume) with its config, held by one
+process at a time, removed when its start fails, repaired when a kill left an export half-swapped, checked before a
+resume, and its log trimmed to the state a resume continues from.
 
+    open_run   a new run's folder with config.json, command.txt and git.txt; or --resume's folder and saved config,
+               of which only RESUMABLE_OVERRIDES may change
     claim      lock the folder (fcntl.flock on `.lock`: the kernel drops it when the process dies, so a killed run
                never blocks its own resume) and, for a new run, insist that the folder is new or empty
     held       the context train.py runs in: however it ends the lock is released, and a start that fails before
@@ -17,16 +19,73 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
+from bge import __version__, distributed
 from bge.checkpoint import atomic_write_text, saved_states
+from bge.config import TrainConfig, config_from_dict
+from bge.console import console
+from bge.data import data_sources
 from bge.errors import UserError
 
 LOCK = ".lock"
 EXPORTS = ("best", "final", "merged")
+RESUMABLE_OVERRIDES = {"epochs", "max_steps", "cache_dir", "patience", "eval_every", "save_every", "device", "compile",
+                       "eval_batch_size", "resume", "explain", "threshold_precision", "log_every", "compile_mode",
+                       "report_to"}  # what may change when a run continues
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the checkout bge runs from, or the site-packages it is installed in
 _held: list["Claim"] = []  # the folders this process holds, released by `held`
+
+
+def open_run(cfg: TrainConfig, explicit: set[str], info: distributed.DistInfo,
+             command: str) -> tuple[TrainConfig, Path, "Claim | None"]:
+    """(the run's config, its folder, this process's claim on it; None on ranks other than 0). A new run: --data
+    checked, the folder (--run-name, else the data's name and the time) claimed and config.json, command.txt and
+    git.txt written. --resume: the saved config, with the `explicit` fields of RESUMABLE_OVERRIDES as given (any
+    other explicit field is an error), the folder claimed and a half-swapped export repaired."""
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        if not (run_dir / "config.json").exists():
+            raise UserError(f"--resume {run_dir}: not a run folder (no config.json)")
+        changed = explicit - RESUMABLE_OVERRIDES
+        if changed:
+            raise UserError(f"--resume continues the saved config; cannot change {', '.join(sorted(changed))}")
+        saved = json.loads((run_dir / "config.json").read_text())
+        cfg = config_from_dict({**saved, **{k: getattr(cfg, k) for k in explicit}}, str(run_dir / "config.json"))
+        check_resume(run_dir, info.world)
+        held_by = claim(run_dir, fresh=False) if info.main else None
+        for note in recover_exports(run_dir) if info.main else []:
+            console.print(f"[yellow]{note}[/]")
+        return cfg, run_dir, held_by
+    data_sources(cfg.data)  # a missing or unreadable --data is said before any folder is made
+    more = f"+{len(cfg.data) - 1}" if len(cfg.data) > 1 else ""
+    name = distributed.broadcast(cfg.run_name or f"{Path(cfg.data[0]).stem}{more}-{datetime.now():%Y%m%d-%H%M%S}", info)
+    run_dir = Path(cfg.out_dir) / name
+    held_by = claim(run_dir, fresh=True) if info.main else None  # one run per folder, locked
+    if info.main:
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic_write_text(run_dir / "command.txt", command + "\n")
+        atomic_write_text(run_dir / "git.txt", git_commit() + "\n")
+    distributed.barrier(info)
+    return cfg, run_dir, held_by
+
+
+def git_commit(root: Path = PACKAGE_ROOT) -> str:
+    """The commit of the checkout bge runs from (-dirty if changed), whatever the working directory; an installed
+    copy is no checkout (it may sit inside another one, a venv in a repo): its package version."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() == root:
+            return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return f"unknown (not a git checkout: bge-finetune {__version__})"
 
 
 class Claim:

@@ -32,14 +32,13 @@ from bge.batching import Batch, Sampler, make_batch, split_by_keys, split_querie
 from bge.checkpoint import atomic_write_text
 from bge.config import TrainConfig
 from bge.console import console
-from bge.data import (ClassificationData, Example, Labelled, Pair, RetrievalData, STSData, examples_from_beir,
-                      load_beir, load_corpus, load_training_file, retrieval_from_examples)
+from bge.data import (ClassificationData, Example, Labelled, Pair, RetrievalData, Source, STSData, data_sources,
+                      load_eval_data, read_training_data)
 from bge.diagnostics import Comparison, compare
 from bge.embedder import Embedder
 from bge.errors import UserError
-from bge.evaluation import (HEAD_FILE, ClassifierHead, CorpusCache, evaluate_classification, evaluate_retrieval,
-                            evaluate_sts,
-                            load_eval_data)
+from bge.evaluation import (HEAD_FILE, ClassifierHead, CorpusCache, evaluate_classification, evaluate_probe,
+                            evaluate_retrieval, evaluate_sts)
 from bge.loss import (LossFn, cosent, cosine_mse, distill_loss, false_negative_mask, head_cross_entropy, info_nce,
                       label_mask, pair_order_accuracy, teacher_score_kl)
 from bge.mine import mine, parse_margin, parse_range
@@ -76,10 +75,15 @@ class Task:
     def __init__(self, train: list, val, test, cfg: TrainConfig):
         self.train, self.val, self.test_data, self.cfg = train, val, test, cfg
         self.notes: list[str] = []  # one-line remarks train.py prints once
+        self.no_in_batch_files: set[int] = set()  # --data sources named *no_in_batch_neg (load_tasks sets them)
 
     def anchors(self) -> list[str]:
         """One text per sampled item; the sampler never puts the same one twice in a batch."""
         raise NotImplementedError
+
+    def anchor_files(self) -> list[int]:
+        """The --data source of each anchor (parallel to anchors()): TaskSampler draws each micro-batch from one."""
+        return [0] * len(self.anchors())
 
     def micro_batch(self, indices: list[int], epoch: int, tokenizer: Tokenizer, device: torch.device,
                     info: distributed.DistInfo | None = None) -> tuple[dict[str, list[list[int]]], LossFn]:
@@ -111,9 +115,10 @@ class Task:
 
 # ---- retrieval -------------------------------------------------------------------------------------------
 def retrieval_loss(emb: dict[str, torch.Tensor], batch: Batch, cfg: TrainConfig,
-                   info: distributed.DistInfo | None = None) -> tuple[torch.Tensor, dict]:
+                   info: distributed.DistInfo | None = None, in_batch: bool = True) -> tuple[torch.Tensor, dict]:
     """InfoNCE of a batch's queries over its passages, false negatives masked; with `info`, over every
-    rank's passages (cross-device negatives, weighted so DDP's average is the global mean)."""
+    rank's passages (cross-device negatives, weighted so DDP's average is the global mean). in_batch=False (a
+    *no_in_batch_neg file) or --no-in-batch-negatives: each query scores its own group only."""
     q, p, pos, owner, hashes = emb["q"], emb["p"], batch.pos_index, batch.owner, batch.passage_hashes
     offset, weight = 0, 1.0
     if info is not None:
@@ -121,7 +126,7 @@ def retrieval_loss(emb: dict[str, torch.Tensor], batch: Batch, cfg: TrainConfig,
     dev = q.device
     mask = false_negative_mask(hashes.to(dev), batch.query_pos_hashes.to(dev), pos.to(dev))
     loss, acc = info_nce(q, p, pos.to(dev), cfg.temperature, mask=mask, owner=owner.to(dev),
-                         in_batch=cfg.in_batch_negatives, symmetric=cfg.symmetric, query_offset=offset)
+                         in_batch=cfg.in_batch_negatives and in_batch, symmetric=cfg.symmetric, query_offset=offset)
     return loss * weight, {"acc": acc}
 
 
@@ -150,11 +155,13 @@ class RetrievalTask(Task):
             self.notes.append("FlagEmbedding types: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) +
                               " line(s). only_1neg: one hard negative; symmetric_class: at most the negatives a line has"
                               "; symmetric_sts/_clustering: the query instruction on passages too (the evaluation "
-                              "corpus is encoded without it). Unlike FlagEmbedding's *no_in_batch_neg folders, "
-                              "in-batch negatives stay on unless --no-in-batch-negatives")
+                              "corpus is encoded without it)")
 
     def anchors(self) -> list[str]:
         return [self.train[i].query for i, _ in self.items]
+
+    def anchor_files(self) -> list[int]:
+        return [self.train[i].file or 0 for i, _ in self.items]
 
     def mine_negatives(self, base: Embedder, cpu_bf16: bool) -> None:
         """Fill the training queries' `neg` with --mine-negatives passages mined by the base model from the run's
@@ -193,9 +200,10 @@ class RetrievalTask(Task):
         inputs = {"q": tokenizer.tokenize(batch.query_texts(prompt), max_length=cfg.max_query_length),
                   "p": tokenizer.tokenize(batch.passage_texts(prompt), max_length=cfg.max_passage_length)}
         teacher = self.teacher
+        in_batch = (self.train[picked[0][0]].file or 0) not in self.no_in_batch_files  # a batch is of one file
 
         def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-            loss, stats = retrieval_loss(emb, batch, cfg, info)
+            loss, stats = retrieval_loss(emb, batch, cfg, info, in_batch=in_batch)
             if teacher is not None:
                 loss = cfg.contrastive_weight * loss + teacher_terms(emb, batch, teacher, cfg)
             if cfg.kd_weight > 0:  # towards the teacher's scores over each query's own group (FlagEmbedding's KD)
@@ -356,10 +364,11 @@ class CorpusTask(Task):
         return {"distill_loss": total / n, "cosine": float(cos.mean())}
 
 
-def corpus_task(cfg: TrainConfig, tasks: dict[str, Task], path: Path) -> CorpusTask:
+def corpus_task(cfg: TrainConfig, tasks: dict[str, Task], path: Path | None) -> CorpusTask:
     """The --distill-corpus stage: passages of a BEIR folder's corpus or a passage JSONL ('data': --data's own: a BEIR
-    folder's corpus, or every passage of the file's lines and --corpus), less --distill-corpus-val held out (at most a
-    tenth of them); plus the training queries."""
+    folder's corpus, or every passage of the file's lines and --corpus; of several --data sources (path None), the
+    evaluation corpus of them all), less --distill-corpus-val held out (at most a tenth of them); plus the training
+    queries."""
     retrieval = tasks.get("retrieval")
     if not cfg.distill_from:
         raise UserError("--distill-corpus trains the student towards a teacher's embeddings: pass --distill-from MODEL")
@@ -368,8 +377,8 @@ def corpus_task(cfg: TrainConfig, tasks: dict[str, Task], path: Path) -> CorpusT
     for name in ("distill_corpus_steps", "distill_corpus_val"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
-    source = path if cfg.distill_corpus == "data" else Path(cfg.distill_corpus)
-    if cfg.distill_corpus == "data" and not path.is_dir():
+    source = (path or "--data") if cfg.distill_corpus == "data" else Path(cfg.distill_corpus)
+    if cfg.distill_corpus == "data" and (path is None or not path.is_dir()):
         raw = [("", text) for text in retrieval.full.corpus.values()]
     else:
         raw = read_passages(source)
@@ -397,10 +406,13 @@ class STSTask(Task):
         scores = [p.score for p in train]
         self.lo, self.hi = min(scores), max(scores)  # cosine-MSE maps the gold range onto [0, 1]
         if cfg.sts_loss == "cosine_mse" and self.hi == self.lo:
-            raise UserError(f"{cfg.data}: every training pair has the score {self.lo}; cosine-MSE needs a range")
+            raise UserError(f"{' '.join(cfg.data)}: every training pair has the score {self.lo}; cosine-MSE needs a range")
 
     def anchors(self) -> list[str]:
         return [p.sentence1 + "\t" + p.sentence2 for p in self.train]
+
+    def anchor_files(self) -> list[int]:
+        return [p.file or 0 for p in self.train]
 
     def micro_batch(self, indices, epoch, tokenizer, device, info=None):
         cfg = self.cfg
@@ -457,9 +469,9 @@ class ClassificationTask(Task):
             self.notes.append(f"{lonely} classification row(s) have no other row of their label to pair with; "
                               f"they are not used as anchors")
         if len(self.labels) < 2:
-            raise UserError(f"{cfg.data}: classification needs at least 2 labels in the training rows, got {self.labels}")
+            raise UserError(f"{' '.join(cfg.data)}: classification needs at least 2 labels in the training rows, got {self.labels}")
         if not self.rows and cfg.classification_loss != "head":
-            raise UserError(f"{cfg.data}: no label has two training rows, so contrastive classification has no pairs")
+            raise UserError(f"{' '.join(cfg.data)}: no label has two training rows, so contrastive classification has no pairs")
         self.head: nn.Linear | None = None
         if cfg.classification_loss != "contrastive":
             self.table_metrics += ("head_accuracy", "head_macro_f1")
@@ -476,9 +488,14 @@ class ClassificationTask(Task):
             return None
         return ClassifierHead(self.head.weight.detach().cpu().clone(), self.head.bias.detach().cpu().clone(), self.labels)
 
+    def _anchor_rows(self) -> list[int] | range:
+        return self.rows if self.cfg.classification_loss != "head" else range(len(self.train))
+
     def anchors(self) -> list[str]:
-        rows = self.rows if self.cfg.classification_loss != "head" else range(len(self.train))
-        return [self.train[i].text for i in rows]
+        return [self.train[i].text for i in self._anchor_rows()]
+
+    def anchor_files(self) -> list[int]:
+        return [self.train[i].file or 0 for i in self._anchor_rows()]
 
     def micro_batch(self, indices, epoch, tokenizer, device, info=None):
         cfg = self.cfg
@@ -534,9 +551,10 @@ TASK_TYPES: dict[str, type[Task]] = {"retrieval": RetrievalTask, "sts": STSTask,
 
 # ---- the sampler over tasks ----------------------------------------------------------------------------------
 class TaskSampler:
-    """Micro-batches of one task at a time. Each task has its own Sampler (one pass over its items per epoch);
-    an epoch's batches of all tasks are interleaved in an order drawn by (seed, epoch), so the whole state is still
-    one integer, the micro-step. With a single task the order is exactly that task's Sampler.
+    """Micro-batches of one task and one --data file at a time, as FlagEmbedding draws each batch from one file. Each
+    (task, file) stream has its own Sampler (one pass over its items per epoch); an epoch's batches of all streams are
+    interleaved in an order drawn by (seed, epoch), so the whole state is still one integer, the micro-step. With a
+    single task of a single file the order is exactly that task's Sampler.
 
     A stage task (Task.stage: --distill-corpus) comes first: its `stage_steps` optimiser steps (stage_steps x
     grad_accum micro-batches, its own epochs over its items; 0 = one pass) before any batch of the others, whose
@@ -545,11 +563,19 @@ class TaskSampler:
     def __init__(self, tasks: dict[str, Task], batch_size: int, seed: int, min_size: int = 1, stage_steps: int = 0,
                  grad_accum: int = 1):
         self.seed = seed
-        make = lambda t: Sampler([Example(text, []) for text in t.anchors()], batch_size, seed, min_size=min_size,
-                                 per_epoch=t.per_epoch)
-        self.samplers = {name: make(t) for name, t in tasks.items() if not t.stage}
+        make = lambda texts, t, seed: Sampler([Example(text, []) for text in texts], batch_size, seed,
+                                              min_size=min_size, per_epoch=t.per_epoch)
+        # (task, file) -> (its Sampler, the task's anchor index of each of the stream's items)
+        self.streams: dict[tuple[str, int], tuple[Sampler, list[int]]] = {}
+        for name, t in tasks.items():
+            if t.stage:
+                continue
+            anchors, files = t.anchors(), t.anchor_files()
+            for f in sorted(set(files)):
+                own = [i for i, x in enumerate(files) if x == f]
+                self.streams[name, f] = make([anchors[i] for i in own], t, seed if f == 0 else f"{seed}/file/{f}"), own
         self.stage_name = next((name for name, t in tasks.items() if t.stage), None)
-        self.stage = make(tasks[self.stage_name]) if self.stage_name else None
+        self.stage = make(tasks[self.stage_name].anchors(), tasks[self.stage_name], seed) if self.stage_name else None
         self.stage_steps = (stage_steps or math.ceil(self.stage.epoch_length(0) / grad_accum)) if self.stage else 0
         self.stage_batches = self.stage_steps * grad_accum
         self._epoch, self._order = -1, []
@@ -557,14 +583,15 @@ class TaskSampler:
     def epoch_batches(self, epoch: int) -> list[tuple[str, list[int]]]:
         """(task, item indices) of every batch of one epoch, in order."""
         if epoch != self._epoch:
-            order = [(name, b) for name, s in self.samplers.items() for b in s.epoch_batches(epoch)]
-            if len(self.samplers) > 1:
+            order = [(name, [own[i] for i in b]) for (name, _), (s, own) in self.streams.items()
+                     for b in s.epoch_batches(epoch)]
+            if len(self.streams) > 1:
                 random.Random(f"{self.seed}/tasks/{epoch}").shuffle(order)
             self._epoch, self._order = epoch, order
         return self._order
 
     def epoch_length(self, epoch: int) -> int:
-        return sum(s.epoch_length(epoch) for s in self.samplers.values())
+        return sum(s.epoch_length(epoch) for s, _ in self.streams.values())
 
     def __len__(self) -> int:
         return self.epoch_length(0)
@@ -586,9 +613,12 @@ class TaskSampler:
 # ---- data: training items, the held-out split, validation and test sets ----------------------------------------
 def item_id(item: Example | Pair | Labelled) -> str:
     """The id split.json lists under the item's task: a retrieval line's qid (its line number, or the BEIR query id),
-    else the line number. Ids are unique within a task only (a numeric qid may be another task's line number), so
-    the split keeps one id list per task."""
-    return item.qid if isinstance(item, Example) else str(item.line)
+    else the line number; in a run of several --data sources, prefixed by the source ("<file>:"; bge.data
+    read_training_data prefixes qids). Ids are unique within a task only (a numeric qid may be another task's line
+    number), so the split keeps one id list per task."""
+    if isinstance(item, Example):
+        return item.qid
+    return str(item.line) if item.file is None else f"{item.file}:{item.line}"
 
 
 SPLIT_FORMAT = 2  # 1: one train/val/test id list for all tasks, whose ids could collide; 2: lists per task
@@ -640,30 +670,18 @@ def task_of(data) -> str:
 
 def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dict[str, Task], dict]:
     """The run's tasks with their training items, validation and test sets, and the split. Without --val/--test
-    files, items are carved out of --data by seed (per task, no shared text across splits) and the split is written
-    to the run folder. A --val/--test file validates or tests the task of its kind; nothing is carved then."""
+    files, items are carved out of --data by seed (per task, over every --data source's items of it, no shared text
+    across splits) and the split is written to the run folder. A --val/--test file validates or tests the task of its
+    kind; nothing is carved then."""
     for flag, parse in (("mine_range", parse_range), ("mine_margin", parse_margin)):
         try:
             parse(getattr(cfg, flag))
         except argparse.ArgumentTypeError as e:
             raise UserError(f"--{flag.replace('_', '-')}: {e}") from None
-    path = Path(cfg.data)
-    full = None
-    if path.is_dir():
-        if cfg.task not in ("auto", "retrieval"):
-            raise UserError(f"--data {path} is a BEIR folder (retrieval); it cannot be read as --task {cfg.task}")
-        if cfg.corpus:
-            raise UserError("--corpus is for a JSONL --data; a BEIR folder brings its own corpus")
-        full = load_beir(path, cfg.split, use_title=cfg.title)
-        items: dict[str, list] = {"retrieval": examples_from_beir(full)}
-    else:
-        data, skipped = load_training_file(path, cfg.task, skip_bad_lines=cfg.skip_bad_lines)
-        if skipped:
-            console.print(f"[yellow]skipped {len(skipped)} bad line(s) of {path}[/] (--skip-bad-lines); first: {skipped[0]}")
-        items = data.by_task()
-        if "retrieval" in items:
-            corpus = load_corpus(cfg.corpus, use_title=cfg.title) if cfg.corpus else None
-            full = retrieval_from_examples(items["retrieval"], name=path.name, corpus=corpus)
+    data = read_training_data(data_sources(cfg.data), cfg.task, cfg.split, cfg.title, cfg.corpus, cfg.skip_bad_lines)
+    for note in data.notes:
+        console.print(note)
+    items, full = data.items, data.full
     split_file = run_dir / "split.json"
     if split_file.exists():  # resuming: the split is part of the run
         split = read_split(split_file, list(items))
@@ -690,35 +708,38 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
         train_ids = set(parts["train"])
         train = [it for it in rows if item_id(it) in train_ids]
         if not train:
-            raise UserError(f"{cfg.data}: no {task} training items left after holding out validation and test items")
+            raise UserError(f"{data.name}: no {task} training items left after holding out validation and test items")
         sets = []
         for flag, part in (("--val", "val"), ("--test", "test")):
             if flag in given:
                 sets.append(given[flag] if task_of(given[flag]) == task else None)
             else:
-                sets.append(held_out(task, rows, parts[part], full, f"{path.name}/{part}"))
+                sets.append(held_out(task, rows, parts[part], full, f"{data.name}/{part}"))
         tasks[task] = TASK_TYPES[task](train, *sets, cfg)
+        tasks[task].no_in_batch_files = {k for k, src in enumerate(data.sources) if not src.in_batch_negatives}
     if "retrieval" in tasks:
         tasks["retrieval"].full = full  # the corpus hard negatives are mined from
     if cfg.unlabeled != "off":
-        tasks["unlabeled"] = unlabeled_task(cfg, tasks, path)
+        tasks["unlabeled"] = unlabeled_task(cfg, tasks, data.sources)
     if cfg.distill_corpus:
-        tasks["corpus"] = corpus_task(cfg, tasks, path)
+        tasks["corpus"] = corpus_task(cfg, tasks, data.sources[0].path if len(data.sources) == 1 else None)
     return tasks, split
 
 
-def unlabeled_task(cfg: TrainConfig, tasks: dict[str, Task], path: Path) -> UnlabeledTask:
-    """Pseudo-pairs (--unlabeled) from the run's corpus: a BEIR --data's corpus, else --corpus and the passages of
-    the file's lines, without titles for the latter."""
+def unlabeled_task(cfg: TrainConfig, tasks: dict[str, Task], sources: list[Source]) -> UnlabeledTask:
+    """Pseudo-pairs (--unlabeled) from the run's corpus: the BEIR --data folders' corpora, --corpus, and the passages
+    of the files' training lines, without titles for the latter."""
     retrieval = tasks.get("retrieval")
     if retrieval is None:
         raise UserError(f"--unlabeled {cfg.unlabeled} makes query/passage pairs; --data has no retrieval lines")
-    passages = read_passages(path) if path.is_dir() else read_passages(cfg.corpus) if cfg.corpus else []
-    if not path.is_dir():
-        passages += [("", t) for ex in retrieval.train for t in ex.pos + ex.neg]
+    passages = [p for src in sources if src.beir for p in read_passages(src.path)]
+    passages += read_passages(cfg.corpus) if cfg.corpus else []
+    beir = {k for k, src in enumerate(sources) if src.beir}
+    passages += [("", t) for ex in retrieval.train if (ex.file or 0) not in beir for t in ex.pos + ex.neg]
     pairs = pseudo_pairs(unique(passages), KINDS[cfg.unlabeled], cfg.seed)
     if not pairs:
-        raise UserError(f"--unlabeled {cfg.unlabeled}: no passage of {cfg.corpus or path} gives a pair (titles of "
+        where = cfg.corpus or " ".join(str(src.path) for src in sources)
+        raise UserError(f"--unlabeled {cfg.unlabeled}: no passage of {where} gives a pair (titles of "
                         f"{MIN_WORDS}+ words, or passages of 3+ sentences)")
     return UnlabeledTask(pairs, cfg, per_epoch=max(1, round(cfg.unlabeled_ratio * len(retrieval.items))))
 
@@ -756,6 +777,25 @@ def validate(tasks: dict[str, Task], embedder: Embedder, cpu_bf16: bool) -> tupl
         if name not in judged and task.val is not None:
             metrics |= {f"{name}/{k}": v for k, v in task.validate(embedder, cpu_bf16).items()}
     return metrics, (sum(primary) / len(primary) if primary else None)
+
+
+def probe_scores(embedder: Embedder, probe: RetrievalData | STSData | None, cfg: TrainConfig,
+                 cpu_bf16: bool) -> dict[str, float]:
+    """probe/<metric> on the --general-probe set: how much general ability the model keeps ({} without a probe)."""
+    if probe is None:
+        return {}
+    scores = evaluate_probe(embedder, probe, batch_size=cfg.eval_batch_size, max_length=cfg.max_passage_length,
+                            query_max_length=cfg.max_query_length, cpu_bf16=cpu_bf16)
+    return {f"probe/{k}": v for k, v in scores.items()}
+
+
+def validation_scores(tasks: dict[str, Task], embedder: Embedder, cpu_bf16: bool,
+                      probe: RetrievalData | STSData | None = None) -> dict[str, float]:
+    """What a validation logs: val/<metric> of every task (validate), val/score (what chooses best/) and
+    probe/<metric>."""
+    scores, score = validate(tasks, embedder, cpu_bf16)
+    cfg = next(iter(tasks.values())).cfg
+    return {f"val/{k}": v for k, v in scores.items()} | {"val/score": score} | probe_scores(embedder, probe, cfg, cpu_bf16)
 
 
 def metric_label(tasks: dict[str, Task]) -> str:

@@ -1,11 +1,12 @@
-"""`--report-to tensorboard`: the scalars of metrics.jsonl (loss, acc, lr, tokens/s, val/..., probe/...) also written
-as TensorBoard events in `<run>/tensorboard/`, by the same log line. TensorBoard is an optional extra
-(`pip install tensorboard`); torch.utils.tensorboard is imported only when asked for.
+"""A run's log: metrics.jsonl (MetricsLog), and with `--report-to tensorboard` the same scalars (loss, acc, lr,
+tokens/s, val/..., probe/...) as TensorBoard events in `<run>/tensorboard/`, written by the same log line.
+TensorBoard is an optional extra (`pip install tensorboard`); torch.utils.tensorboard is imported only when asked for.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from bge.checkpoint import json_text
 from bge.errors import UserError
 
 
@@ -37,3 +38,25 @@ class TensorBoard:
 def open_tracker(report_to: str, run_dir: Path) -> TensorBoard | None:
     """The logger --report-to asks for (None for 'none'); fails at once when its package is missing."""
     return TensorBoard(run_dir) if report_to == "tensorboard" else None
+
+
+class MetricsLog:
+    """The run's log: each record a line of metrics.jsonl (NaN as null, with why) and, with a tracker, TensorBoard
+    scalars. Without a path (a rank other than 0) it writes nothing."""
+
+    def __init__(self, path: Path | None, tracker: TensorBoard | None = None):
+        self.file = open(path, "a", encoding="utf-8") if path else None
+        self.tracker = tracker
+
+    def __call__(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json_text(record, indent=None) + "\n")
+            self.file.flush()
+        if self.tracker:
+            self.tracker.log(record)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tracker:
+            self.tracker.close()

@@ -16,6 +16,8 @@ def other_value(f: dataclasses.Field):
         return {int: "8", float: "0.5"}[f.metadata["items"]]
     if isinstance(f.default, bool):
         return not f.default
+    if isinstance(f.default, tuple):  # a list of paths (--data a.jsonl b.jsonl)
+        return ("vx", "vy")
     step = 3 if isinstance(f.default, int) else 0.25
     if isinstance(f.default, (int, float)):
         return f.default + step if f.default + step in f.metadata["range"] else f.default - step
@@ -26,7 +28,8 @@ def test_every_field_round_trips_through_its_flag():
     for f in dataclasses.fields(TrainConfig):
         value = other_value(f)
         flag = "--" + f.name.replace("_", "-")
-        argv = [flag] if value is True else [f"--no-{f.name.replace('_', '-')}"] if value is False else [flag, str(value)]
+        argv = [flag] if value is True else [f"--no-{f.name.replace('_', '-')}"] if value is False else \
+            [flag, *value] if isinstance(value, tuple) else [flag, str(value)]
         cfg, explicit = parse_args(argv)
         assert getattr(cfg, f.name) == value and type(getattr(cfg, f.name)) is type(f.default), f.name
         assert explicit == {f.name}

@@ -226,7 +226,7 @@ def test_retrieval_only_readers_name_a_line_of_another_task(tmp_path):
 def test_lines_sharing_a_query_are_one_evaluation_query_with_all_their_positives(tmp_path):
     """One line per (query, positive), as FlagEmbedding files often have: scored apart, each line's query would count
     the other lines' positives as non-relevant."""
-    from bge.evaluation import load_eval_data
+    from bge.data import load_eval_data
     lines = [{"query": "How do I fix a flat?", "pos": ["patch the tube"], "neg": ["oil the chain"]},
              {"query": "how do i  fix a FLAT?", "pos": ["replace the tube"]},
              {"query": "How do I fix a flat?", "pos": ["patch the tube"], "prompt": "Find: "},  # another instruction

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bge import Embedder, UserError
-from bge.data import DataError, RetrievalData, STSData, load_beir, load_sts
-from bge.evaluation import CorpusCache, encode_corpus, evaluate_retrieval, evaluate_sts, load_eval_data, search
+from bge.data import DataError, RetrievalData, STSData, load_beir, load_eval_data, load_sts
+from bge.evaluation import CorpusCache, encode_corpus, evaluate_retrieval, evaluate_sts, search
 from bge.model import Encoder, ModelConfig
 from bge.tokenizer import Tokenizer
 from bge.weights import save

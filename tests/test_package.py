@@ -52,25 +52,18 @@ def test_console_script_targets_exist() -> None:
     assert all(callable(getattr(cli, f)) for f in ("train", "evaluate", "sweep", "mine"))
 
 
-def git_commit_of_a_copy(where: Path, cwd: Path) -> str:
-    """train.git_commit() of a copy of train.py placed in `where`, run from `cwd` (-P: not the cwd's train.py)."""
-    where.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "train.py", where / "train.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(where), str(REPO)])}
-    r = subprocess.run([sys.executable, "-P", "-c", "import train; print(train.git_commit())"], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
+def test_git_txt_names_the_checkout_bge_runs_from_not_the_working_directory(tmp_path, monkeypatch) -> None:
+    from bge.rundir import PACKAGE_ROOT, git_commit
 
-
-def test_git_txt_names_the_checkout_of_train_py_not_the_working_directory(tmp_path) -> None:
     other = tmp_path / "other-repo"  # a git repository that is not bge's: as cwd, and holding an installed copy
     other.mkdir()
     subprocess.run(["git", "init", "-q", str(other)], check=True)
+    monkeypatch.chdir(other)
     unknown = f"unknown (not a git checkout: bge-finetune {bge.__version__})"
-    assert git_commit_of_a_copy(tmp_path / "site-packages" / "bge_scripts", cwd=REPO) == unknown
-    assert git_commit_of_a_copy(other / ".venv" / "site-packages" / "bge_scripts", cwd=other) == unknown
+    (tmp_path / "site-packages").mkdir()
+    (other / ".venv" / "site-packages").mkdir(parents=True)
+    assert git_commit(tmp_path / "site-packages") == unknown  # installed, outside any repository
+    assert git_commit(other / ".venv" / "site-packages") == unknown  # installed in a venv inside another repository
+    assert PACKAGE_ROOT == REPO
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    r = subprocess.run([sys.executable, "-c", "import train; print(train.git_commit())"], cwd=other,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip().removesuffix("-dirty") == head
+    assert git_commit().removesuffix("-dirty") == head  # the checkout of bge/, though the cwd is another repository

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+import bge.tasks
 from bge import checkpoint, rundir, weights
 from bge.errors import UserError
 
@@ -92,7 +93,7 @@ def test_trim_metrics_keeps_the_lines_up_to_the_resumed_step(tmp_path):
 
 def test_patience_stops_early_and_a_resumed_stopped_run_does_not_train_on(data, tiny_model_dir, tmp_path, monkeypatch):
     scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])  # never better than the base model: patience 1 stops at the first check
-    monkeypatch.setattr(train, "validate", lambda tasks, m, cpu_bf16: ({"ndcg@10": (s := next(scores))}, s))
+    monkeypatch.setattr(bge.tasks, "validate", lambda tasks, m, cpu_bf16: ({"ndcg@10": (s := next(scores))}, s))
     train.main(args(data, tiny_model_dir, tmp_path, "--run-name", "stop", "--patience", "1", "--eval-every", "2",
                     "--max-steps", "10"))
     run = tmp_path / "stop"

@@ -296,3 +296,65 @@ def test_too_little_data_is_said_up_front_and_in_results(tiny_model_dir, tmp_pat
         train.main(args(small, tiny_model_dir, tmp_path, "--run-name", "patience", "--patience", "2"))
     with pytest.raises(UserError, match="--merge-sweep chooses a mix on the validation set"):
         train.main(args(small, tiny_model_dir, tmp_path, "--run-name", "sweep", "--merge-sweep", "0.5"))
+
+
+def comparable(results: dict) -> dict:
+    """results.json less what names the run or times it."""
+    out = {k: v for k, v in results.items() if k not in ("run", "timing", "train_seconds")}
+    out["config"] = {k: v for k, v in results["config"].items() if k != "run_name"}
+    return out
+
+
+def test_python_api_gives_the_clis_results(data, tiny_model_dir, tmp_path):
+    from bge import TrainConfig, train as train_fn
+
+    train.main(args(data, tiny_model_dir, tmp_path, "--run-name", "cli", "--max-steps", "4", "--eval-every", "2"))
+    cfg = TrainConfig(data=(str(data),), model=str(tiny_model_dir), out_dir=str(tmp_path), batch_size=8, group_size=2,
+                      max_passage_length=48, max_query_length=16, eval_batch_size=64, lr=1e-3, run_name="api",
+                      max_steps=4, eval_every=2)
+    result = train_fn(cfg)
+    assert result.run_dir == tmp_path / "api"
+    cli = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert result.results == json.loads((tmp_path / "api" / "results.json").read_text())
+    assert comparable(result.results) == comparable(cli)
+    a = load_file(str(tmp_path / "cli" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "api" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "bge-train --data" in (tmp_path / "api" / "command.txt").read_text()
+
+
+def test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import bge.tasks
+
+    lines = EXAMPLE.read_text().splitlines(keepends=True)
+    first, second = tmp_path / "repairs.jsonl", tmp_path / "more_no_in_batch_neg.jsonl"
+    first.write_text("".join(lines[:40]))
+    second.write_text("".join(lines[40:80]))
+    files, flags, current = [], [], []
+    real_batch, real_loss = bge.tasks.RetrievalTask.micro_batch, bge.tasks.retrieval_loss
+
+    def spy_batch(self, indices, *a, **kw):  # built ahead of its step (bge.batching.Prefetcher): tag its loss
+        these = frozenset(self.train[self.items[k][0]].file for k in indices)
+        files.append(these)
+        inputs, loss_fn = real_batch(self, indices, *a, **kw)
+        return inputs, lambda emb: (current.append(these), loss_fn(emb))[1]
+
+    def spy_loss(*a, in_batch=True, **kw):
+        flags.append((current[-1], in_batch))
+        return real_loss(*a, in_batch=in_batch, **kw)
+
+    monkeypatch.setattr(bge.tasks.RetrievalTask, "micro_batch", spy_batch)
+    monkeypatch.setattr(bge.tasks, "retrieval_loss", spy_loss)
+    argv = args(first, tiny_model_dir, tmp_path, "--run-name", "two", "--epochs", "1", "--threads", "1")
+    argv[1:2] = [str(first), str(second)]
+    train.main(argv)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "repairs.jsonl: 40 retrieval line(s)" in err and "more_no_in_batch_neg.jsonl: 40 retrieval line(s)" in err
+    assert files and all(len(f) == 1 for f in files)  # every micro-batch holds one file's queries
+    assert {next(iter(f)) for f in files} == {0, 1}  # and both files are trained on
+    assert {(next(iter(f)), flag) for f, flag in flags} == {(0, True), (1, False)}
+    split = json.loads((tmp_path / "two" / "split.json").read_text())["tasks"]["retrieval"]
+    ids = [i for part in split.values() for i in part]
+    assert len(ids) == len(set(ids)) == 80 and {i.split(":")[0] for i in ids} == {"0", "1"}
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["test_queries"] > 0 and "ndcg@10" in results["change"]

@@ -145,7 +145,7 @@ MUTATIONS = [
       f"{RESUME}::test_a_full_disk_is_one_line_and_leaves_nothing_half_written"),
     m("ckpt.bare-nan-in-json", "bge/checkpoint.py", "if isinstance(obj, float) and not math.isfinite(obj):",
       "if isinstance(obj, float) and False:", f"{TRAIN}::test_repeated_nan_loss_stops_with_a_clear_message"),
-    m("resume.early-stop-forgotten", "train.py", '    stop = trainer["stopped"]  #', "    stop = False  #",
+    m("resume.early-stop-forgotten", "bge/training.py", '    stop = trainer["stopped"]  #', "    stop = False  #",
       f"{RESUME}::test_patience_stops_early_and_a_resumed_stopped_run_does_not_train_on"),
     m("resume.other-world-size-accepted", "bge/rundir.py", "if saved is not None and saved != world:",
       "if saved is not None and saved < world:", f"{RESUME}::test_a_resume_under_another_world_size_is_refused"),
@@ -205,8 +205,8 @@ MUTATIONS = [
     m("tasks.retrieval-ignores-symmetric", "bge/tasks.py", "symmetric=cfg.symmetric, query_offset=offset)",
       "symmetric=False, query_offset=offset)", f"{LOSS}::test_retrieval_loss_of_an_assembled_batch_equals_the_naive_loop"),
     m("tasks.validation-queries-at-passage-length", "bge/tasks.py",
-      "query_max_length=self.cfg.max_query_length,\n                                cpu_bf16=cpu_bf16, show_progress=False)",
-      "\n                                cpu_bf16=cpu_bf16, show_progress=False)",
+      "query_max_length=self.cfg.max_query_length,\n                                cpu_bf16=cpu_bf16, show_progress=False, cache_dir",
+      "\n                                cpu_bf16=cpu_bf16, show_progress=False, cache_dir",
       f"{TASKS}::test_validation_and_test_truncate_queries_at_max_query_length"),
     m("tasks.symmetric-passages-tokenised-bare", "bge/tasks.py", '"p": tokenizer.tokenize(batch.passage_texts(prompt),',
       '"p": tokenizer.tokenize(batch.passages,', f"{TASKS}::test_retrieval_batches_follow_flagembedding_types"),
@@ -232,6 +232,15 @@ MUTATIONS = [
       'kind = obj.get("type") if obj.get("type") in FLAGEMBEDDING_TYPES else ""', 'kind = ""', BATCH),
     m("data.corpus-title-dropped", "bge/data.py", 'corpus[_id] = (title + " " + text).strip() if use_title else text',
       "corpus[_id] = text", DATA),
+    # several --data files: one file per micro-batch, *no_in_batch_neg followed, ids namespaced, the API = the CLI
+    m("files.batches-mix-files", "bge/tasks.py", "return [self.train[i].file or 0 for i, _ in self.items]",
+      "return [0 for i, _ in self.items]", f"{TRAIN}::test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name"),
+    m("files.no-in-batch-neg-ignored", "bge/tasks.py", "in_batch=cfg.in_batch_negatives and in_batch,",
+      "in_batch=cfg.in_batch_negatives,", f"{TRAIN}::test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name"),
+    m("files.qids-not-namespaced", "bge/data.py", 'it.qid = f"{k}:{it.qid}"', "it.qid = it.qid",
+      f"{TRAIN}::test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name"),
+    m("api.config-not-checked", "bge/training.py", 'cfg = config_from_dict(cfg.to_dict(), "TrainConfig")', "pass",
+      f"{TRAIN}::test_python_api_gives_the_clis_results"),
 ]
 
 

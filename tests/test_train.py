@@ -309,7 +309,7 @@ def test_python_api_gives_the_clis_results(data, tiny_model_dir, tmp_path):
     from bge import TrainConfig, train as train_fn
 
     train.main(args(data, tiny_model_dir, tmp_path, "--run-name", "cli", "--max-steps", "4", "--eval-every", "2"))
-    cfg = TrainConfig(data=(str(data),), model=str(tiny_model_dir), out_dir=str(tmp_path), batch_size=8, group_size=2,
+    cfg = TrainConfig(data=str(data), model=str(tiny_model_dir), out_dir=str(tmp_path), batch_size=8, group_size=2,
                       max_passage_length=48, max_query_length=16, eval_batch_size=64, lr=1e-3, run_name="api",
                       max_steps=4, eval_every=2)
     result = train_fn(cfg)
@@ -321,6 +321,10 @@ def test_python_api_gives_the_clis_results(data, tiny_model_dir, tmp_path):
     b = load_file(str(tmp_path / "api" / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "bge-train --data" in (tmp_path / "api" / "command.txt").read_text()
+    with pytest.raises(UserError, match=r"temperature must be in \(0, inf\), got -1.0"):  # before any folder is made
+        train_fn(TrainConfig(data=str(data), model=str(tiny_model_dir), out_dir=str(tmp_path), run_name="bad",
+                             temperature=-1.0))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -331,7 +335,7 @@ def test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name(tiny_model_di
     first.write_text("".join(lines[:40]))
     second.write_text("".join(lines[40:80]))
     files, flags, current = [], [], []
-    real_batch, real_loss = bge.tasks.RetrievalTask.micro_batch, bge.tasks.retrieval_loss
+    real_batch, real_loss = bge.tasks.RetrievalTask.micro_batch, bge.tasks.info_nce
 
     def spy_batch(self, indices, *a, **kw):  # built ahead of its step (bge.batching.Prefetcher): tag its loss
         these = frozenset(self.train[self.items[k][0]].file for k in indices)
@@ -339,17 +343,17 @@ def test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name(tiny_model_di
         inputs, loss_fn = real_batch(self, indices, *a, **kw)
         return inputs, lambda emb: (current.append(these), loss_fn(emb))[1]
 
-    def spy_loss(*a, in_batch=True, **kw):
+    def spy_loss(*a, in_batch=True, **kw):  # what the InfoNCE of each batch was told
         flags.append((current[-1], in_batch))
         return real_loss(*a, in_batch=in_batch, **kw)
 
     monkeypatch.setattr(bge.tasks.RetrievalTask, "micro_batch", spy_batch)
-    monkeypatch.setattr(bge.tasks, "retrieval_loss", spy_loss)
+    monkeypatch.setattr(bge.tasks, "info_nce", spy_loss)
     argv = args(first, tiny_model_dir, tmp_path, "--run-name", "two", "--epochs", "1", "--threads", "1")
     argv[1:2] = [str(first), str(second)]
     train.main(argv)
-    err = " ".join(capsys.readouterr().err.split())
-    assert "repairs.jsonl: 40 retrieval line(s)" in err and "more_no_in_batch_neg.jsonl: 40 retrieval line(s)" in err
+    err = "".join(capsys.readouterr().err.split())  # rich wraps long paths anywhere
+    assert "repairs.jsonl:40retrievalline(s)" in err and "more_no_in_batch_neg.jsonl:40retrievalline(s)" in err
     assert files and all(len(f) == 1 for f in files)  # every micro-batch holds one file's queries
     assert {next(iter(f)) for f in files} == {0, 1}  # and both files are trained on
     assert {(next(iter(f)), flag) for f, flag in flags} == {(0, True), (1, False)}

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from bge import card, distributed
 from bge.batching import Batch, Sampler, make_batch, split_by_keys, split_queries, text_hash
 from bge.checkpoint import atomic_write_text
-from bge.config import TrainConfig
+from bge.config import TrainConfig, mined_negatives
 from bge.console import console
 from bge.data import (ClassificationData, Example, Labelled, Pair, RetrievalData, Source, STSData, data_sources,
                       load_eval_data, read_training_data)
@@ -142,7 +142,7 @@ class RetrievalTask(Task):
         # tested without encoding the corpus again; only the test writes the on-disk cache
         self.cache = CorpusCache(cache_folder(cfg))
         self.group_size = cfg.group_size if any(ex.neg for ex in train) else 1
-        if self.group_size != cfg.group_size and not cfg.mine_negatives:  # (mining fills them before training)
+        if self.group_size != cfg.group_size and not mined_negatives(cfg):  # (mining fills them before training)
             self.notes.append("no hard negatives in the data: training with in-batch negatives only")
         # what the sampler draws: queries (each brings one positive drawn per epoch), or every (query, positive) pair
         self.items = ([(i, j) for i, ex in enumerate(train) for j in range(len(ex.pos))] if cfg.positives == "all"
@@ -169,13 +169,14 @@ class RetrievalTask(Task):
         model's corpus embeddings go to the task's memory, where step-0 validation and the base's test find them.
         The negatives are kept in the cache folder, keyed by everything they depend on."""
         cfg = self.cfg
-        key = json.dumps([self.full.fingerprint(), base.fingerprint(), [ex.qid for ex in self.train], cfg.mine_negatives,
+        count = mined_negatives(cfg)
+        key = json.dumps([self.full.fingerprint(), base.fingerprint(), [ex.qid for ex in self.train], count,
                           cfg.mine_range, cfg.mine_margin, cfg.seed, cfg.max_passage_length, cfg.max_query_length,
                           cpu_bf16, MINE_FORMAT])
         path = cache_folder(cfg) / f"mined-{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.json"
         cached = _read_mined(path, len(self.train))
         if cached is None:
-            lines, report = mine(base, self.full, self.train, negatives=cfg.mine_negatives,
+            lines, report = mine(base, self.full, self.train, negatives=count,
                                  rank_range=parse_range(cfg.mine_range), margin=parse_margin(cfg.mine_margin),
                                  seed=cfg.seed, batch_size=cfg.eval_batch_size, max_length=cfg.max_passage_length,
                                  query_max_length=cfg.max_query_length, cache_dir=self.cache.view(write=False),
@@ -189,7 +190,8 @@ class RetrievalTask(Task):
         self.group_size = cfg.group_size
         self.notes.append(f"mined {r['written']:,} hard negatives for {r['queries']:,} training queries with the base "
                           f"model (ranks {cfg.mine_range}, margin {cfg.mine_margin}; {r['removed']['margin']:,} "
-                          f"likely positives dropped); --group-size {cfg.group_size} draws {cfg.group_size - 1} per query")
+                          f"likely positives dropped); --group-size {cfg.group_size} draws {cfg.group_size - 1} per query"
+                          + ("; --mine-negatives 0 trains without them" if cfg.mine_negatives < 0 else ""))
 
     def micro_batch(self, indices, epoch, tokenizer, device, info=None):
         cfg = self.cfg

@@ -239,6 +239,10 @@ MUTATIONS = [
       "in_batch=cfg.in_batch_negatives,", f"{TRAIN}::test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name"),
     m("files.qids-not-namespaced", "bge/data.py", 'it.qid = f"{k}:{it.qid}"', "it.qid = it.qid",
       f"{TRAIN}::test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name"),
+    m("recipe.mining-off-by-default", "bge/config.py", 'return 7 if cfg.arch == "bert" else 0', "return 0",
+      "tests/test_recipe.py::test_by_default_a_transformer_mines_7_negatives_a_new_bilstm_none_and_0_opts_out"),
+    m("recipe.bilstm-mines-by-default", "bge/config.py", 'return 7 if cfg.arch == "bert" else 0', "return 7",
+      "tests/test_recipe.py::test_by_default_a_transformer_mines_7_negatives_a_new_bilstm_none_and_0_opts_out"),
     m("api.config-not-checked", "bge/training.py", 'cfg = config_from_dict(cfg.to_dict(), "TrainConfig")', "pass",
       f"{TRAIN}::test_python_api_gives_the_clis_results"),
 ]

@@ -162,6 +162,23 @@ def test_mined_negatives_are_never_positives_cached_and_share_the_base_encoding(
         train.main([*common, "--run-name", "c", "--mine-range", "20-10"])
 
 
+def test_by_default_a_transformer_mines_7_negatives_a_new_bilstm_none_and_0_opts_out(beir, tiny_model_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    import bge.tasks
+    from bge.config import mined_negatives
+
+    assert [mined_negatives(parse_args(["--data", "x", *extra])[0]) for extra in
+            ([], ["--arch", "bilstm"], ["--mine-negatives", "0"], ["--arch", "bilstm", "--mine-negatives", "2"])] == [7, 0, 0, 2]
+    counts = []
+    real = bge.tasks.mine
+    monkeypatch.setattr(bge.tasks, "mine", lambda *a, **k: counts.append(k["negatives"]) or real(*a, **k))
+    common = args(beir, tiny_model_dir, tmp_path, "--max-steps", "1", "--mine-range", "0-20", "--mine-margin", "0.0")
+    train.main([*common, "--run-name", "default"])  # no flag: the data has no negatives, so they are mined
+    assert counts == [7] and "--mine-negatives 0 trains without them" in " ".join(capsys.readouterr().err.split())
+    train.main([*common, "--run-name", "off", "--mine-negatives", "0"])
+    assert counts == [7] and "in-batch negatives only" in " ".join(capsys.readouterr().err.split())
+
+
 # ---- the split stays put while the training seed moves ---------------------------------------------------------
 def test_split_seed_fixes_the_test_set_across_seeds(beir, tmp_path):
     def test_ids(*extra):

@@ -20,7 +20,7 @@ from bge.errors import UserError
 from bge.evaluation import CorpusCache, encode_corpus
 from bge.tasks import CorpusTask, RetrievalTask, TaskSampler, corpus_task
 from bge.unlabeled import MIN_WORDS, SPAN_WORDS, piece, sentences
-from conftest import make_tiny_model, start_and_kill
+from conftest import long_passages_beir, make_tiny_model, start_and_kill
 from test_train import args as train_args, data  # noqa: F401 (data: the fixture, 60 lines of the example file)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,9 +139,10 @@ def test_corpus_task_sources_held_out_passages_and_errors(data, tmp_path):
     assert task.example(task.train[-1], 9, epoch=0).query == queries[0].query
     short = tmp_path / "short.jsonl"
     short.write_text('{"text": "too short"}\n')
-    beir = corpus_task(TrainConfig(**{**cfg.to_dict(), "distill_corpus": "data"}), {"retrieval": retrieval}, SCIFACT)
-    assert beir.n_passages + len(beir.val) == 5183  # a BEIR --data: its corpus, titles joined as the evaluation's
-    assert "Microstructural development of human newborn cerebral white matter" in beir.anchors()[0]
+    folder = long_passages_beir(tmp_path / "beir", n=20)
+    beir = corpus_task(TrainConfig(**{**cfg.to_dict(), "distill_corpus": "data"}), {"retrieval": retrieval}, folder)
+    assert beir.n_passages + len(beir.val) == 20  # a BEIR --data: its corpus, titles joined as the evaluation's
+    assert beir.n_passages == 18 and all(a.startswith("Study ") for a in beir.anchors()[: beir.n_passages])  # titled
     for kw, message in ((dict(distill_from=""), "pass --distill-from MODEL"),
                         (dict(distill_corpus_steps=-1), "--distill-corpus-steps must be 0 or more"),
                         (dict(distill_corpus=str(tmp_path / "nope.jsonl")), "no such file"),
@@ -152,6 +153,15 @@ def test_corpus_task_sources_held_out_passages_and_errors(data, tmp_path):
     with pytest.raises(UserError, match="has no retrieval lines"):
         corpus_task(cfg, {}, data)
 
+
+
+@pytest.mark.shared_data
+def test_a_real_beir_folder_is_the_stage_corpus_with_titles(data):
+    cfg = TrainConfig(data=str(SCIFACT), distill_from="teacher", distill_corpus="data", seed=1)
+    queries = [Example("how tight is a stem bolt", ["Stem bolts are tightened to 5 Nm in steps, crosswise."])]
+    beir = corpus_task(cfg, {"retrieval": RetrievalTask(queries, None, None, cfg)}, SCIFACT)
+    assert beir.n_passages + len(beir.val) == 5183  # SciFact's corpus, titles joined as the evaluation's
+    assert "Microstructural development of human newborn cerebral white matter" in beir.anchors()[0]
 
 def test_the_stage_lowers_the_distillation_loss_on_held_out_passages(data, tiny_model_dir, tmp_path):
     train.main(args(data, tiny_model_dir, tmp_path, "--run-name", "r", "--distill-corpus-steps", "12", "--max-steps",

@@ -138,7 +138,7 @@ class TrainConfig:
     mine_negatives: int = opt(-1, "retrieval data without hard negatives: mine this many per training query with the "
                               "base model before training (bge/mine.py; cached by corpus, model and split); 0 = off; "
                               "-1 = 7 for a pretrained transformer, off for a new BiLSTM (benchmarks/quality.py: "
-                              "+2.4 nDCG@10 on SciFact)", "loss", range="[-1, inf)")
+                              "+2.6 nDCG@10 on SciFact over in-batch only)", "loss", range="[-1, inf)")
     mine_range: str = opt("10-100", "mining: sample negatives from these ranks (A-B: ranks A+1..B, skipping the top A)",
                           "loss")
     mine_margin: str = opt("5%", "mining: drop candidates scoring above (1 - p) x the weakest positive (5%%) or above it "

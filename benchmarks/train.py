@@ -12,8 +12,9 @@ matmul peak measured in the same process. --check-loss compares the fp32 loss tr
 Variants are `+`-joined switches: fp32 | bf16 | fp16, packed, varlen (the texts packed on the host, one forward per
 step, FlashAttention over sequence offsets on CUDA: train.py's --packed --attention varlen), bucket=N (varlen padded
 to a multiple of N tokens: few shapes, for CUDA graphs), compile, cudagraphs (compile with CUDA graphs: mode
-"reduce-overhead"), gradcache=N, ckpt (gradient checkpointing), adrop=P (attention dropout P instead of the model's;
-either side). sentence-transformers variants take fp32 | bf16, adrop=P, and cached=N (CachedMultipleNegativesRanking
+"reduce-overhead"), gradcache=N (GradCache chunks of N texts; 0 = off; without it, train.py's default: chunks of 32
+on CPU for steps of over 64 texts), ckpt (gradient checkpointing), adrop=P (attention dropout P instead of the
+model's; either side). sentence-transformers variants take fp32 | bf16, adrop=P, and cached=N (CachedMultipleNegativesRanking
 Loss, its GradCache, mini-batches of N). A configuration that fails (out of memory, say) is reported and the others
 still run. --profile adds, per configuration, how busy the device was over two profiled steps (on CUDA: kernel time
 / wall time; low = the step waits on Python and kernel launches, not on arithmetic) and the operators that took most
@@ -120,7 +121,7 @@ def worker(a) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(next((s for s in switches if s in ("bf16", "fp16")), ""), None)
     value = lambda key, cast, default: next((cast(s.split("=")[1]) for s in switches if s.startswith(key + "=")),
                                             default)
-    gradcache, bucket, cached = value("gradcache", int, 0), value("bucket", int, 0), value("cached", int, 0)
+    gradcache, bucket, cached = value("gradcache", int, -1), value("bucket", int, 0), value("cached", int, 0)
     adrop = value("adrop", float, None)
     folder = resolve_model(a.model)
     from bge.weights import load_model
@@ -130,6 +131,7 @@ def worker(a) -> dict:
 
     if a.side == "bge":
         from bge import packing
+        from bge.config import grad_cache_chunk
         from bge.loss import info_nce
         from bge.optim import make_optimizer
         from bge.step import forward_backward, make_embed
@@ -156,8 +158,9 @@ def worker(a) -> dict:
         def step(batch):
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
+            chunk = grad_cache_chunk(gradcache, device.type, sum(map(len, batch.values())))  # as train.py picks it
             loss, _ = forward_backward(embed, batch, lambda e: (info_nce(e["q"], e["p"], labels, a.temperature)[0], {}),
-                                       chunk_size=gradcache, device=device, together=varlen)
+                                       chunk_size=chunk, device=device, together=varlen)
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss.item()

@@ -229,8 +229,9 @@ class TrainConfig:
     token_bucket: int = opt(0, "with --attention varlen: pad each micro-batch's packed tokens up to a multiple of N, so "
                             "its shapes repeat and CUDA graphs (--compile-mode reduce-overhead) record once per "
                             "bucket (0 = exact size)", "speed", range="[0, inf)")
-    grad_cache: int = opt(0, "GradCache chunk size in texts: big batches in fixed memory, same gradients (0 = off)",
-                          "speed", range="[0, inf)")
+    grad_cache: int = opt(-1, "GradCache chunk size in texts: big batches in fixed memory, same gradients; 0 = off; "
+                          "-1 = 32 on CPU for a micro-batch of over 64 texts (SciFact's mined default: a third of "
+                          "the memory, no slower), off on CUDA", "speed", range="[-1, inf)")
     grad_checkpointing: bool = opt(False, "recompute each layer's activations in the backward pass: less "
                                    "memory, more time", "speed")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default); on a busy CPU 1 can be several times "
@@ -334,6 +335,19 @@ def mined_negatives(cfg: "TrainConfig") -> int:
     if cfg.mine_negatives >= 0:
         return cfg.mine_negatives
     return 7 if cfg.arch == "bert" else 0
+
+
+AUTO_CHUNK, AUTO_ABOVE = 32, 64  # --grad-cache -1 on CPU: chunks of 32 texts for micro-batches of over 64
+
+
+def grad_cache_chunk(grad_cache: int, device_type: str, texts: int) -> int:
+    """--grad-cache (its value) as a chunk size (0 = one plain forward and backward) for a micro-batch of `texts` texts. On CPU
+    a plain step keeps every layer's activations of every text: 32 queries + 128 passages of 256 tokens (the mined
+    default) peaked at 8.5 GB, with GradCache at 3.0 GB and no slower (README, "On by default where it pays"); at 64
+    texts the extra forward is a third more work for little memory. CUDA: off unless asked."""
+    if grad_cache >= 0:
+        return grad_cache
+    return AUTO_CHUNK if device_type == "cpu" and texts > AUTO_ABOVE else 0
 
 
 def check(cfg: "TrainConfig") -> "TrainConfig":

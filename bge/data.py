@@ -350,14 +350,20 @@ def _read_corpus(path: Path, use_title: bool, problems: list[str], require_id: b
     return corpus
 
 
-def load_corpus(path: str | Path, use_title: bool = True) -> dict[str, str]:
-    """A passage collection, id -> text: a BEIR folder's corpus.jsonl (the folder or the file), or any JSONL of
-    {"_id" or "id"?, "title"?, "text"} lines (FlagEmbedding's candidate pool is {"text"} lines)."""
+def corpus_file(path: str | Path, what: str = "a corpus") -> Path:
+    """The passage JSONL a --corpus-like argument names: a BEIR folder's corpus.jsonl, or the file itself."""
     path = Path(path)
     if path.is_dir():
         path = path / "corpus.jsonl"
     if not path.exists():
-        raise UserError(f"{path}: no such file (a corpus is a BEIR folder or a JSONL of passages)")
+        raise UserError(f"{path}: no such file ({what} is a BEIR folder or a JSONL of passages)")
+    return path
+
+
+def load_corpus(path: str | Path, use_title: bool = True) -> dict[str, str]:
+    """A passage collection, id -> text: a BEIR folder's corpus.jsonl (the folder or the file), or any JSONL of
+    {"_id" or "id"?, "title"?, "text"} lines (FlagEmbedding's candidate pool is {"text"} lines)."""
+    path = corpus_file(path)
     problems: list[str] = []
     corpus = _read_corpus(path, use_title, problems, require_id=False)
     if problems:

@@ -143,6 +143,12 @@ class CorpusCache:
         if self.folder and self.write:
             _write_cache(self.path(key), ids, emb, metadata)
 
+    def forget(self, model_fingerprint: str) -> None:
+        """Drop that model's embeddings from memory: a training run calls it for a validated model that did not
+        become best/, which nothing will test, so that best/'s stay for the test."""
+        for key in [k for k, (_, _, meta) in self.memory.items() if meta.get("model") == model_fingerprint]:
+            del self.memory[key]
+
     def _remember(self, key: str, ids: list[str], emb: torch.Tensor, metadata: dict[str, str]) -> None:
         if emb.numel() * emb.element_size() > self.max_bytes:
             return  # a corpus too big to hold in memory: the disk (if any) serves it

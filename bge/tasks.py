@@ -256,6 +256,14 @@ def teacher_terms(emb: dict[str, torch.Tensor], batch: Batch, teacher, cfg: Trai
                         temperature=cfg.distill_temperature, mask=mask)
 
 
+def forget_validated(tasks: dict[str, Task], embedder: Embedder) -> None:
+    """The model just validated did not become best/, so no test will need its corpus embeddings: drop them from
+    the memory, which holds a few models only, so that best/'s are still there at the test (a 3-epoch run whose
+    best is epoch 1 would otherwise encode the corpus once more)."""
+    if "retrieval" in tasks:
+        tasks["retrieval"].cache.forget(embedder.fingerprint())
+
+
 def cache_folder(cfg: TrainConfig) -> Path:
     """--cache-dir, else <out-dir>/cache."""
     return Path(cfg.cache_dir or Path(cfg.out_dir) / "cache")

@@ -24,7 +24,7 @@ from rich.progress import TextColumn
 from bge import distributed, ending, prepare, rundir, tasks as task_types
 from bge.batching import Prefetcher
 from bge.checkpoint import restore_state, save_state
-from bge.config import FIELDS, TrainConfig, as_flags, config_from_dict, mined_negatives
+from bge.config import FIELDS, TrainConfig, as_flags, config_from_dict, grad_cache_chunk, mined_negatives
 from bge.console import console, progress
 from bge.embedder import Embedder
 from bge.errors import UserError
@@ -137,6 +137,7 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
                 export(embedder, tasks, run_dir / "best")
         else:
             trainer["stale_evals"] += 1
+            task_types.forget_validated(tasks, embedder)
         probe_note = next((f" · {k} {v:.4f}" for k, v in scores.items() if k.startswith("probe/")), "")  # headline
         best = "none yet" if trainer["best"] is None else f"{trainer['best']:.4f} at step {trainer['best_step']}"
         console.print(f"step {step}: val {metric_label(tasks)} {score:.4f} (best {best})" + probe_note)
@@ -205,7 +206,8 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
                 scale = (scaler.get_scale() if scaler else 1.0) / cfg.grad_accum
                 if graphs:  # the CUDA graphs' outputs from the last micro-step may be overwritten from here on
                     torch.compiler.cudagraph_mark_step_begin()
-                loss, stats = forward_backward(embed, inputs, loss_fn, chunk_size=cfg.grad_cache, loss_scale=scale,
+                chunk = grad_cache_chunk(cfg.grad_cache, device.type, sum(map(len, inputs.values())))
+                loss, stats = forward_backward(embed, inputs, loss_fn, chunk_size=chunk, loss_scale=scale,
                                                device=device, no_sync=net.no_sync if net else None,
                                                sync=micro == cfg.grad_accum - 1, together=varlen, skip_nonfinite=False)
                 finite &= torch.isfinite(loss)

@@ -17,8 +17,7 @@ import random
 import re
 from pathlib import Path
 
-from bge.data import DataError, Example, read_json_objects
-from bge.errors import UserError
+from bge.data import DataError, Example, corpus_file, read_json_objects
 
 # a sentence ends at . ! or ? followed by space and something that can start a sentence
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[\"'])")
@@ -65,11 +64,7 @@ def pseudo_pairs(passages: list[tuple[str, str]], kinds: tuple[str, ...], seed: 
 
 def read_passages(path: str | Path) -> list[tuple[str, str]]:
     """(title, text) of each line of a passage JSONL ({"title"?, "text"}), or of a BEIR folder's corpus.jsonl."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "corpus.jsonl"
-    if not path.exists():
-        raise UserError(f"{path}: no such file (unlabeled passages come from a BEIR folder or a JSONL of passages)")
+    path = corpus_file(path, "unlabeled text")
     problems: list[str] = []
     out = []
     for n, obj in read_json_objects(path, problems):

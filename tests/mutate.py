@@ -245,6 +245,17 @@ MUTATIONS = [
       "tests/test_recipe.py::test_by_default_a_transformer_mines_7_negatives_a_new_bilstm_none_and_0_opts_out"),
     m("api.config-not-checked", "bge/training.py", 'cfg = config_from_dict(cfg.to_dict(), "TrainConfig")', "pass",
       f"{TRAIN}::test_python_api_gives_the_clis_results"),
+    m("memory.auto-gradcache-off", "bge/config.py",
+      'return AUTO_CHUNK if device_type == "cpu" and texts > AUTO_ABOVE else 0', "return 0",
+      f"{TRAIN}::test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_one_plainly"),
+    m("memory.auto-gradcache-always", "bge/config.py",
+      'return AUTO_CHUNK if device_type == "cpu" and texts > AUTO_ABOVE else 0', "return AUTO_CHUNK",
+      f"{TRAIN}::test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_one_plainly"),
+    m("memory.explicit-gradcache-ignored", "bge/training.py",
+      "chunk = grad_cache_chunk(cfg.grad_cache, device.type, sum(map(len, inputs.values())))", "chunk = 0",
+      f"{TRAIN}::test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_one_plainly"),
+    m("memory.worse-validation-kept", "bge/training.py", "task_types.forget_validated(tasks, embedder)", "pass",
+      f"{TRAIN}::test_best_models_corpus_encoding_outlives_later_validations"),
 ]
 
 

@@ -362,3 +362,41 @@ def test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name(tiny_model_di
     assert len(ids) == len(set(ids)) == 80 and {i.split(":")[0] for i in ids} == {"0", "1"}
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["test_queries"] > 0 and "ndcg@10" in results["change"]
+
+
+def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_one_plainly(tiny_model_dir, tmp_path,
+                                                                                          monkeypatch):
+    # --grad-cache -1: 32-text chunks for a micro-batch of over 64 texts on CPU (memory bounded, bge/config.py says
+    # why), one plain forward and backward at 64 or fewer; an explicit 0 turns it off
+    import bge.training
+
+    seen, real = [], bge.training.forward_backward
+
+    def spy(embed, inputs, loss_fn, *, chunk_size, **kw):
+        seen.append((sum(map(len, inputs.values())), chunk_size))
+        return real(embed, inputs, loss_fn, chunk_size=chunk_size, **kw)
+
+    monkeypatch.setattr(bge.training, "forward_backward", spy)
+    cases = {"big": (["--batch-size", "22"], (22 * 3, 32)),  # 22 queries + 44 passages: 66 texts
+             "edge": (["--batch-size", "21"], (21 * 3, 0)),  # 63
+             "off": (["--batch-size", "22", "--grad-cache", "0"], (66, 0)),
+             "fixed": (["--batch-size", "8", "--grad-cache", "5"], (24, 5))}
+    for name, (extra, expected) in cases.items():
+        seen.clear()
+        train.main(args(EXAMPLE, tiny_model_dir, tmp_path, "--run-name", name, "--max-steps", "2", "--threads", "1",
+                        *extra))
+        assert seen and set(seen) == {expected}, name
+
+
+def test_best_models_corpus_encoding_outlives_later_validations(data, tiny_model_dir, tmp_path, monkeypatch):
+    # validation says step 6 is best and steps 12 and 18 are worse: their embeddings leave the memory, step 6's stay,
+    # and the test encodes no passage (the memory's 2 latest would have been steps 12 and 18)
+    import bge.tasks
+
+    real, told = bge.tasks.RetrievalTask.validate, iter([0.1, 0.9, 0.5, 0.4])
+    monkeypatch.setattr(bge.tasks.RetrievalTask, "validate", lambda *a: real(*a) | {"ndcg@10": next(told)})
+    train.main(args(data, tiny_model_dir, tmp_path, "--run-name", "r", "--epochs", "3"))
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "val/ndcg@10" in l] == [0, 6, 12, 18]
+    assert results["best_step"] == 6 and results["test_passages_encoded"] == 0 and results["test_corpus"] > 0

@@ -206,7 +206,7 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
                 scale = (scaler.get_scale() if scaler else 1.0) / cfg.grad_accum
                 if graphs:  # the CUDA graphs' outputs from the last micro-step may be overwritten from here on
                     torch.compiler.cudagraph_mark_step_begin()
-                chunk = grad_cache_chunk(cfg.grad_cache, device.type, sum(map(len, inputs.values())))
+                chunk = grad_cache_chunk(cfg.grad_cache, device.type, inputs)
                 loss, stats = forward_backward(embed, inputs, loss_fn, chunk_size=chunk, loss_scale=scale,
                                                device=device, no_sync=net.no_sync if net else None,
                                                sync=micro == cfg.grad_accum - 1, together=varlen, skip_nonfinite=False)

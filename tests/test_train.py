@@ -366,22 +366,27 @@ def test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name(tiny_model_di
 
 def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_one_plainly(tiny_model_dir, tmp_path,
                                                                                           monkeypatch):
-    # --grad-cache -1: 32-text chunks for a micro-batch of over 64 texts on CPU (memory bounded, bge/config.py says
-    # why), one plain forward and backward at 64 or fewer; an explicit 0 turns it off
+    # --grad-cache -1: 32-text chunks for a CPU micro-batch of over AUTO_TOKENS padded tokens (each group padded to
+    # its longest), one plain forward and backward otherwise, never on CUDA; an explicit value is used as given
+    import bge.config
     import bge.training
+
+    inputs = {"q": [[1] * 10] * 4, "p": [[1] * 100, [1] * 5]}  # 4 x 10 + 2 x 100 = 240 padded tokens
+    for budget, device, given, expected in ((239, "cpu", -1, 32), (240, "cpu", -1, 0), (239, "cuda", -1, 0),
+                                            (239, "cpu", 0, 0), (10**6, "cpu", 7, 7)):
+        monkeypatch.setattr(bge.config, "AUTO_TOKENS", budget)
+        assert bge.config.grad_cache_chunk(given, device, inputs) == expected, (budget, device, given)
 
     seen, real = [], bge.training.forward_backward
 
     def spy(embed, inputs, loss_fn, *, chunk_size, **kw):
-        seen.append((sum(map(len, inputs.values())), chunk_size))
+        seen.append(chunk_size)
         return real(embed, inputs, loss_fn, chunk_size=chunk_size, **kw)
 
     monkeypatch.setattr(bge.training, "forward_backward", spy)
-    cases = {"big": (["--batch-size", "22"], (22 * 3, 32)),  # 22 queries + 44 passages: 66 texts
-             "edge": (["--batch-size", "21"], (21 * 3, 0)),  # 63
-             "off": (["--batch-size", "22", "--grad-cache", "0"], (66, 0)),
-             "fixed": (["--batch-size", "8", "--grad-cache", "5"], (24, 5))}
-    for name, (extra, expected) in cases.items():
+    for name, budget, extra, expected in (("big", 0, [], 32), ("small", 10**9, [], 0),
+                                          ("off", 0, ["--grad-cache", "0"], 0), ("fixed", 0, ["--grad-cache", "5"], 5)):
+        monkeypatch.setattr(bge.config, "AUTO_TOKENS", budget)
         seen.clear()
         train.main(args(EXAMPLE, tiny_model_dir, tmp_path, "--run-name", name, "--max-steps", "2", "--threads", "1",
                         *extra))

@@ -13,7 +13,7 @@ Variants are `+`-joined switches: fp32 | bf16 | fp16, packed, varlen (the texts 
 step, FlashAttention over sequence offsets on CUDA: train.py's --packed --attention varlen), bucket=N (varlen padded
 to a multiple of N tokens: few shapes, for CUDA graphs), compile, cudagraphs (compile with CUDA graphs: mode
 "reduce-overhead"), gradcache=N (GradCache chunks of N texts; 0 = off; without it, train.py's default: chunks of 32
-on CPU for steps of over 16,384 padded tokens), ckpt (gradient checkpointing), adrop=P (attention dropout P instead of the
+on CPU for steps of over 24,576 padded tokens), ckpt (gradient checkpointing), adrop=P (attention dropout P instead of the
 model's; either side). sentence-transformers variants take fp32 | bf16, adrop=P, and cached=N (CachedMultipleNegativesRanking
 Loss, its GradCache, mini-batches of N). A configuration that fails (out of memory, say) is reported and the others
 still run. --profile adds, per configuration, how busy the device was over two profiled steps (on CUDA: kernel time

@@ -19,13 +19,16 @@ Recipes:
                      (N hard negatives per pair as extra columns, from the data's `neg` or from --negatives-file).
 Seeds are the outer loop, recipes run in the order given (after the first seed every recipe has a number). Each
 (recipe, seed) runs in a fresh process; its scores go to OUT/runs/<recipe>/seed<k>/score.json as soon as it ends,
-so an interrupted benchmark picks up where it stopped. The table shows mean ± sd over seeds and every seed's
-number, the change from the base model, training time and the command's whole wall time; OUT/quality.json holds
-all of it.
+so an interrupted benchmark picks up where it stopped; a (recipe, seed) being run is locked, so the same command
+started twice shares the seeds out between two processes (two lanes on two cores) instead of clearing each other's
+run. The table shows mean ± sd over seeds and every seed's number, the change from the base model, training time
+and the command's whole wall time; OUT/quality.json holds all of it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -42,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from benchmarks.common import print_table, write_json
+from bge.checkpoint import atomic_write_text
 from bge.console import console, run_cli
 from bge.data import examples_from_beir, load_beir, load_corpus, load_examples, load_sts, retrieval_from_examples
 from bge.embedder import Embedder, native_cpu_bf16
@@ -181,6 +185,22 @@ def score(model: Embedder, test, probe, a) -> dict[str, float]:
     return s
 
 
+@contextlib.contextmanager
+def attempt_lock(path: Path):
+    """Hold one (recipe, seed) for this process: yields False when another quality.py (the same command run twice to
+    use two lanes, or a second --bge against the same --out) holds it, whose folder must then not be cleared."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel drops it when the holder dies
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 def spec_hash(a, kind: str, flags: str) -> str:
     """What a cached score depends on: the recipe, the data, the split and the model."""
     key = [kind, flags, a.data, a.split, a.corpus, a.model, a.split_seed, a.val_ratio, a.test_ratio, a.max_length]
@@ -259,19 +279,26 @@ def main() -> None:
             out = a.out / "runs" / name.replace(" ", "-") / f"seed{seed}"
             done = out / "score.json"
             h = spec_hash(a, kind, flags)
-            if done.exists() and json.loads(done.read_text()).get("spec") == h:
-                rows[name]["seeds"][seed] = json.loads(done.read_text())
-                continue
-            info = run_recipe(a, kind, name, flags, seed, out)
-            if kind == "bge" and info.pop("test_ids") != sorted(test_ids):
-                raise UserError(f"{name}: train.py carved another test set than the benchmark (split seed {a.split_seed})")
-            info["scores"] = score(Embedder.load(info["model"]), test, probe, a)
-            info["spec"] = h
-            done.write_text(json.dumps(info, indent=2) + "\n")
-            rows[name]["seeds"][seed] = info
-            console.print(f"  {name} seed {seed}: nDCG@10 {info['scores']['ndcg@10']:.4f} "
-                          f"({info['train_seconds']:.0f} s training, {info['wall_seconds']:.0f} s wall)")
-            report(a, rows, seeds, base, test, parts)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with attempt_lock(out.parent / f"{out.name}.lock") as mine:
+                if done.exists() and json.loads(done.read_text()).get("spec") == h:  # read under the lock
+                    rows[name]["seeds"][seed] = json.loads(done.read_text())
+                    continue
+                if not mine:
+                    console.print(f"[yellow]{name} seed {seed}: another quality.py is running it; skipped here (a later "
+                                  f"call with the same --out picks up its score)[/]")
+                    continue
+                info = run_recipe(a, kind, name, flags, seed, out)
+                if kind == "bge" and info.pop("test_ids") != sorted(test_ids):
+                    raise UserError(f"{name}: train.py carved another test set than the benchmark "
+                                    f"(split seed {a.split_seed})")
+                info["scores"] = score(Embedder.load(info["model"]), test, probe, a)
+                info["spec"] = h
+                atomic_write_text(done, json.dumps(info, indent=2) + "\n")  # whole, for a process reading it
+                rows[name]["seeds"][seed] = info
+                console.print(f"  {name} seed {seed}: nDCG@10 {info['scores']['ndcg@10']:.4f} "
+                              f"({info['train_seconds']:.0f} s training, {info['wall_seconds']:.0f} s wall)")
+                report(a, rows, seeds, base, test, parts)
     report(a, rows, seeds, base, test, parts)
 
 

@@ -1,7 +1,9 @@
 """The pieces of the fine-tuning recipe that issue 15 measured: every (query, positive) pair as an item, pseudo-pairs
 from unlabeled passages, hard negatives mined by the base model inside train.py (cached), the split fixed across
 training seeds, and the quality benchmark's plumbing (both sides trained and scored on one split)."""
+import fcntl
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -214,3 +216,26 @@ def test_quality_benchmark_trains_both_sides_on_one_split_and_resumes(beir, tiny
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/log.txt")} == logs
     assert json.loads((out / "quality.json").read_text())["recipes"]["st tiny"]["ndcg@10"] == q["recipes"]["st tiny"]["ndcg@10"]
+
+
+def test_quality_benchmark_leaves_a_seed_another_process_is_running_alone(beir, tiny_model_dir, tmp_path):
+    """Two quality.py processes on one --out (the same command twice, for two lanes) must not clear each other's
+    run: a (recipe, seed) whose lock is held elsewhere is skipped, its folder untouched; the free seed is trained."""
+    out = tmp_path / "q"
+    busy = out / "runs" / "bge-tiny" / "seed1"
+    busy.mkdir(parents=True)
+    (busy / "log.txt").write_text("the other process's run\n")
+    fd = os.open(busy.parent / "seed1.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held here, as the other process would
+    try:
+        r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--data", str(beir), "--model",
+                            str(tiny_model_dir), "--seeds", "1,2", "--out", str(out), "--max-length", "48",
+                            "--precision", "fp32", "--bge", "tiny=--epochs 1 --batch-size 4 --lr 1e-3 "
+                            "--max-passage-length 48 --explain 0"], cwd=REPO, capture_output=True, text=True)
+    finally:
+        os.close(fd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "bge tiny seed 1: another quality.py is running it" in " ".join((r.stdout + r.stderr).split())
+    assert (busy / "log.txt").read_text() == "the other process's run\n" and not (busy / "score.json").exists()
+    assert (out / "runs" / "bge-tiny" / "seed2" / "score.json").exists()
+    assert list(json.loads((out / "quality.json").read_text())["recipes"]["bge tiny"]["runs"]) == ["2"]

@@ -193,6 +193,7 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
             bar.update(task, completed=step, loss=loss, acc=acc, lr=lr_now, tps=tokens / seconds)
             pending.clear()
 
+        chunked = False  # a micro-batch of this process went through GradCache: the rest follow (config.py)
         while trainer["step"] < total_steps and not stop:
             if not pending:  # just read back (and perhaps validated or saved): the training clock starts here
                 since = time.perf_counter()
@@ -206,7 +207,8 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
                 scale = (scaler.get_scale() if scaler else 1.0) / cfg.grad_accum
                 if graphs:  # the CUDA graphs' outputs from the last micro-step may be overwritten from here on
                     torch.compiler.cudagraph_mark_step_begin()
-                chunk = grad_cache_chunk(cfg.grad_cache, device.type, inputs)
+                chunk = grad_cache_chunk(cfg.grad_cache, device.type, inputs, chunked_before=chunked)
+                chunked = chunked or chunk > 0
                 loss, stats = forward_backward(embed, inputs, loss_fn, chunk_size=chunk, loss_scale=scale,
                                                device=device, no_sync=net.no_sync if net else None,
                                                sync=micro == cfg.grad_accum - 1, together=varlen, skip_nonfinite=False)

@@ -372,10 +372,12 @@ def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_on
     import bge.training
 
     inputs = {"q": [[1] * 10] * 4, "p": [[1] * 100, [1] * 5]}  # 4 x 10 + 2 x 100 = 240 padded tokens
-    for budget, device, given, expected in ((239, "cpu", -1, 32), (240, "cpu", -1, 0), (239, "cuda", -1, 0),
-                                            (239, "cpu", 0, 0), (10**6, "cpu", 7, 7)):
+    for budget, device, given, before, expected in ((239, "cpu", -1, False, 32), (240, "cpu", -1, False, 0),
+                                                    (240, "cpu", -1, True, 32), (239, "cuda", -1, False, 0),
+                                                    (240, "cuda", -1, True, 0), (239, "cpu", 0, True, 0),
+                                                    (10**6, "cpu", 7, False, 7)):
         monkeypatch.setattr(bge.config, "AUTO_TOKENS", budget)
-        assert bge.config.grad_cache_chunk(given, device, inputs) == expected, (budget, device, given)
+        assert bge.config.grad_cache_chunk(given, device, inputs, before) == expected, (budget, device, given, before)
 
     seen, real = [], bge.training.forward_backward
 
@@ -391,6 +393,20 @@ def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_on
         train.main(args(EXAMPLE, tiny_model_dir, tmp_path, "--run-name", name, "--max-steps", "2", "--threads", "1",
                         *extra))
         assert seen and set(seen) == {expected}, name
+
+    # a run that chunked keeps chunking: only the first micro-batch is over the budget here (as a full batch is and an
+    # epoch's last, smaller one is not), yet every later one goes through GradCache too
+    calls = []
+
+    def budget_then_none(*a, **kw):
+        bge.config.AUTO_TOKENS = 0 if not calls else 10**9
+        calls.append(1)
+        return bge.config.grad_cache_chunk(*a, **kw)
+
+    monkeypatch.setattr(bge.training, "grad_cache_chunk", budget_then_none)
+    seen.clear()
+    train.main(args(EXAMPLE, tiny_model_dir, tmp_path, "--run-name", "sticky", "--max-steps", "3", "--threads", "1"))
+    assert len(seen) == 3 and set(seen) == {32}
 
 
 def test_best_models_corpus_encoding_outlives_later_validations(data, tiny_model_dir, tmp_path, monkeypatch):

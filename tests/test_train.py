@@ -399,7 +399,7 @@ def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_on
     calls = []
 
     def budget_then_none(*a, **kw):
-        bge.config.AUTO_TOKENS = 0 if not calls else 10**9
+        monkeypatch.setattr(bge.config, "AUTO_TOKENS", 0 if not calls else 10**9)  # undone after the test
         calls.append(1)
         return bge.config.grad_cache_chunk(*a, **kw)
 

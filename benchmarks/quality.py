@@ -21,8 +21,10 @@ Seeds are the outer loop, recipes run in the order given (after the first seed e
 (recipe, seed) runs in a fresh process; its scores go to OUT/runs/<recipe>/seed<k>/score.json as soon as it ends,
 so an interrupted benchmark picks up where it stopped; a (recipe, seed) being run is locked, so the same command
 started twice shares the seeds out between two processes (two lanes on two cores) instead of clearing each other's
-run. The table shows mean ± sd over seeds and every seed's number, the change from the base model, training time
-and the command's whole wall time; OUT/quality.json holds all of it.
+run. The table shows mean ± sd over seeds and every seed's number, the change from the base model and from the first
+sentence-transformers recipe, each with a paired 95% bootstrap interval over the test queries (per-query nDCG@10,
+each side averaged over its seeds: would the difference hold on other test queries?), training time and the
+command's whole wall time; OUT/quality.json holds all of it, every query's score included.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import torch
 
 from benchmarks.common import print_table, write_json
@@ -174,15 +177,42 @@ def run_recipe(a: argparse.Namespace, kind: str, name: str, flags: str, seed: in
     return {**info, "model": str(model), "wall_seconds": wall}
 
 
-def score(model: Embedder, test, probe, a) -> dict[str, float]:
-    """Test metrics (and the probe's Spearman) of one model, by the same code and precision for every model."""
+def score(model: Embedder, test, probe, a) -> tuple[dict[str, float], dict[str, float]]:
+    """Test metrics (and the probe's Spearman) of one model, by the same code and precision for every model, and
+    each test query's nDCG@10 (for the paired comparisons)."""
     ev = evaluate_retrieval(model, test, ks=KS, batch_size=a.batch_size, max_length=a.max_length, cpu_bf16=a.bf16,
                             cache_dir=a.out / "cache", show_progress=False)
     s = {k: ev.metrics.summary[k] for k in ("ndcg@10", "mrr@10", "recall@10", "recall@100")}
     if probe is not None:
         s["probe_spearman"] = evaluate_sts(model, probe, batch_size=a.batch_size, max_length=a.max_length,
                                            cpu_bf16=a.bf16)["spearman"]
-    return s
+    return s, {q: m["ndcg@10"] for q, m in ev.metrics.per_query.items()}
+
+
+def per_query_again(info: dict, test, a) -> dict[str, float] | None:
+    """Each test query's nDCG@10 for a score.json written before they were kept: the saved model scored again (its
+    corpus encoding is cached, so this costs the queries alone). None when the model folder is gone or the mean
+    no longer matches the saved nDCG@10 (then the file is left as it was)."""
+    if not Path(info["model"]).exists():
+        return None
+    _, per = score(Embedder.load(info["model"]), test, None, a)
+    if abs(statistics.fmean(per.values()) - info["scores"]["ndcg@10"]) > 1e-6:
+        console.print(f"[yellow]{info['model']}: scored again, nDCG@10 {statistics.fmean(per.values()):.6f} is not "
+                      f"the saved {info['scores']['ndcg@10']:.6f}; no per-query scores kept[/]")
+        return None
+    return per
+
+
+def paired_difference(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> dict[str, float]:
+    """The mean of a - b over the same test queries and its 95% percentile-bootstrap interval (the queries drawn
+    again with replacement): how far the difference could move had other test queries been carved. It covers the
+    test set's sampling, not the training seeds' (each side is the mean over its seeds first; the table's sd is the
+    seeds' spread). `share_better` is the share of queries where a scores higher."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(d.mean()), "low": float(lo), "high": float(hi), "share_better": float((d > 0).mean()),
+            "share_worse": float((d < 0).mean()), "queries": len(d)}
 
 
 @contextlib.contextmanager
@@ -271,8 +301,8 @@ def main() -> None:
                   f"queries; corpus {len(test.corpus)}; split seed {a.split_seed}; seeds {seeds}")
     a.out.mkdir(parents=True, exist_ok=True)
 
-    base = score(Embedder.load(a.model), test, probe, a)
-    rows = {"base": {"kind": "base", "seeds": {}, "scores": [base]}}
+    base, base_per_query = score(Embedder.load(a.model), test, probe, a)
+    rows = {"base": {"kind": "base", "seeds": {}, "scores": [base], "per_query": base_per_query}}
     rows |= {name: {"kind": kind, "flags": flags, "seeds": {}} for kind, name, flags in recipes}
     for seed in seeds:  # seed by seed: after the first, every recipe has a number
         for kind, name, flags in recipes:
@@ -282,7 +312,10 @@ def main() -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             with attempt_lock(out.parent / f"{out.name}.lock") as mine:
                 if done.exists() and json.loads(done.read_text()).get("spec") == h:  # read under the lock
-                    rows[name]["seeds"][seed] = json.loads(done.read_text())
+                    info = rows[name]["seeds"][seed] = json.loads(done.read_text())
+                    if mine and "per_query" not in info and (per := per_query_again(info, test, a)) is not None:
+                        info["per_query"] = per  # kept from now on
+                        atomic_write_text(done, json.dumps(info, indent=2) + "\n")
                     continue
                 if not mine:
                     console.print(f"[yellow]{name} seed {seed}: another quality.py is running it; skipped here (a later "
@@ -292,7 +325,7 @@ def main() -> None:
                 if kind == "bge" and info.pop("test_ids") != sorted(test_ids):
                     raise UserError(f"{name}: train.py carved another test set than the benchmark "
                                     f"(split seed {a.split_seed})")
-                info["scores"] = score(Embedder.load(info["model"]), test, probe, a)
+                info["scores"], info["per_query"] = score(Embedder.load(info["model"]), test, probe, a)
                 info["spec"] = h
                 atomic_write_text(done, json.dumps(info, indent=2) + "\n")  # whole, for a process reading it
                 rows[name]["seeds"][seed] = info
@@ -302,9 +335,22 @@ def main() -> None:
     report(a, rows, seeds, base, test, parts)
 
 
+def seed_mean_per_query(r: dict, qids: list[str]) -> list[float] | None:
+    """A row's nDCG@10 per test query, averaged over its seeds; None if a seed has no per-query scores."""
+    runs = [r] if r["kind"] == "base" else list(r["seeds"].values())
+    if not runs or any(set(x.get("per_query") or ()) != set(qids) for x in runs):
+        return None
+    return [statistics.fmean(x["per_query"][q] for x in runs) for q in qids]
+
+
 def report(a, rows: dict, seeds: list[int], base: dict, test, parts) -> None:
-    """The table (mean ± sd, every seed, change from base, times) and OUT/quality.json."""
-    columns = ["recipe", "nDCG@10 mean ± sd", "per seed", "vs base", "R@100", "probe", "train s", "wall s"]
+    """The table (mean ± sd, every seed, change from base and from the first sentence-transformers recipe with a
+    paired 95% interval over the test queries, times) and OUT/quality.json."""
+    qids = sorted(rows["base"]["per_query"])  # the scored test queries (those with a relevant passage)
+    per_query = {name: seed_mean_per_query(r, qids) for name, r in rows.items()}
+    peer = next((n for n, r in rows.items() if r["kind"] == "st" and per_query[n]), None)
+    columns = ["recipe", "nDCG@10 mean ± sd", "per seed", "vs base [95% CI]",
+               f"vs {peer} [95% CI]" if peer else "vs peer", "R@100", "probe", "train s", "wall s"]
     table, summary = [], {}
     for name, r in rows.items():
         per = [s["scores"] for s in r["seeds"].values()] or r.get("scores", [])
@@ -318,18 +364,27 @@ def report(a, rows: dict, seeds: list[int], base: dict, test, parts) -> None:
                          **{k: mean_sd([s[k] for s in per])[0] for k in per[0] if k != "ndcg@10"},
                          "train_seconds": statistics.median(train) if train else None,
                          "wall_seconds": statistics.median(wall) if wall else None, "runs": r["seeds"]}
+        versus = []
+        for other in ("base", peer):
+            if other is None or other == name or per_query[name] is None or per_query[other] is None:
+                versus.append("")
+                continue
+            d = summary[name][f"vs {other}"] = paired_difference(per_query[name], per_query[other])
+            versus.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+        if not versus[0] and name != "base":  # no per-query scores (yet): the plain difference of means
+            versus[0] = f"{m - base['ndcg@10']:+.4f}"
         probe = f"{summary[name]['probe_spearman']:.4f}" if "probe_spearman" in per[0] else "-"
-        table.append([name, f"{m:.4f} ± {sd:.4f}", " ".join(f"{x:.4f}" for x in nd),
-                      f"{m - base['ndcg@10']:+.4f}" if name != "base" else "", f"{summary[name]['recall@100']:.4f}",
-                      probe, f"{summary[name]['train_seconds']:.0f}" if train else "",
+        table.append([name, f"{m:.4f} ± {sd:.4f}", " ".join(f"{x:.4f}" for x in nd), *versus,
+                      f"{summary[name]['recall@100']:.4f}", probe,
+                      f"{summary[name]['train_seconds']:.0f}" if train else "",
                       f"{summary[name]['wall_seconds']:.0f}" if wall else ""])
     title = (f"{a.data}: {len(test.queries)} test queries of {len(parts['train']) + len(parts['val']) + len(test.queries)}"
-             f", corpus {len(test.corpus)}, seeds {','.join(map(str, seeds))}; times are medians")
+             f", corpus {len(test.corpus)}, seeds {','.join(map(str, seeds))}; times are medians; CI: paired "
+             f"bootstrap over test queries")
     print_table(title, columns, table)
     write_json(str(a.out / "quality.json"), {"data": a.data, "model": a.model, "split_seed": a.split_seed,
                                              "test_queries": len(test.queries), "seeds": seeds,
                                              "precision": "bf16" if a.bf16 else "fp32", "recipes": summary})
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import train
@@ -209,13 +210,46 @@ def test_quality_benchmark_trains_both_sides_on_one_split_and_resumes(beir, tiny
         assert len(row["ndcg@10"]["per_seed"]) == 2 and row["train_seconds"] > 0
     st_pairs = q["recipes"]["st tiny"]["runs"]["1"]["pairs"]
     assert st_pairs == 24 - q["test_queries"]  # every non-test query's pair, one positive each
-    # a second call trains nothing: each (recipe, seed) was saved when it ended
+    # each seed keeps every test query's nDCG@10, whose mean is the seed's; the paired differences are of the
+    # seed-averaged per-query scores, so their means are the differences of the rows' means
+    bge, st, base = (q["recipes"][n] for n in ("bge tiny", "st tiny", "base"))
+    for run, nd in zip(bge["runs"].values(), bge["ndcg@10"]["per_seed"]):
+        assert len(run["per_query"]) == q["test_queries"]
+        assert abs(sum(run["per_query"].values()) / q["test_queries"] - nd) < 1e-9
+    assert abs(bge["vs base"]["mean"] - (bge["ndcg@10"]["mean"] - base["ndcg@10"]["mean"])) < 1e-9
+    assert abs(bge["vs st tiny"]["mean"] - (bge["ndcg@10"]["mean"] - st["ndcg@10"]["mean"])) < 1e-9
+    assert bge["vs base"]["low"] <= bge["vs base"]["mean"] <= bge["vs base"]["high"]
+    assert "vs st tiny" not in st and "vs base" in st and "vs base" not in base
+    # a second call trains nothing: each (recipe, seed) was saved when it ended; a score.json from before the
+    # per-query scores were kept gets them back from its saved model, the same values
     logs = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/log.txt")}
     assert len(logs) == 4
+    old = out / "runs" / "bge-tiny" / "seed2" / "score.json"
+    info = json.loads(old.read_text())
+    kept = info.pop("per_query")
+    old.write_text(json.dumps(info))
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/log.txt")} == logs
     assert json.loads((out / "quality.json").read_text())["recipes"]["st tiny"]["ndcg@10"] == q["recipes"]["st tiny"]["ndcg@10"]
+    assert json.loads(old.read_text())["per_query"] == pytest.approx(kept, abs=1e-9)
+    assert json.loads((out / "quality.json").read_text())["recipes"]["bge tiny"]["vs base"] == bge["vs base"]
+
+
+def test_quality_benchmark_paired_interval_matches_scipy_bootstrap():
+    """The paired interval is a percentile bootstrap of the mean difference: scipy's, up to resampling noise."""
+    from scipy.stats import bootstrap
+    from benchmarks.quality import paired_difference
+    rng = np.random.default_rng(3)
+    a, b = rng.uniform(0, 1, 121), rng.uniform(0, 1, 121) - 0.05
+    d = paired_difference(list(a), list(b))
+    ref = bootstrap(((a - b),), np.mean, method="percentile", n_resamples=10_000, random_state=1).confidence_interval
+    width = ref.high - ref.low
+    assert d["mean"] == pytest.approx(float((a - b).mean()), abs=1e-12)
+    assert abs(d["low"] - ref.low) < 0.05 * width and abs(d["high"] - ref.high) < 0.05 * width
+    assert d["share_better"] == pytest.approx(float((a > b).mean()))
+    same = paired_difference([0.5, 0.7, 0.2], [0.4, 0.6, 0.1])  # every query 0.1 better: no spread to resample
+    assert same["low"] == pytest.approx(0.1) and same["high"] == pytest.approx(0.1) and same["share_better"] == 1
 
 
 def test_quality_benchmark_leaves_a_seed_another_process_is_running_alone(beir, tiny_model_dir, tmp_path):

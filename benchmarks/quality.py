@@ -386,5 +386,6 @@ def report(a, rows: dict, seeds: list[int], base: dict, test, parts) -> None:
                                              "test_queries": len(test.queries), "seeds": seeds,
                                              "precision": "bf16" if a.bf16 else "fp32", "recipes": summary})
 
+
 if __name__ == "__main__":
     run_cli(main)

@@ -311,8 +311,9 @@ def main() -> None:
             h = spec_hash(a, kind, flags)
             out.parent.mkdir(parents=True, exist_ok=True)
             with attempt_lock(out.parent / f"{out.name}.lock") as mine:
-                if done.exists() and json.loads(done.read_text()).get("spec") == h:  # read under the lock
-                    info = rows[name]["seeds"][seed] = json.loads(done.read_text())
+                saved = json.loads(done.read_text()) if done.exists() else {}  # read under the lock
+                if saved.get("spec") == h:
+                    info = rows[name]["seeds"][seed] = saved
                     if mine and "per_query" not in info and (per := per_query_again(info, test, a)) is not None:
                         info["per_query"] = per  # kept from now on
                         atomic_write_text(done, json.dumps(info, indent=2) + "\n")

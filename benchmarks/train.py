@@ -262,7 +262,8 @@ def profile(step, batches: list, device: torch.device, top: int = 8) -> dict:
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     ms = lambda evs: [[e.key[:80], key(e) / 1e3 / len(batches)] for e in sorted(evs, key=key, reverse=True)[:top]]
-    return {"wall_s_per_step": wall / len(batches),
+    matmuls = sum(key(e) for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 1e3 / len(batches)
+    return {"wall_s_per_step": wall / len(batches), "matmul_ms": matmuls,  # the model's share, wherever it ranks
             "device_busy": sum(k.self_device_time_total for k in kernels) / 1e6 / wall if cuda else None,
             "top": ms(ops), "kernels": ms(kernels) if cuda else []}  # ms per step
 

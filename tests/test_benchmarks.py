@@ -42,7 +42,8 @@ def test_training_benchmark_runs_both_sides_with_equal_fp32_losses(tmp_path, tin
         assert runs[0]["samples_per_s"] > 0 and runs[0]["peak_memory_gb"] > 0 and 0 < runs[0]["mfu"] < 1
         top = runs[0]["profile"]["top"]  # the profiled steps' costliest operators, in ms per step
         assert len(top) == 8 and all(ms > 0 for _, ms in top) and top == sorted(top, key=lambda t: -t[1])
-        assert {"aten::mm", "aten::addmm", "aten::bmm"} & {name for name, _ in top}  # it profiled the model
+        # it profiled the model: its matmuls took time (in a tiny model they need not rank among the top 8)
+        assert runs[0]["profile"]["matmul_ms"] > 0
     assert result["loss_check"]["max_abs_diff"] <= 1e-4
     assert len(result["loss_check"]["bge"]) == 3
 

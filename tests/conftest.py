@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import random
 import socket
 from pathlib import Path
@@ -14,6 +15,12 @@ from pathlib import Path
 import pytest
 
 from fake_hub import session_hub
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, so each takes one thread (and so
+    os.environ["OMP_NUM_THREADS"] = "1"   # do the processes it starts), before any test module imports torch
+    import torch
+
+    torch.set_num_threads(1)
 
 HUB = session_hub()  # before any test imports huggingface_hub: HF_ENDPOINT and HF_HOME point at a fake hub
 

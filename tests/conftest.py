@@ -55,6 +55,12 @@ def long_passages_beir(folder: Path, n: int = 16, seed: int = 0) -> Path:
     return folder
 
 
+def squash(text: str) -> str:
+    """Text without whitespace: rich wraps long lines at the console's width, paths anywhere (80 columns when the
+    output is captured), so tests compare console text squashed."""
+    return "".join(text.split())
+
+
 class NetworkBlocked(RuntimeError):
     """A test tried to connect to a non-loopback address."""
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import train
 import bge.tasks
+from conftest import squash
 from bge import checkpoint, rundir, weights
 from bge.errors import UserError
 
@@ -22,11 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def lines(run: Path) -> list[dict]:
     return [json.loads(l, parse_constant=pytest.fail) for l in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def squash(text: str) -> str:
-    """Text without whitespace: rich wraps long lines (and paths) at the terminal's width."""
-    return "".join(text.split())
 
 
 def strict_json(path: Path):

@@ -8,6 +8,7 @@ from bge.data import load_examples
 from bge.embedder import Embedder
 from bge.errors import UserError
 from bge.score import main
+from conftest import squash
 
 ROWS = [
     {"qid": "a", "query": "how tight is a stem bolt", "pos": ["5 Nm on most stems."], "neg": ["Tyres at 4 bar.", "Chains wear."],
@@ -32,7 +33,7 @@ def test_scores_are_the_teachers_cosines_and_other_fields_stay(minilm_dir, tmp_p
         assert np.allclose(line["pos_scores"] + line["neg_scores"], expected, atol=1e-5)
         assert len(ex.pos_scores) == len(ex.pos) and len(ex.neg_scores) == len(ex.neg)
     assert lines[0]["pos_scores"][0] > max(lines[0]["neg_scores"]) + 0.1  # a real teacher tells them apart
-    assert lines[2]["pos_scores"] != [9.0, 9.0] and "3linesscored" in "".join(capsys.readouterr().err.split())
+    assert lines[2]["pos_scores"] != [9.0, 9.0] and "3linesscored" in squash(capsys.readouterr().err)
 
 
 def test_bad_lines_fail_before_the_teacher_loads(tmp_path):

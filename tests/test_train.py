@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import start_and_kill
+from conftest import squash, start_and_kill
 from bge import checkpoint
 from bge.errors import UserError
 
@@ -352,7 +352,7 @@ def test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name(tiny_model_di
     argv = args(first, tiny_model_dir, tmp_path, "--run-name", "two", "--epochs", "1", "--threads", "1")
     argv[1:2] = [str(first), str(second)]
     train.main(argv)
-    err = "".join(capsys.readouterr().err.split())  # rich wraps long paths anywhere
+    err = squash(capsys.readouterr().err)
     assert "repairs.jsonl:40retrievalline(s)" in err and "more_no_in_batch_neg.jsonl:40retrievalline(s)" in err
     assert files and all(len(f) == 1 for f in files)  # every micro-batch holds one file's queries
     assert {next(iter(f)) for f in files} == {0, 1}  # and both files are trained on

@@ -13,13 +13,15 @@ Variants are `+`-joined switches: fp32 | bf16 | fp16, packed, varlen (the texts 
 step, FlashAttention over sequence offsets on CUDA: train.py's --packed --attention varlen), bucket=N (varlen padded
 to a multiple of N tokens: few shapes, for CUDA graphs), compile, cudagraphs (compile with CUDA graphs: mode
 "reduce-overhead"), gradcache=N (GradCache chunks of N texts; 0 = off; without it, train.py's default: chunks of 32
-on CPU for steps of over 24,576 padded tokens), ckpt (gradient checkpointing), adrop=P (attention dropout P instead of the
-model's; either side). sentence-transformers variants take fp32 | bf16, adrop=P, and cached=N (CachedMultipleNegativesRanking
-Loss, its GradCache, mini-batches of N). A configuration that fails (out of memory, say) is reported and the others
-still run. --profile adds, per configuration, how busy the device was over two profiled steps (on CUDA: kernel time
-/ wall time; low = the step waits on Python and kernel launches, not on arithmetic) and the operators that took most
-of it. --check-variants compares bge variants' loss trajectories with dropout off (the varlen path against the
-padded one, say), each against the first.
+on CPU for steps of over 24,576 padded tokens), ckpt (gradient checkpointing), adrop=P (attention dropout P instead
+of the model's; either side), malloc=keep | system (either side: bge/malloc.py's settings, which bge's side has by
+default as train.py does, or glibc's own, sentence-transformers' default). sentence-transformers variants take fp32
+| bf16, adrop=P, malloc=..., and cached=N (CachedMultipleNegativesRankingLoss, its GradCache, mini-batches of N). A
+configuration that fails (out of memory, say) is reported and the others still run. --profile adds, per
+configuration, how busy the device was over two profiled steps (on CUDA: kernel time / wall time; low = the step
+waits on Python and kernel launches, not on arithmetic) and the operators that took most of it. --check-variants
+compares bge variants' loss trajectories with dropout off (the varlen path against the padded one, say), each
+against the first.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ import torch
 from benchmarks.common import SCIFACT, padding_costs, print_table, write_json
 from bge.console import console
 from bge.hub import resolve_model
+from bge.malloc import keep_freed_memory
 
 
 # ---- the batches ---------------------------------------------------------------------------------------
@@ -123,6 +126,10 @@ def worker(a) -> dict:
                                             default)
     gradcache, bucket, cached = value("gradcache", int, -1), value("bucket", int, 0), value("cached", int, 0)
     adrop = value("adrop", float, None)
+    # bge's train.py keeps freed memory in the process (bge/malloc.py); sentence-transformers runs on glibc's defaults.
+    # malloc=system or malloc=keep sets either side either way, for the like-for-like ratio.
+    if value("malloc", str, "keep" if a.side == "bge" else "system") == "keep":
+        keep_freed_memory()
     folder = resolve_model(a.model)
     from bge.weights import load_model
     model, tokenizer = load_model(folder)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from rich.progress import TextColumn
 
-from bge import distributed, ending, prepare, rundir, tasks as task_types
+from bge import distributed, ending, malloc, prepare, rundir, tasks as task_types
 from bge.batching import Prefetcher
 from bge.checkpoint import restore_state, save_state
 from bge.config import FIELDS, TrainConfig, as_flags, config_from_dict, grad_cache_chunk, mined_negatives
@@ -66,6 +66,8 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
     tracker = open_tracker(cfg.report_to, run_dir) if info.main else None  # TensorBoard: its package checked now
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu" and cfg.malloc == "keep":  # CUDA tensors already live in torch's caching allocator
+        malloc.keep_freed_memory()
     torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout masks
     cross_device = info.enabled and cfg.cross_device_negatives
     if cross_device and cfg.symmetric:

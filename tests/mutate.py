@@ -266,6 +266,11 @@ MUTATIONS = [
       f"{TRAIN}::test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_one_plainly"),
     m("memory.worse-validation-kept", "bge/training.py", "task_types.forget_validated(tasks, embedder)", "pass",
       f"{TRAIN}::test_best_models_corpus_encoding_outlives_later_validations"),
+    m("memory.malloc-not-kept", "bge/training.py", 'if device.type == "cpu" and cfg.malloc == "keep":',
+      "if False:", "tests/test_malloc.py"),
+    m("memory.malloc-trims", "bge/malloc.py", ", (M_TRIM_THRESHOLD, TRIM_THRESHOLD))", ",)", "tests/test_malloc.py"),
+    m("memory.malloc-maps-big-blocks", "bge/malloc.py", "((M_MMAP_THRESHOLD, MMAP_THRESHOLD), ", "(",
+      "tests/test_malloc.py"),
 ]
 
 

@@ -238,8 +238,8 @@ class TrainConfig:
                        "faster for the BiLSTM, whose recurrence synchronises the threads at every token", "speed",
                        range="[0, inf)")
     malloc: str = opt("keep", "CPU runs: keep = glibc malloc keeps freed memory for the next step instead of "
-                      "unmapping it and faulting it in again (bge/malloc.py: SciFact's run 6%% faster, 0.5 GB more "
-                      "at its peak); system = glibc's defaults", "speed", ("keep", "system"))
+                      "unmapping it and faulting it in again (bge/malloc.py: SciFact's run 6%% faster, 0.2-0.5 GB "
+                      "more at its peak); system = glibc's defaults", "speed", ("keep", "system"))
     device: str = opt("auto", "cpu, cuda, cuda:1, or auto", "loop")
     eval_batch_size: int = opt(128, "batch size for encoding during evaluation", "loop", range="[1, inf)")
     # forgetting guard

@@ -6,7 +6,7 @@ top of its heap back to the kernel once more than its trim threshold (128 KB, ri
 free, so the next step touches those pages anew: a page fault and a zeroed page per 4 KB. SciFact's default train.py
 run took 85M minor page faults and 172 s of system time; with the settings below 1.1M and 10 s, and its wall time
 fell 6% (validation, all encoding, 10%). The price: memory freed after a peak stays with the process, in pieces the
-largest blocks cannot always reuse (that run's peak RSS rose from 3.79 to 4.34 GB). README, "Keeping freed memory".
+largest blocks cannot always reuse (that run's peak RSS rose from 3.79 GB to 3.98-4.34). README, "Keeping freed memory".
 """
 from __future__ import annotations
 

@@ -25,10 +25,14 @@ TRIM_THRESHOLD = 2**31 - 1  # give the heap's free top back only beyond 2 GB (ma
 ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
+def glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> str:
     """Apply the settings above to this process, where glibc is the C library; return what was done, for the log.
     Settings the user chose through glibc's own environment variables are left as they are."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not glibc():
         return "not glibc: malloc left as it is"
     chosen = [name for name in ENV if name in os.environ]
     if chosen:

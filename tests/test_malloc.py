@@ -1,7 +1,6 @@
 """bge/malloc.py: with its settings a process reuses freed memory instead of faulting fresh pages in, and train.py
 applies them on CPU unless --malloc system."""
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,6 @@ import train
 from bge import malloc
 
 REPO = Path(__file__).resolve().parents[1]
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # The bundled model encodes 32 texts of 256 tokens, four times: with glibc's defaults each batch's activations are
 # unmapped or trimmed when freed and faulted in again by the next; kept, the next batch reuses them. Prints the minor
@@ -41,7 +39,7 @@ def faults(mode: str) -> tuple[str, int]:
     return lines[0], int(lines[-2])
 
 
-@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's; elsewhere malloc is left as it is")
+@pytest.mark.skipif(not malloc.glibc(), reason="mallopt is glibc's; elsewhere malloc is left as it is")
 def test_kept_memory_is_reused_without_page_faults():
     said, kept = faults("keep")
     _, system = faults("system")

@@ -38,7 +38,8 @@ def keep_freed_memory() -> str:
     if chosen:
         return f"malloc left to {', '.join(chosen)} from the environment"
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))  # either one stops glibc moving both as blocks are freed
+    # both: setting either one stops glibc moving both thresholds as blocks are freed
+    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     failed = [param for param, value in settings if libc.mallopt(param, value) != 1]
     if failed:
         return f"malloc: mallopt refused parameter(s) {failed}"

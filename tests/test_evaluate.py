@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bge import Embedder, UserError
+from bge import Embedder, UserError, malloc
 from bge.data import DataError, RetrievalData, STSData, load_beir, load_eval_data, load_sts
 from bge.evaluation import CorpusCache, encode_corpus, evaluate_retrieval, evaluate_sts, search
 from bge.model import Encoder, ModelConfig
@@ -353,6 +353,7 @@ def test_cli_two_models_one_table_and_json(tiny_dirs, tmp_path):
     for m in results["models"]:
         assert {f"{k}@{c}" for k in ("ndcg", "mrr", "recall", "map", "precision") for c in (1, 3, 10)} == set(m["metrics"])
         assert m["n_encoded"] == 16 and m["query_prompt"] == "Q: " and m["n_scored"] == 4
+    assert not malloc.glibc() or "malloc keeps freed memory" in r.stderr  # --malloc keep's default, said in the log
     # again: every passage comes from the cache
     r = run_cli("--model", a, "--data", data, "--cache-dir", cache, "--out", out)
     assert r.returncode == 0, r.stderr

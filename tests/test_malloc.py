@@ -54,12 +54,13 @@ def test_environment_settings_are_left_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("flag, calls", [("keep", 1), ("system", 0)])
-def test_train_keeps_freed_memory_on_cpu_unless_told(flag, calls, tiny_model_dir, tmp_path, monkeypatch):
+def test_train_keeps_freed_memory_on_cpu_unless_told(flag, calls, tiny_model_dir, tmp_path, monkeypatch, capsys):
     data = tmp_path / "bikes.jsonl"
     data.write_text("".join((REPO / "examples" / "bike_repair.jsonl").read_text().splitlines(keepends=True)[:30]))
     seen = []
-    monkeypatch.setattr(malloc, "keep_freed_memory", lambda: seen.append(1) or "")
+    monkeypatch.setattr(malloc, "keep_freed_memory", lambda: seen.append(1) or "malloc: what was done")
     train.main(["--data", str(data), "--model", str(tiny_model_dir), "--out-dir", str(tmp_path), "--device", "cpu",
                 "--batch-size", "8", "--max-passage-length", "32", "--max-query-length", "16", "--epochs", "1",
                 "--malloc", flag])
     assert len(seen) == calls
+    assert ("malloc: what was done" in capsys.readouterr().err) == bool(calls)  # the run's log says what it did

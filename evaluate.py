@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     cache_dir = None if a.no_cache else Path(a.cache_dir)
     folders = [resolve_model(name) for name in a.model]  # a missing model fails before the first one runs
     if a.malloc == "keep":
-        console.print(f"[dim]{malloc.keep_freed_memory()}[/]")  # what was done, or why not
+        console.print(malloc.keep_freed_memory(), style="dim", markup=False)  # what was done, or why not
     results = []
     for name, folder, label in zip(a.model, folders, labels(a.model)):
         start = time.perf_counter()

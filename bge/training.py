@@ -67,7 +67,7 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cpu" and cfg.malloc == "keep":  # CUDA tensors already live in torch's caching allocator
-        console.print(f"[dim]{malloc.keep_freed_memory()}[/]")  # what was done, or why not
+        console.print(malloc.keep_freed_memory(), style="dim", markup=False)  # what was done, or why not
     torch.manual_seed(cfg.seed + info.rank)  # each rank its own dropout masks
     cross_device = info.enabled and cfg.cross_device_negatives
     if cross_device and cfg.symmetric:

@@ -21,9 +21,9 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 out=${OUT:-checkpoints/gpu}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 BGE_SCIFACT=.gpu/scifact
+export PYTHONUNBUFFERED=1 BGE_SCIFACT=.gpu/scifact COLUMNS=${COLUMNS:-160}  # wide tables in the returned log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-python3 -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__, 'transformers', transformers.__version__, 'sentence-transformers', st.__version__)" | tee -a "$out/device.txt"
+python3 -c "import torch, transformers, sentence_transformers as st; import bge.packing as p; print('torch', torch.__version__, 'transformers', transformers.__version__, 'sentence-transformers', st.__version__, 'varlen_attn', p.varlen_attn is not None)" | tee -a "$out/device.txt"
 # limits: 30 + 110 + 150 + 110 + 70 + 50 = 520 s at most (about 7 minutes expected); every step prints as it goes and a
 # failed configuration does not stop the others, so a step cut short keeps what it measured
 timeout 30 python3 benchmarks/gpu_check.py --make-models .gpu/models --sizes base --tokenizer .gpu/tokenizer

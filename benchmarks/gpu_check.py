@@ -4,8 +4,8 @@
     python benchmarks/gpu_check.py --check checkpoints/gpu/base        # fast paths vs fp32 eager
 
 For a model folder: the loss and parameter gradients of one contrastive step with bf16 autocast (+ packed,
-+ torch.compile, + FlexAttention on CUDA, + varlen: FlashAttention over sequence offsets on CUDA, `jagged` forcing
-the jagged-SDPA kernel that varlen takes when attention dropout is on, `bucket` padding to a multiple of 256 tokens)
++ torch.compile, + FlexAttention on CUDA, + varlen: FlashAttention over sequence offsets on CUDA, `view` forcing
+the padded view that varlen takes when attention dropout is on, `bucket` padding to a multiple of 256 tokens)
 against the fp32 eager padded step on the same batch, dropout off. Prints a table and exits non-zero when a path
 disagrees. Runs on CPU too (slowly; CI runs a tiny version), where varlen attends through the padded view.
 """
@@ -55,7 +55,7 @@ def step_grads(model, embed, batch, device, together: bool = False) -> tuple[flo
 
 
 # cheap eager paths first, then the compiled ones (a minute or more of compilation each on the device)
-PATHS = ("fp32 packed", "fp32 varlen", "bf16", "bf16 packed", "bf16 varlen", "bf16 varlen jagged", "bf16 varlen bucket",
+PATHS = ("fp32 packed", "fp32 varlen", "bf16", "bf16 packed", "bf16 varlen", "bf16 varlen view", "bf16 varlen bucket",
          "bf16 compile", "bf16 cudagraphs", "bf16 varlen bucket cudagraphs", "bf16 packed compile",
          "bf16 packed compile flex")
 
@@ -85,7 +85,7 @@ def check(folder: Path, device: torch.device, batch_size: int, paths: tuple[str,
                            packed="packed" in switches, compile=graphs or "compile" in switches,
                            compile_mode="reduce-overhead" if graphs else "default", pack=pack if varlen else None)
         flash = packing.varlen_attn
-        if "jagged" in switches:  # the kernel varlen takes when attention dropout is on, compared here without it
+        if "view" in switches:  # the padded view varlen takes when attention dropout is on, compared here without it
             packing.varlen_attn = None
         try:
             for _ in range(3 if graphs else 1):  # the first calls warm up and record; the third replays the graphs

@@ -27,9 +27,9 @@ python3 -c "import torch, transformers, sentence_transformers as st; import bge.
 # limits: 30 + 110 + 150 + 110 + 70 + 50 = 520 s at most (about 7 minutes expected); every step prints as it goes and a
 # failed configuration does not stop the others, so a step cut short keeps what it measured
 timeout 30 python3 benchmarks/gpu_check.py --make-models .gpu/models --sizes base --tokenizer .gpu/tokenizer
-# correctness: the varlen kernels (flash varlen, jagged SDPA = the dropout path, bucket padding, CUDA graphs) vs fp32
+# correctness: the varlen paths (flash varlen, the padded view = the dropout path, bucket padding, CUDA graphs) vs fp32
 timeout 110 python3 benchmarks/gpu_check.py --check .gpu/models/base --batch-size 32 --json "$out/check.json" \
-  --paths "fp32 varlen,bf16,bf16 varlen,bf16 varlen jagged,bf16 varlen bucket,bf16 varlen bucket cudagraphs"
+  --paths "fp32 varlen,bf16,bf16 varlen,bf16 varlen view,bf16 varlen bucket,bf16 varlen bucket cudagraphs"
 # Throughput, bge-base-sized, bf16 on both sides, SciFact lengths (max 64/256), pairs: batch = passages per step.
 # adrop=0: attention dropout off on both sides (FlashAttention's varlen kernel has none; hidden dropout stays 0.1).
 # The headline (batch 64): sentence-transformers bf16, bge padded, bge varlen, bge varlen + CUDA graphs (bucketed
@@ -44,6 +44,6 @@ timeout 110 python3 benchmarks/train.py --model .gpu/models/base "${vs[@]}" --ba
 timeout 70 python3 benchmarks/train.py --model .gpu/models/base "${vs[@]}" --batch-size 1024 --steps 3 --warmup 1 \
   --vs-variants bf16+adrop=0+cached=128 --variants bf16+varlen+adrop=0+gradcache=256,bf16+varlen+adrop=0 \
   --json "$out/train-base-1024.json"
-# with the models' attention dropout (0.1): varlen then attends through jagged SDPA (FlashAttention with dropout)
+# with the models' attention dropout (0.1): varlen then attends through the padded view (SDPA with dropout)
 timeout 50 python3 benchmarks/train.py --model .gpu/models/base "${vs[@]}" --batch-size 64 --steps 20 --warmup 3 \
   --vs-variants bf16 --variants bf16,bf16+varlen --json "$out/train-base-64-dropout.json"

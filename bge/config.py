@@ -224,7 +224,7 @@ class TrainConfig:
                        "default: measured slower than padded at SciFact's 12%% padding, CPU and H200 (README)", "speed")
     attention: str = opt("sdpa", "packed attention: sdpa (padded view), flex (FlexAttention document mask; CUDA, no "
                          "attention dropout) or varlen (texts packed on the host, one forward per micro-batch; CUDA: "
-                         "FlashAttention over the sequence offsets, jagged SDPA when attention dropout is on; "
+                         "FlashAttention over the sequence offsets, a padded view when attention dropout is on; "
                          "elsewhere the padded view)", "speed", ("sdpa", "flex", "varlen"))
     token_bucket: int = opt(0, "with --attention varlen: pad each micro-batch's packed tokens up to a multiple of N, so "
                             "its shapes repeat and CUDA graphs (--compile-mode reduce-overhead) record once per "

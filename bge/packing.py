@@ -5,12 +5,13 @@
 
 Built on the host from the token id lists (`pack`), so the device never waits to learn a shape: no boolean
 indexing, no nonzero(), no .item(). Every layer but attention is row-wise, so the encoder runs them on the T real
-tokens alone; attention runs per text through the cumulative offsets (`attention`):
-  CUDA, bf16/fp16, no attention dropout: torch.nn.attention.varlen.varlen_attn (FlashAttention-2 over the offsets);
-  CUDA otherwise (dropout, fp32): scaled_dot_product_attention on nested jagged tensors, which reaches the same
-      flash kernel with its dropout (efficient attention in fp32);
-  elsewhere (CPU): the caller's padded view (bge.model), exact and 30x faster on CPU than jagged SDPA's per-text
-      math path, with bge/dropout.py's cheap dropout.
+tokens alone; attention runs per text:
+  CUDA, bf16/fp16, no attention dropout (`flash_applies`): torch.nn.attention.varlen.varlen_attn (FlashAttention-2
+      over the cumulative offsets, `attention`);
+  otherwise (attention dropout, fp32, CPU): the caller's padded view of the packed tokens (bge.model), exact, with
+      scaled_dot_product_attention's dropout on CUDA and bge/dropout.py's cheap dropout on CPU. The other kernel over
+      offsets, SDPA on nested jagged tensors, was measured slower: with dropout on an H200 its step was 2.1x the
+      padded path's, and on CPU its per-text math path was 30x slower than the padded view (README).
 
 Static shapes (`multiple` > 0): the token count is rounded up to a multiple of `multiple` with padding tokens that
 form their own short sequences, always `padding_sequences(multiple)` of them, so a micro-batch's shapes depend only
@@ -24,7 +25,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 try:  # torch >= 2.9
     from torch.nn.attention.varlen import varlen_attn
@@ -84,20 +84,15 @@ def pack(ids: list[list[int]], pad_id: int, multiple: int = 0, max_length: int =
 
 
 # ---- attention over the offsets (CUDA) ----------------------------------------------------------------------
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Packed, p: float) -> torch.Tensor:
-    """(T, heads, d) queries, keys, values -> (T, heads, d), each token attending within its sequence; on CUDA.
-    varlen_attn has no dropout and no fp32, so those cases take jagged SDPA, which has both."""
-    if varlen_attn is not None and p == 0 and q.dtype in (torch.float16, torch.bfloat16):
-        return varlen_attn(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_len, batch.max_len)
-    return jagged_attention(q, k, v, batch, p)
+def flash_applies(dtype: torch.dtype, p: float, cuda: bool) -> bool:
+    """Whether FlashAttention's varlen kernel serves a call: it runs on CUDA in half precision and has no dropout."""
+    return varlen_attn is not None and cuda and p == 0 and dtype in (torch.float16, torch.bfloat16)
 
 
-def jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Packed, p: float) -> torch.Tensor:
-    """The same through scaled_dot_product_attention on nested jagged tensors (runs on CPU too, slowly: tests).
-    Sequence lengths are passed in (min 1: no sequence is empty), so torch never reads them back from the device."""
-    nested = lambda x: torch.nested.nested_tensor_from_jagged(
-        x.contiguous(), batch.cu_seqlens, min_seqlen=1, max_seqlen=batch.max_len).transpose(1, 2)
-    return F.scaled_dot_product_attention(nested(q), nested(k), nested(v), dropout_p=p).transpose(1, 2).values()
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Packed) -> torch.Tensor:
+    """(T, heads, d) queries, keys, values -> (T, heads, d), each token attending within its sequence (CUDA, half
+    precision, no dropout: see flash_applies)."""
+    return varlen_attn(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_len, batch.max_len)
 
 
 # ---- pooling --------------------------------------------------------------------------------------------------

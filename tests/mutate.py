@@ -51,7 +51,7 @@ LOSS, POOL, OPTIM, BATCH, TASKS = "tests/test_loss.py", "tests/test_pooling.py",
     "tests/test_batching.py", "tests/test_tasks.py"
 RESUME, TRAIN, DATA, METRICS = "tests/test_resume.py", "tests/test_train.py", "tests/test_data.py", "tests/test_metrics.py"
 DIST = "tests/test_distributed.py::test_two_ranks_take_the_single_process_step"
-STEP = "tests/test_step.py"
+STEP, PACKING = "tests/test_step.py", "tests/test_packing.py"
 
 MUTATIONS = [
     # ---- loss ------------------------------------------------------------------------------------------
@@ -93,6 +93,15 @@ MUTATIONS = [
       "key_mask = torch.ones_like(attention_mask, dtype=torch.bool)[:, None, None, :]", POOL),
     m("model.not-normalised", "bge/model.py", "return F.normalize(pooled, dim=-1) if self.cfg.normalize else pooled",
       "return pooled", POOL),
+    # ---- the unpadded (varlen) layout ------------------------------------------------------------------------------
+    m("packing.flash-despite-dropout", "bge/packing.py", "and cuda and p == 0 and dtype", "and cuda and dtype", PACKING),
+    m("packing.flash-in-fp32", "bge/packing.py", "and dtype in (torch.float16, torch.bfloat16)", "", PACKING),
+    m("packing.positions-run-on-across-texts", "bge/packing.py",
+      "positions = torch.arange(len(flat)) - cu[:-1].long()[sequence]", "positions = torch.arange(len(flat))", PACKING),
+    m("model.varlen-never-takes-flash", "bge/model.py", "if packing.flash_applies(qkv.dtype, p, qkv.is_cuda):",
+      "if False:", PACKING),
+    m("model.varlen-view-misplaces-tokens", "bge/model.py", "where = batch.sequence * W + batch.positions",
+      "where = batch.sequence * W + batch.positions.flip(0)", PACKING),
     # ---- optimiser and schedule ---------------------------------------------------------------------------------
     m("optim.linear-decay-ignores-min-lr-ratio", "bge/optim.py",
       "return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * decay)", "return lr * decay", OPTIM),

@@ -90,38 +90,39 @@ def test_padding_to_a_bucket_changes_nothing_in_fp32():
         assert max((padded[n] - exact[n]).abs().max().item() for n in exact) <= 1e-6
 
 
-@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # its CPU math path builds strided ones
-def test_jagged_sdpa_the_cuda_dropout_path_equals_per_text_attention():
-    # on CUDA a varlen batch with attention dropout (or in fp32) attends through jagged SDPA; on CPU it runs (slowly)
-    torch.manual_seed(0)
-    batch = pack(texts(random.Random(2), 6), pad_id=0, multiple=32, max_length=30)
-    T, heads, d = len(batch.input_ids), 4, 8
-    q, k, v = (torch.randn(T, heads, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out = packing.jagged_attention(q, k, v, batch, 0.0)
-    ref = torch.empty_like(out)
-    for s, e in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist()):  # one sequence at a time
-        ref[s:e] = F.scaled_dot_product_attention(*(x[s:e].transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
-    assert torch.allclose(out, ref, atol=1e-12)
-    grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
-    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads, ref_grads))
+def test_flash_varlen_applies_only_on_cuda_in_half_precision_without_dropout(monkeypatch):
+    monkeypatch.setattr(packing, "varlen_attn", lambda *a: None)  # present, whatever this torch build has
+    assert packing.flash_applies(torch.bfloat16, 0.0, cuda=True)
+    assert packing.flash_applies(torch.float16, 0.0, cuda=True)
+    assert not packing.flash_applies(torch.bfloat16, 0.1, cuda=True)  # the kernel has no dropout
+    assert not packing.flash_applies(torch.float32, 0.0, cuda=True)
+    assert not packing.flash_applies(torch.bfloat16, 0.0, cuda=False)
+    monkeypatch.setattr(packing, "varlen_attn", None)  # an older torch
+    assert not packing.flash_applies(torch.bfloat16, 0.0, cuda=True)
 
 
-def test_cuda_dispatch_takes_flash_varlen_only_without_dropout_in_half_precision(monkeypatch):
+def test_the_encoder_hands_flash_the_offsets_and_otherwise_takes_the_padded_view(monkeypatch):
+    # the CUDA dispatch, on CPU: where flash applies the encoder calls varlen_attn with the batch's offsets (its
+    # answer, here the values, is what the layer gets); where it does not, the padded view gives the exact result
+    model, ids, _, _ = model_and_batch()
+    model.eval()
+    batch = pack(ids, pad_id=0, multiple=32, max_length=30)
     calls = []
 
     def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
-        calls.append((cu_q is cu_k, max_q, max_k, q.dtype))
+        calls.append((cu_q is batch.cu_seqlens, cu_k is batch.cu_seqlens, max_q, max_k, tuple(q.shape)))
         return v
 
     monkeypatch.setattr(packing, "varlen_attn", fake_varlen)
-    monkeypatch.setattr(packing, "jagged_attention", lambda q, k, v, batch, p: calls.append(("jagged", p, q.dtype)) or v)
-    batch = pack([[1, 2, 3], [1, 2]], pad_id=0, multiple=8, max_length=4)
-    x = torch.zeros(8, 2, 4)
-    packing.attention(x.bfloat16(), x.bfloat16(), x.bfloat16(), batch, 0.0)
-    packing.attention(x.bfloat16(), x.bfloat16(), x.bfloat16(), batch, 0.1)
-    packing.attention(x, x, x, batch, 0.0)
-    assert calls == [(True, 4, 4, torch.bfloat16), ("jagged", 0.1, torch.bfloat16), ("jagged", 0.0, torch.float32)]
+    qkv = torch.randn(len(batch.input_ids), 3 * model.cfg.hidden_size, dtype=torch.float64)
+    exact = model._attend_varlen(qkv, batch)  # on CPU flash never applies
+    assert calls == []
+    monkeypatch.setattr(packing, "flash_applies", lambda dtype, p, cuda: True)
+    values = model._attend_varlen(qkv, batch)
+    heads = model.cfg.num_heads
+    assert calls == [(True, True, 30, 30, (len(batch.input_ids), heads, model.cfg.hidden_size // heads))]
+    assert torch.equal(values, qkv[:, 2 * model.cfg.hidden_size:])
+    assert not torch.allclose(exact, values)
 
 
 def test_one_forward_for_all_groups_gives_the_same_step():

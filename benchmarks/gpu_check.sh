@@ -7,6 +7,8 @@
 #   .gpu/scifact/{corpus,queries}.jsonl, qrels/train.tsv   (copy of ../shared/data/scifact, for real lengths)
 # Each step has its own time limit and a failed step does not stop the next (one shot on a lent GPU).
 # Prepare here:  bash benchmarks/gpu_check.sh --prepare      Run there:  bash benchmarks/gpu_check.sh
+# A follow-up command on the same machine makes the models again first (--make-models): carrying .gpu replaces the
+# folder there, models included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then

@@ -55,7 +55,11 @@ def test_frozen_weights_do_not_change_after_a_step(arch):
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert not changed & frozen
-    assert changed == {k for k, p in model.named_parameters() if p.requires_grad}
+    # the gated pool's score bias shifts every token's score alike, so the softmax gives it no gradient: exactly
+    # zero on some runs (it stays put), rounding noise on others (Adam moves it); no other weight may stay put
+    still = {k for k, p in model.named_parameters() if p.requires_grad and not p.grad.any()}
+    assert still <= {"pool.w.bias"}
+    assert changed == {k for k, p in model.named_parameters() if p.requires_grad} - still
 
 
 @pytest.mark.parametrize("arch", ["bert", "bilstm"])

@@ -79,7 +79,10 @@ class Embedder:
     def fingerprint(self) -> str:
         """A hash of the weights, configuration and tokenizer: two Embedders with the same one embed identically."""
         h = hashlib.blake2b(digest_size=16)
-        h.update(json.dumps(self.model.cfg.to_dict(), sort_keys=True).encode())
+        # dropout rates are left out: they act only in training, so a base model set up for fine-tuning with
+        # other rates (--attention-dropout 0) embeds exactly as before and may reuse its cached encodings and mining
+        cfg = {k: v for k, v in self.model.cfg.to_dict().items() if "dropout" not in k}
+        h.update(json.dumps(cfg, sort_keys=True).encode())
         h.update(self.tokenizer.tk.to_str().encode())
         for name, t in sorted(self.model.state_dict().items()):
             h.update(name.encode())

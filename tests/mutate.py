@@ -283,6 +283,11 @@ MUTATIONS = [
     m("memory.malloc-trims", "bge/malloc.py", ", (M_TRIM_THRESHOLD, TRIM_THRESHOLD))", ",)", "tests/test_malloc.py"),
     m("memory.malloc-maps-big-blocks", "bge/malloc.py", "((M_MMAP_THRESHOLD, MMAP_THRESHOLD), ", "(",
       "tests/test_malloc.py"),
+    # ---- caches keyed by the model's fingerprint ---------------------------------------------------------
+    m("cache.fingerprint-counts-dropout", "bge/embedder.py", 'if "dropout" not in k}', "}",
+      "tests/test_evaluate.py::test_dropout_rates_leave_the_fingerprint_alone_and_the_rest_of_the_config_does_not"),
+    m("cache.fingerprint-ignores-config", "bge/embedder.py", "h.update(json.dumps(cfg, sort_keys=True).encode())",
+      "pass", "tests/test_evaluate.py::test_dropout_rates_leave_the_fingerprint_alone_and_the_rest_of_the_config_does_not"),
 ]
 
 

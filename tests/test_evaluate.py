@@ -208,6 +208,24 @@ def test_memory_cache_keeps_the_first_model_and_the_latest_and_writes_only_when_
     assert encoded(small) == 40 and encoded(small) == 40 and small.memory == {}
 
 
+def test_dropout_rates_leave_the_fingerprint_alone_and_the_rest_of_the_config_does_not(tiny):
+    """The base model set up for fine-tuning with other dropout rates (--attention-dropout 0) embeds exactly as it
+    did, so its cached encodings and mined negatives must still be found; a setting that changes embeddings must
+    not be."""
+    cfg = tiny.model.cfg
+    kept = (cfg.hidden_dropout, cfg.attention_dropout, cfg.pooling)
+    before, texts = tiny.fingerprint(), ["a claim about cells", "another passage"]
+    embedded = tiny.encode(texts)
+    try:
+        tiny.model.set_dropout(0.2, 0.3)
+        assert (cfg.hidden_dropout, cfg.attention_dropout) == (0.2, 0.3) != kept[:2]
+        assert tiny.fingerprint() == before and (tiny.encode(texts) == embedded).all()
+        cfg.pooling = "mean" if kept[2] == "cls" else "cls"
+        assert tiny.fingerprint() != before
+    finally:
+        cfg.hidden_dropout, cfg.attention_dropout, cfg.pooling = kept
+
+
 def test_without_cache_dir_nothing_is_fingerprinted(tiny, monkeypatch):
     monkeypatch.setattr(Embedder, "fingerprint", lambda self: pytest.fail("fingerprinted without a cache"))
     result = evaluate_retrieval(tiny, toy_data(), ks=(5,))

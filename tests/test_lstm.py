@@ -223,6 +223,8 @@ def test_save_load_round_trip(tok, tmp_path):
     assert isinstance(back.model, BiLSTMEncoder) and back.model.cfg == model.cfg
     assert back.tokenizer.max_length == 100 and back.tokenizer.query_prompt == "query: "
     assert back.fingerprint() == emb.fingerprint()
+    back.model.set_dropout(0.3)  # a training-only rate: the same embeddings, so the same fingerprint
+    assert back.model.cfg.dropout == 0.3 != model.cfg.dropout and back.fingerprint() == emb.fingerprint()
     texts = TEXTS + ["another"]
     assert torch.equal(torch.as_tensor(back.encode(texts, is_query=True)), torch.as_tensor(emb.encode(texts, is_query=True)))
 

@@ -223,7 +223,8 @@ def test_dropout_rates_leave_the_fingerprint_alone_and_the_rest_of_the_config_do
         cfg.pooling = "mean" if kept[2] == "cls" else "cls"
         assert tiny.fingerprint() != before
     finally:
-        cfg.hidden_dropout, cfg.attention_dropout, cfg.pooling = kept
+        tiny.model.set_dropout(*kept[:2])  # the modules' rates too, for the module's later tests
+        cfg.pooling = kept[2]
 
 
 def test_without_cache_dir_nothing_is_fingerprinted(tiny, monkeypatch):

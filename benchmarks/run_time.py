@@ -24,7 +24,7 @@ from benchmarks.common import print_table, write_json
 from bge.config import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ("setup", "train", "validation", "test", "export", "checkpoint")
+PHASES = ("setup", "train", "validation", "mining", "test", "export", "checkpoint")
 
 
 def run_folder(argv: list[str]) -> tuple[list[str], Path]:

@@ -217,16 +217,34 @@ class Prefetcher(Generic[T]):
     `build` must be a pure function of the micro-step, so what is prefetched is what would have been built."""
 
     def __init__(self, build: Callable[[int], T], start: int, depth: int = 2):
-        self._queue: queue.Queue = queue.Queue(depth)
-        threading.Thread(target=self._run, args=(build, start), daemon=True).start()
+        self._build, self._depth = build, depth
+        self._start(start)
 
-    def _run(self, build: Callable[[int], T], m: int) -> None:
-        while True:
+    def _start(self, m: int) -> None:
+        self._queue: queue.Queue = queue.Queue(self._depth)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._build, m, self._queue, self._closed), daemon=True)
+        self._thread.start()
+
+    def restart(self, m: int) -> None:
+        """Drop what was built ahead and build again from micro-step m: what `build` reads has changed (--remine's
+        negatives)."""
+        self._closed.set()
+        while self._thread.is_alive():  # unblock a put on a full queue until the thread sees the flag
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._start(m)
+
+    @staticmethod
+    def _run(build: Callable[[int], T], m: int, out: queue.Queue, closed: threading.Event) -> None:
+        while not closed.is_set():
             try:
                 item = build(m)
             except BaseException as e:  # hand the error to the training thread, which raises it
                 item = e
-            self._queue.put((m, item))
+            out.put((m, item))
             m += 1
 
     def get(self, m: int) -> T:

@@ -143,6 +143,9 @@ class TrainConfig:
                           "loss")
     mine_margin: str = opt("5%", "mining: drop candidates scoring above (1 - p) x the weakest positive (5%%) or above it "
                            "minus an absolute margin (0.05): likely unlabelled positives", "loss")
+    remine: bool = opt(False, "mining: mine the negatives again with the model being trained at the end of each epoch "
+                       "but the last (ANCE's refresh; the validation's corpus encoding is reused), instead of keeping "
+                       "the base model's", "loss")
     temperature: float = opt(0.02, "softmax temperature on cosine scores (BGE: 0.02)", "loss", range="(0, inf)")
     in_batch_negatives: bool = opt(True, "use the other queries' passages as negatives", "loss")
     symmetric: bool = opt(False, "add the passage-to-query InfoNCE term", "loss")

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from bge import distributed, packing
-from bge.config import TrainConfig
+from bge.config import TrainConfig, mined_negatives
 from bge.console import console
 from bge.data import RetrievalData, STSData, load_eval_data
 from bge.distill import Teacher
@@ -47,6 +47,11 @@ def check_data(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path) -> tuple
     probe = load_eval_data(cfg.general_probe, cfg.probe_split, cfg.title) if cfg.general_probe else None
     if cfg.merge_sweep and not has_val:
         raise UserError("--merge-sweep chooses a mix on the validation set; there is none (--val-ratio 0?)")
+    if cfg.remine:
+        retrieval = tasks.get("retrieval")
+        if retrieval is None or not mined_negatives(cfg) or any(ex.neg for ex in retrieval.train):
+            raise UserError("--remine mines again the negatives a run mines: it needs retrieval data without `neg` "
+                            "and --mine-negatives above 0")
     if cfg.kd_weight > 0:
         retrieval = tasks.get("retrieval")
         if retrieval is None or not all(ex.neg and ex.pos_scores and ex.neg_scores for ex in retrieval.train):

@@ -176,11 +176,7 @@ class RetrievalTask(Task):
         path = cache_folder(cfg) / f"mined-{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.json"
         cached = _read_mined(path, len(self.train))
         if cached is None:
-            lines, report = mine(base, self.full, self.train, negatives=count,
-                                 rank_range=parse_range(cfg.mine_range), margin=parse_margin(cfg.mine_margin),
-                                 seed=cfg.seed, batch_size=cfg.eval_batch_size, max_length=cfg.max_passage_length,
-                                 query_max_length=cfg.max_query_length, cache_dir=self.cache.view(write=False),
-                                 cpu_bf16=cpu_bf16, show_progress=False)
+            lines, report = self._mine(base, cpu_bf16)
             cached = {"negatives": [line["neg"] for line in lines], "report": report}
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(cached, ensure_ascii=False) + "\n")
@@ -191,7 +187,29 @@ class RetrievalTask(Task):
         self.notes.append(f"mined {r['written']:,} hard negatives for {r['queries']:,} training queries with the base "
                           f"model (ranks {cfg.mine_range}, margin {cfg.mine_margin}; {r['removed']['margin']:,} "
                           f"likely positives dropped); --group-size {cfg.group_size} draws {cfg.group_size - 1} per query"
-                          + ("; --mine-negatives 0 trains without them" if cfg.mine_negatives < 0 else ""))
+                          + ("; --mine-negatives 0 trains without them" if cfg.mine_negatives < 0 else "")
+                          + ("; --remine mines them again at each epoch's end" if cfg.remine else ""))
+
+    def _mine(self, model: Embedder, cpu_bf16: bool) -> tuple[list[dict], dict]:
+        cfg = self.cfg
+        return mine(model, self.full, self.train, negatives=mined_negatives(cfg), rank_range=parse_range(cfg.mine_range),
+                    margin=parse_margin(cfg.mine_margin), seed=cfg.seed, batch_size=cfg.eval_batch_size,
+                    max_length=cfg.max_passage_length, query_max_length=cfg.max_query_length,
+                    cache_dir=self.cache.view(write=False), cpu_bf16=cpu_bf16, show_progress=False)
+
+    def remine(self, model: Embedder, cpu_bf16: bool) -> list[list[str]]:
+        """--remine: each training query's negatives mined again, by the same rule, with the model being trained
+        (ANCE's refresh: the base model's negatives grow easy as the model learns them). Its corpus embeddings are
+        the validation's, still in the task's memory. Returns the passage ids, which the training state keeps."""
+        lines, _ = self._mine(model, cpu_bf16)
+        ids = [line["mined"]["ids"] for line in lines]
+        self.use_negatives(ids)
+        return ids
+
+    def use_negatives(self, ids: list[list[str]]) -> None:
+        """Negatives by corpus id, as remine returned them (a resumed run's, or rank 0's under torchrun)."""
+        for ex, row in zip(self.train, ids, strict=True):
+            ex.neg = [self.full.corpus[d] for d in row]
 
     def micro_batch(self, indices, epoch, tokenizer, device, info=None):
         cfg = self.cfg

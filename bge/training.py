@@ -106,11 +106,13 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
     # state: fresh, or restored from the last complete save
     trainer = {"step": 0, "micro_step": 0, "best": None, "best_step": None, "stale_evals": 0, "bad_steps": 0,
                "bad_steps_total": 0, "train_seconds": 0.0, "tokens": 0, "base_val": None, "best_val": None,
-               "stopped": False, "world": info.world}
+               "stopped": False, "world": info.world, "negatives": None}
     restored = restore_state(run_dir, trained, optimizer, rank=info.rank, scaler=scaler) if cfg.resume else None
     if restored is not None:
         trainer.update(restored[0])
         console.print(f"resumed from {restored[1]} at step {trainer['step']}")
+        if trainer["negatives"] is not None:  # --remine's, mined at the last epoch end before this state
+            retrieval.use_negatives(trainer["negatives"])
     schedule_steps, warmup_steps = rundir.fixed_schedule(trainer, total_steps, warmup_steps, cfg.schedule)
     if cfg.resume and info.main:  # forget what was logged after the state we resume from
         rundir.trim_metrics(run_dir / "metrics.jsonl", trainer["step"] if restored else None)
@@ -139,7 +141,6 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
                 export(embedder, tasks, run_dir / "best")
         else:
             trainer["stale_evals"] += 1
-            task_types.forget_validated(tasks, embedder)
         probe_note = next((f" · {k} {v:.4f}" for k, v in scores.items() if k.startswith("probe/")), "")  # headline
         best = "none yet" if trainer["best"] is None else f"{trainer['best']:.4f} at step {trainer['best_step']}"
         console.print(f"step {step}: val {metric_label(tasks)} {score:.4f} (best {best})" + probe_note)
@@ -147,6 +148,8 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
 
     if trainer["step"] == 0 and trainer["best"] is None:
         evaluate_and_keep_best(0)  # the base model is the first candidate for best/
+        if info.main and has_val and trainer["best_step"] != 0:  # a NaN score: not best/, nothing to keep
+            task_types.forget_validated(tasks, embedder)
 
     def build(micro_step: int) -> tuple[int, str, dict[str, list[list[int]]], LossFn]:
         """Micro-batch number micro_step, tokenised, and its loss: a pure function of it, so it can be built ahead.
@@ -248,6 +251,17 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
                 stop = trainer["stopped"] = evaluate_and_keep_best(step)
                 if stop:
                     console.print(f"early stop: no improvement in {cfg.patience} validations")
+            if cfg.remine and not stop and step < total_steps and sampler.batch(trainer["micro_step"])[0] != epoch:
+                # the next epoch's negatives, mined by this model with the corpus embeddings its validation made
+                with clock("mining"):
+                    ids = retrieval.remine(embedder, cpu_bf16) if info.main else None
+                trainer["negatives"] = distributed.broadcast(ids, info)
+                if not info.main:
+                    retrieval.use_negatives(trainer["negatives"])
+                batches.restart(trainer["micro_step"])  # the micro-batches built ahead hold the old negatives
+                console.print(f"step {step}: negatives mined again with this model (--remine)")
+            if evaluate and info.main and has_val and trainer["best_step"] != step:
+                task_types.forget_validated(tasks, embedder)  # not best/: no test will need its corpus embeddings
             if save or stop:
                 if teacher is not None:  # the rows computed up to this state: a resumed run reads them, not recomputes
                     teacher.flush()

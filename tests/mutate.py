@@ -52,6 +52,7 @@ LOSS, POOL, OPTIM, BATCH, TASKS = "tests/test_loss.py", "tests/test_pooling.py",
 RESUME, TRAIN, DATA, METRICS = "tests/test_resume.py", "tests/test_train.py", "tests/test_data.py", "tests/test_metrics.py"
 DIST = "tests/test_distributed.py::test_two_ranks_take_the_single_process_step"
 STEP, PACKING = "tests/test_step.py", "tests/test_packing.py"
+REMINE = "tests/test_recipe.py::test_remine_mines_again_with_the_trained_model_trains_on_it_and_resumes_with_it"
 
 MUTATIONS = [
     # ---- loss ------------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ MUTATIONS = [
     m("memory.chunked-before-ignored", "bge/config.py", "(padded > AUTO_TOKENS or chunked_before)",
       "padded > AUTO_TOKENS",
       f"{TRAIN}::test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_one_plainly"),
-    m("memory.worse-validation-kept", "bge/training.py", "task_types.forget_validated(tasks, embedder)", "pass",
+    m("memory.worse-validation-kept", "bge/training.py", "task_types.forget_validated(tasks, embedder)  # not best/", "pass  #",
       f"{TRAIN}::test_best_models_corpus_encoding_outlives_later_validations"),
     m("memory.malloc-not-kept", "bge/training.py", 'if device.type == "cpu" and cfg.malloc == "keep":',
       "if False:", "tests/test_malloc.py"),
@@ -288,6 +289,17 @@ MUTATIONS = [
       "tests/test_evaluate.py::test_dropout_rates_leave_the_fingerprint_alone_and_the_rest_of_the_config_does_not"),
     m("cache.fingerprint-ignores-config", "bge/embedder.py", "h.update(json.dumps(cfg, sort_keys=True).encode())",
       "pass", "tests/test_evaluate.py::test_dropout_rates_leave_the_fingerprint_alone_and_the_rest_of_the_config_does_not"),
+    # ---- --remine: negatives mined again by the model being trained ---------------------------------------
+    m("remine.negatives-not-used", "bge/tasks.py", "        self.use_negatives(ids)\n        return ids", "        return ids",
+      REMINE),
+    m("remine.stale-prefetched-batches", "bge/training.py", 'batches.restart(trainer["micro_step"])  #', "pass  #",
+      REMINE),
+    m("remine.resume-forgets-negatives", "bge/training.py", 'if trainer["negatives"] is not None:', "if False:", REMINE),
+    m("remine.other-ranks-keep-their-negatives", "bge/training.py",
+      'if not info.main:\n                    retrieval.use_negatives(trainer["negatives"])', "if False:\n                    pass",
+      "tests/test_distributed.py::test_torchrun_remine_trains_every_rank_on_rank_0s_negatives"),
+    m("remine.also-after-the-last-epoch", "bge/training.py", "if cfg.remine and not stop and step < total_steps and",
+      "if cfg.remine and not stop and", REMINE),
 ]
 
 

@@ -4,6 +4,7 @@ training seeds, and the quality benchmark's plumbing (both sides trained and sco
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 import train
 from bge.batching import Sampler, make_batch, normalise
@@ -180,6 +182,64 @@ def test_by_default_a_transformer_mines_7_negatives_a_new_bilstm_none_and_0_opts
     assert counts == [7] and "--mine-negatives 0 trains without them" in " ".join(capsys.readouterr().err.split())
     train.main([*common, "--run-name", "off", "--mine-negatives", "0"])
     assert counts == [7] and "in-batch negatives only" in " ".join(capsys.readouterr().err.split())
+
+
+def test_remine_mines_again_with_the_trained_model_trains_on_it_and_resumes_with_it(beir, tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    import bge.tasks
+    import bge.training
+    from bge.embedder import Embedder
+
+    mined, used = [], []  # (model fingerprint, negative ids per training query); the passages of each micro-step
+    real_mine, real_fb = bge.tasks.mine, bge.training.forward_backward
+
+    def spy_mine(model, data, examples, **kw):
+        lines, report = real_mine(model, data, examples, **kw)
+        mined.append((model.fingerprint(), [line["mined"]["ids"] for line in lines], data, examples))
+        return lines, report
+
+    monkeypatch.setattr(bge.tasks, "mine", spy_mine)
+    monkeypatch.setattr(bge.training, "forward_backward", lambda embed, inputs, *a, **k: used.append(
+        {tuple(ids) for ids in inputs["p"]}) or real_fb(embed, inputs, *a, **k))
+    common = args(beir, tiny_model_dir, tmp_path, "--epochs", "3", "--mine-negatives", "3", "--mine-range", "0-20",
+                  "--mine-margin", "0.0", "--group-size", "3", "--remine", "--cache-dir", str(tmp_path / "c"))
+    train.main([*common, "--run-name", "whole"])
+    run = tmp_path / "whole"
+    # the base model before training, then the trained model at the end of epochs 1 and 2 (not after the last)
+    assert len(mined) == 3 and len({fp for fp, *_ in mined}) == 3
+    steps = sorted(int(p.name.split("-")[1]) for p in (run / "state").glob("step-*"))  # epochs 2 and 3 kept
+    per_epoch = steps[1] - steps[0]
+    trainer = json.loads((run / "state" / f"step-{steps[0]:08d}" / "trainer.json").read_text())
+    assert trainer["negatives"] == mined[2][1]  # the state holds the negatives epoch 3 trains on
+    # every passage of epoch k's micro-batches is a positive or one of the negatives mined before epoch k
+    data, examples = mined[0][2], mined[0][3]
+    tokenizer = Embedder.load(str(tiny_model_dir)).tokenizer
+    positives = {t for ex in examples for t in ex.pos}
+    allowed = [{tuple(ids) for ids in tokenizer.tokenize(sorted(positives | {data.corpus[d] for row in rows for d in row}),
+                                                         max_length=48)} for _, rows, *_ in mined]
+    assert len(used) == 3 * per_epoch
+    for epoch in range(3):
+        seen = set().union(*used[epoch * per_epoch:(epoch + 1) * per_epoch])
+        assert seen <= allowed[epoch], f"epoch {epoch + 1} trained on negatives that were not its own"
+    assert any(not (allowed[e] <= allowed[e - 1]) for e in (1, 2))  # the refresh changed some negatives
+
+    # killed after epoch 2's state: the resume trains epoch 3 on the negatives that state holds, to the same weights
+    shutil.copytree(run, tmp_path / "cut")
+    state = tmp_path / "cut" / "state"
+    shutil.rmtree(state / f"step-{steps[1]:08d}")
+    (state / "latest.json").write_text(json.dumps({"dir": f"step-{steps[0]:08d}", "step": steps[0]}))
+    (tmp_path / "cut" / "results.json").unlink()
+    train.main(["--resume", str(tmp_path / "cut")])
+    assert len(mined) == 3  # nothing mined: the base model's negatives come from the cache, none after the last epoch
+    a = load_file(str(run / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_remine_needs_negatives_the_run_mines(beir, tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="--remine mines again"):
+        train.main(args(beir, tiny_model_dir, tmp_path, "--max-steps", "1", "--remine", "--mine-negatives", "0"))
+    assert not any(tmp_path.glob("*/results.json"))
 
 
 # ---- the split stays put while the training seed moves ---------------------------------------------------------

@@ -174,7 +174,7 @@ def worker(a) -> dict:
         def step(batch):
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            chunk = grad_cache_chunk(gradcache, device.type, batch)  # as train.py picks it
+            chunk = grad_cache_chunk(gradcache, device.type, batch, fp32=dtype is None)  # as train.py picks it
             loss, _ = forward_backward(embed, batch, lambda e: (info_nce(e["q"], e["p"], labels, a.temperature)[0], {}),
                                        chunk_size=chunk, device=device, together=varlen)
             opt.step()

@@ -234,7 +234,8 @@ class TrainConfig:
                             "bucket (0 = exact size)", "speed", range="[0, inf)")
     grad_cache: int = opt(-1, "GradCache chunk size in texts: big batches in fixed memory, same gradients; 0 = off; "
                           "-1 = 32 on CPU for a micro-batch of over 24,576 padded tokens (SciFact's mined default: "
-                          "8.5 -> 3.0 GB peak), off on CUDA", "speed", range="[-1, inf)")
+                          "8.5 -> 3.0 GB peak), 16 over 12,288 when training in fp32 (activations twice the size), "
+                          "off on CUDA", "speed", range="[-1, inf)")
     grad_checkpointing: bool = opt(False, "recompute each layer's activations in the backward pass: less "
                                    "memory, more time", "speed")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default); on a busy CPU 1 can be several times "
@@ -344,23 +345,26 @@ def mined_negatives(cfg: "TrainConfig") -> int:
 
 
 AUTO_CHUNK = 32  # --grad-cache -1 on CPU: chunks of 32 texts for a micro-batch of over AUTO_TOKENS padded tokens
-AUTO_TOKENS = 24576  # 96 passages of 256 tokens: about 6 GB for MiniLM plain (scaled from 8.5 GB at 35k)
+AUTO_TOKENS = 24576  # 96 passages of 256 tokens: about 6 GB for MiniLM plain in bf16 (scaled from 8.5 GB at 35k)
 
 
 def grad_cache_chunk(grad_cache: int, device_type: str, inputs: dict[str, list[list[int]]],
-                     chunked_before: bool = False) -> int:
+                     chunked_before: bool = False, fp32: bool = False) -> int:
     """--grad-cache (its value) as a chunk size for a micro-batch (0 = one plain forward and backward). On CPU a
     plain step keeps every layer's activations of every text: 32 queries + 128 passages of 256 tokens (SciFact with
     the mined default, 35k padded tokens) peaked at 8.5 GB, in chunks of 32 texts at 3.0 GB. The price is an extra
     forward without autograd: measured no slower at 1 thread and 1.3-1.7x slower at 2 (README, "Bounded by default").
     Short texts stay plain (the example file's 32 queries + 128 passages: at most 17k tokens). Once a run has chunked
     (chunked_before) it goes on chunking: an epoch's last, smaller micro-batch (SciFact: 23 queries, 24k tokens)
-    would otherwise run plain just under the budget and set the run's peak (6.4 GB against 3.6). CUDA: off unless
-    asked."""
+    would otherwise run plain just under the budget and set the run's peak (6.4 GB against 3.6). Training in fp32
+    (a CPU without native bf16) keeps activations of twice the size, so the budget and the chunk are halved: the
+    example file plain in fp32 peaked at 5.7 GB, in chunks of 16 at 1.7 GB (README, "Bounded by default"). CUDA: off
+    unless asked."""
     if grad_cache >= 0:
         return grad_cache
     padded = sum(len(ids) * max(map(len, ids), default=0) for ids in inputs.values())  # each group pads to its longest
-    return AUTO_CHUNK if device_type == "cpu" and (padded > AUTO_TOKENS or chunked_before) else 0
+    wide = 2 if fp32 else 1  # bytes of an activation, relative to bf16's
+    return AUTO_CHUNK // wide if device_type == "cpu" and (padded * wide > AUTO_TOKENS or chunked_before) else 0
 
 
 def check(cfg: "TrainConfig") -> "TrainConfig":

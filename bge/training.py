@@ -212,7 +212,8 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
                 scale = (scaler.get_scale() if scaler else 1.0) / cfg.grad_accum
                 if graphs:  # the CUDA graphs' outputs from the last micro-step may be overwritten from here on
                     torch.compiler.cudagraph_mark_step_begin()
-                chunk = grad_cache_chunk(cfg.grad_cache, device.type, inputs, chunked_before=chunked)
+                chunk = grad_cache_chunk(cfg.grad_cache, device.type, inputs, chunked_before=chunked,
+                                         fp32=amp_dtype is None)
                 chunked = chunked or chunk > 0
                 loss, stats = forward_backward(embed, inputs, loss_fn, chunk_size=chunk, loss_scale=scale,
                                                device=device, no_sync=net.no_sync if net else None,

@@ -367,9 +367,11 @@ def test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name(tiny_model_di
 def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_one_plainly(tiny_model_dir, tmp_path,
                                                                                           monkeypatch):
     # --grad-cache -1: 32-text chunks for a CPU micro-batch of over AUTO_TOKENS padded tokens (each group padded to
-    # its longest), one plain forward and backward otherwise, never on CUDA; an explicit value is used as given
+    # its longest), one plain forward and backward otherwise, never on CUDA; an explicit value is used as given.
+    # Training in fp32, whose activations are twice bf16's: 16-text chunks over half the budget
     import bge.config
     import bge.training
+    from bge.embedder import native_cpu_bf16
 
     inputs = {"q": [[1] * 10] * 4, "p": [[1] * 100, [1] * 5]}  # 4 x 10 + 2 x 100 = 240 padded tokens
     for budget, device, given, before, expected in ((239, "cpu", -1, False, 32), (240, "cpu", -1, False, 0),
@@ -378,6 +380,12 @@ def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_on
                                                     (10**6, "cpu", 7, False, 7)):
         monkeypatch.setattr(bge.config, "AUTO_TOKENS", budget)
         assert bge.config.grad_cache_chunk(given, device, inputs, before) == expected, (budget, device, given, before)
+    for budget, device, given, before, expected in ((479, "cpu", -1, False, 16), (480, "cpu", -1, False, 0),
+                                                    (480, "cpu", -1, True, 16), (479, "cuda", -1, False, 0),
+                                                    (10**6, "cpu", 7, False, 7)):
+        monkeypatch.setattr(bge.config, "AUTO_TOKENS", budget)
+        got = bge.config.grad_cache_chunk(given, device, inputs, before, fp32=True)
+        assert got == expected, (budget, device, given, before, "fp32")
 
     seen, real = [], bge.training.forward_backward
 
@@ -386,8 +394,10 @@ def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_on
         return real(embed, inputs, loss_fn, chunk_size=chunk_size, **kw)
 
     monkeypatch.setattr(bge.training, "forward_backward", spy)
-    for name, budget, extra, expected in (("big", 0, [], 32), ("small", 10**9, [], 0),
-                                          ("off", 0, ["--grad-cache", "0"], 0), ("fixed", 0, ["--grad-cache", "5"], 5)):
+    auto = 32 if native_cpu_bf16() else 16  # --precision auto trains in fp32 on a CPU without native bf16
+    for name, budget, extra, expected in (("big", 0, [], auto), ("small", 10**9, [], 0),
+                                          ("off", 0, ["--grad-cache", "0"], 0), ("fixed", 0, ["--grad-cache", "5"], 5),
+                                          ("fp32", 0, ["--precision", "fp32"], 16)):
         monkeypatch.setattr(bge.config, "AUTO_TOKENS", budget)
         seen.clear()
         train.main(args(EXAMPLE, tiny_model_dir, tmp_path, "--run-name", name, "--max-steps", "2", "--threads", "1",
@@ -406,7 +416,7 @@ def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_on
     monkeypatch.setattr(bge.training, "grad_cache_chunk", budget_then_none)
     seen.clear()
     train.main(args(EXAMPLE, tiny_model_dir, tmp_path, "--run-name", "sticky", "--max-steps", "3", "--threads", "1"))
-    assert len(seen) == 3 and set(seen) == {32}
+    assert len(seen) == 3 and set(seen) == {auto}
 
 
 def test_best_models_corpus_encoding_outlives_later_validations(data, tiny_model_dir, tmp_path, monkeypatch):

@@ -101,6 +101,9 @@ class TrainConfig:
                          ("off", "title", "ict", "both"))
     unlabeled_ratio: float = opt(1.0, "--unlabeled pairs drawn per epoch, as a multiple of the labelled training items",
                                  "data", range="(0, inf)")
+    unlabeled_stage: bool = opt(False, "--unlabeled's pseudo-pairs as a first stage (--unlabeled-ratio x the labelled "
+                                "items, in-batch negatives) before any labelled batch, under one learning-rate "
+                                "schedule, instead of mixed into every epoch", "data")
     # model
     model: str = opt("auto", "base model: a folder, a hub id, all-MiniLM-L6-v2, or auto", "model")
     query_prompt: str = opt("auto", "query instruction; 'auto' = the model's own, '' = none", "model")

@@ -25,11 +25,15 @@ from bge.tasks import Task, cache_folder, labelled, missing_sets
 
 
 def check_layout(cfg: TrainConfig) -> None:
-    """The speed flags that need another one, refused before any work."""
+    """The flags that need another one or exclude one, refused before any work."""
     if cfg.attention == "varlen" and (not cfg.packed or cfg.arch != "bert"):
         raise UserError("--attention varlen is a layout of the transformer's packed path: pass --packed (and --arch bert)")
     if cfg.token_bucket and not (cfg.packed and cfg.attention == "varlen"):
         raise UserError("--token-bucket pads the varlen layout: pass --packed --attention varlen")
+    if cfg.unlabeled_stage and cfg.unlabeled == "off":
+        raise UserError("--unlabeled-stage trains on --unlabeled's pseudo-pairs first: pass --unlabeled title, ict or both")
+    if cfg.unlabeled_stage and cfg.distill_corpus:  # TaskSampler runs one stage
+        raise UserError("--unlabeled-stage and --distill-corpus are both a first stage: pass one of them")
 
 
 def check_data(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path) -> tuple[bool, RetrievalData | STSData | None]:

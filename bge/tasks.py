@@ -308,9 +308,11 @@ class UnlabeledTask(RetrievalTask):
     def __init__(self, train: list[Example], cfg: TrainConfig, per_epoch: int):
         super().__init__(train, None, None, cfg)
         self.per_epoch, self.notes = min(per_epoch, len(train)), []
+        self.stage = cfg.unlabeled_stage  # all its batches first (TaskSampler), one pass of per_epoch pairs
 
     def describe(self) -> str:
-        return f"unlabeled: {self.per_epoch} of {len(self.train)} pseudo-pairs per epoch"
+        when = "as a first stage" if self.stage else "per epoch"
+        return f"unlabeled: {self.per_epoch} of {len(self.train)} pseudo-pairs {when}"
 
 
 # ---- --distill-corpus: the teacher's embeddings of unlabeled text, a stage before the labelled data ---------------
@@ -584,7 +586,7 @@ class TaskSampler:
     interleaved in an order drawn by (seed, epoch), so the whole state is still one integer, the micro-step. With a
     single task of a single file the order is exactly that task's Sampler.
 
-    A stage task (Task.stage: --distill-corpus) comes first: its `stage_steps` optimiser steps (stage_steps x
+    A stage task (Task.stage: --distill-corpus, --unlabeled-stage) comes first: its `stage_steps` optimiser steps (stage_steps x
     grad_accum micro-batches, its own epochs over its items; 0 = one pass) before any batch of the others, whose
     epochs then start at 0. One micro-step counter still covers the whole run, so resuming mid-stage is exact."""
 

@@ -93,7 +93,7 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
     lr = cfg.lr or default_lr(model.dim, cfg.arch)
     sampler = TaskSampler(tasks, cfg.batch_size * info.world, cfg.seed, min_size=info.world,  # global batches
                           stage_steps=cfg.distill_corpus_steps, grad_accum=cfg.grad_accum)
-    steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)  # of the labelled data, after any --distill-corpus stage
+    steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)  # of the labelled data, after any first stage
     total_steps = sampler.stage_steps + (cfg.max_steps or steps_per_epoch * cfg.epochs)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     eval_every = cfg.eval_every or steps_per_epoch
@@ -244,15 +244,18 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
             step = trainer["step"]
             pending.append((step, epoch, task_name, lr_now, tokens, torch.cat([values, finite.double()[None]])))
 
-            evaluate = step % eval_every == 0 or step in (sampler.stage_steps, total_steps)  # the stage's end too
-            save = step % save_every == 0 or step in (sampler.stage_steps, total_steps)
+            # counted from the first stage's end, so that validation falls on the labelled epochs' ends
+            since_stage = step - sampler.stage_steps
+            evaluate = since_stage % eval_every == 0 or step == total_steps
+            save = since_stage % save_every == 0 or step == total_steps
             if step % log_every == 0 or evaluate or save:
                 read_back()
             if evaluate:
                 stop = trainer["stopped"] = evaluate_and_keep_best(step)
                 if stop:
                     console.print(f"early stop: no improvement in {cfg.patience} validations")
-            if cfg.remine and not stop and step < total_steps and sampler.batch(trainer["micro_step"])[0] != epoch:
+            if (cfg.remine and not stop and sampler.stage_steps < step < total_steps
+                    and sampler.batch(trainer["micro_step"])[0] != epoch):  # a labelled epoch's end
                 # the next epoch's negatives, mined by this model with the corpus embeddings its validation made
                 with clock("mining"):
                     ids = retrieval.remine(embedder, cpu_bf16) if info.main else None

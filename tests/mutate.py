@@ -53,6 +53,9 @@ RESUME, TRAIN, DATA, METRICS = "tests/test_resume.py", "tests/test_train.py", "t
 DIST = "tests/test_distributed.py::test_two_ranks_take_the_single_process_step"
 STEP, PACKING = "tests/test_step.py", "tests/test_packing.py"
 REMINE = "tests/test_recipe.py::test_remine_mines_again_with_the_trained_model_trains_on_it_and_resumes_with_it"
+STAGE = ("tests/test_recipe.py::test_unlabeled_stage_trains_the_pseudo_pairs_first_then_the_labelled_data_and_resumes_"
+         "mid_stage")
+STAGE_CHECKS = "tests/test_recipe.py::test_unlabeled_stage_needs_pseudo_pairs_and_is_the_only_stage"
 
 MUTATIONS = [
     # ---- loss ------------------------------------------------------------------------------------------
@@ -301,8 +304,18 @@ MUTATIONS = [
     m("remine.other-ranks-keep-their-negatives", "bge/training.py",
       'if not info.main:\n                    retrieval.use_negatives(trainer["negatives"])', "if False:\n                    pass",
       "tests/test_distributed.py::test_torchrun_remine_trains_every_rank_on_rank_0s_negatives"),
-    m("remine.also-after-the-last-epoch", "bge/training.py", "if cfg.remine and not stop and step < total_steps and",
-      "if cfg.remine and not stop and", REMINE),
+    m("remine.also-after-the-last-epoch", "bge/training.py", "sampler.stage_steps < step < total_steps",
+      "sampler.stage_steps < step", REMINE),
+    # ---- --unlabeled-stage: the pseudo-pairs first, then the labelled data -----------------------------------
+    m("stage.unlabeled-mixed-in", "bge/tasks.py", "self.stage = cfg.unlabeled_stage", "self.stage = False", STAGE),
+    m("stage.validation-from-step-0", "bge/training.py", "since_stage = step - sampler.stage_steps",
+      "since_stage = step", STAGE),
+    m("stage.last-step-not-validated", "bge/training.py", "evaluate = since_stage % eval_every == 0 or step == total_steps",
+      "evaluate = since_stage % eval_every == 0",
+      "tests/test_distill_corpus.py::test_the_stage_lowers_the_distillation_loss_on_held_out_passages"),
+    m("stage.without-pseudo-pairs", "bge/prepare.py", 'if cfg.unlabeled_stage and cfg.unlabeled == "off":', "if False:",
+      STAGE_CHECKS),
+    m("stage.two-stages", "bge/prepare.py", "if cfg.unlabeled_stage and cfg.distill_corpus:", "if False:", STAGE_CHECKS),
 ]
 
 

@@ -3,6 +3,7 @@ from unlabeled passages, hard negatives mined by the base model inside train.py 
 training seeds, and the quality benchmark's plumbing (both sides trained and scored on one split)."""
 import fcntl
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -134,6 +135,64 @@ def test_unlabeled_task_trains_alongside_and_is_never_reported(beir, tiny_model_
         sts.write_text("".join(json.dumps({"sentence1": f"a {i}", "sentence2": f"b {i}", "score": i % 5}) + "\n"
                                for i in range(20)))
         load_tasks(parse_args(["--data", str(sts), "--unlabeled", "ict", "--out-dir", str(tmp_path)])[0], tmp_path / "s", write=False)
+
+
+def test_unlabeled_stage_trains_the_pseudo_pairs_first_then_the_labelled_data_and_resumes_mid_stage(
+        beir, tiny_model_dir, tmp_path, monkeypatch):
+    import bge.checkpoint
+    import bge.training
+    from bge.embedder import Embedder
+
+    used = []  # the queries of each micro-step, in order
+    real_fb = bge.training.forward_backward
+    monkeypatch.setattr(bge.training, "forward_backward", lambda embed, inputs, *a, **k: used.append(
+        {tuple(ids) for ids in inputs["q"]}) or real_fb(embed, inputs, *a, **k))
+    common = args(beir, tiny_model_dir, tmp_path, "--epochs", "2", "--unlabeled", "both", "--unlabeled-ratio", "1.5",
+                  "--unlabeled-stage", "--mine-negatives", "0", "--save-every", "1")
+    monkeypatch.setattr(bge.checkpoint, "KEEP", 1000)  # every step's state, to cut the run anywhere
+    train.main([*common, "--run-name", "whole"])
+    run = tmp_path / "whole"
+    cfg, _ = parse_args(common)
+    tasks, _ = load_tasks(cfg, tmp_path / "split", write=False)
+    retrieval, unlabeled = tasks["retrieval"], tasks["unlabeled"]
+    assert unlabeled.stage and unlabeled.per_epoch == round(1.5 * len(retrieval.train))
+    stage = math.ceil(unlabeled.per_epoch / 4)  # the stage's steps: one pass of per_epoch pairs, batches of 4
+    per_epoch = len(TaskSampler({"retrieval": retrieval}, 4, seed=0))
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [l["task"] for l in sorted((l for l in lines if "task" in l), key=lambda l: l["step"])]
+    assert trained == ["unlabeled"] * stage + ["retrieval"] * 2 * per_epoch  # every pseudo-pair batch comes first
+    assert len(used) == stage + 2 * per_epoch
+    tokenizer = Embedder.load(str(tiny_model_dir)).tokenizer
+    pseudo = {tuple(ids) for ids in tokenizer.tokenize([ex.query for ex in unlabeled.train], max_length=16)}
+    assert all(q <= pseudo for q in used[:stage]) and not any(q & pseudo for q in used[stage:])
+    validated = sorted(l["step"] for l in lines if "val/ndcg@10" in l)
+    # every epoch's worth of steps counted back from the stage's end: the labelled epochs' ends, the stage's own end
+    assert validated == [0] + list(range(stage % per_epoch or per_epoch, stage + 2 * per_epoch + 1, per_epoch))
+    assert {stage, stage + per_epoch, stage + 2 * per_epoch} <= set(validated)
+    lrs = {l["step"]: l["lr"] for l in lines if "lr" in l}
+    assert lrs[stage + 1] < lrs[stage]  # one schedule over both: it decays on into the labelled steps
+
+    # killed in the middle of the stage: the resume finishes it and the labelled epochs, to the same weights
+    shutil.copytree(run, tmp_path / "cut")
+    state = tmp_path / "cut" / "state"
+    for d in state.glob("step-*"):
+        if int(d.name.split("-")[1]) != stage - 1:
+            shutil.rmtree(d)
+    (state / "latest.json").write_text(json.dumps({"dir": f"step-{stage - 1:08d}", "step": stage - 1}))
+    (tmp_path / "cut" / "results.json").unlink()
+    train.main(["--resume", str(tmp_path / "cut")])
+    a = load_file(str(run / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_unlabeled_stage_needs_pseudo_pairs_and_is_the_only_stage(beir, tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="--unlabeled-stage trains on"):
+        train.main(args(beir, tiny_model_dir, tmp_path, "--max-steps", "1", "--unlabeled-stage"))
+    with pytest.raises(UserError, match="both a first stage"):
+        train.main(args(beir, tiny_model_dir, tmp_path, "--max-steps", "1", "--unlabeled", "ict", "--unlabeled-stage",
+                        "--distill-from", str(tiny_model_dir), "--distill-corpus", "data"))
+    assert not any(tmp_path.glob("*/results.json"))
 
 
 # ---- hard negatives mined inside train.py -------------------------------------------------------------------

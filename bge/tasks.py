@@ -586,9 +586,9 @@ class TaskSampler:
     interleaved in an order drawn by (seed, epoch), so the whole state is still one integer, the micro-step. With a
     single task of a single file the order is exactly that task's Sampler.
 
-    A stage task (Task.stage: --distill-corpus, --unlabeled-stage) comes first: its `stage_steps` optimiser steps (stage_steps x
-    grad_accum micro-batches, its own epochs over its items; 0 = one pass) before any batch of the others, whose
-    epochs then start at 0. One micro-step counter still covers the whole run, so resuming mid-stage is exact."""
+    A stage task (Task.stage: --distill-corpus, --unlabeled-stage) comes first: its `stage_steps` optimiser steps
+    (stage_steps x grad_accum micro-batches, its own epochs over its items; 0 = one pass) before any batch of the
+    others, whose epochs then start at 0. One micro-step counter still covers the whole run, so resuming mid-stage is exact."""
 
     def __init__(self, tasks: dict[str, Task], batch_size: int, seed: int, min_size: int = 1, stage_steps: int = 0,
                  grad_accum: int = 1):

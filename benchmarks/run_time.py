@@ -55,8 +55,8 @@ def main() -> None:
     rows = [[phase, f"{timing.get(phase, 0.0):.1f}", f"{100 * timing.get(phase, 0.0) / wall:.0f}%"] for phase in PHASES]
     rows += [["train.py (inside the process)", f"{timing['total']:.1f}", f"{100 * timing['total'] / wall:.0f}%"],
              ["command (with interpreter start and imports)", f"{wall:.1f}", "100%"]]
-    print_table(f"train.py wall time by phase · {folder} · peak RSS {timing['peak_rss_gb']:.2f} GB (train.py), "
-                f"{rss_os:.2f} GB (OS)", ["phase", "seconds", "of the command"], rows)
+    print_table(f"train.py wall time by phase · {folder} · peak RSS {timing['peak_rss_gb']:.2f} GB (train.py, reached in "
+                f"{timing['peak_rss_phase']}), {rss_os:.2f} GB (OS)", ["phase", "seconds", "of the command"], rows)
     write_json(a.json, {"command": argv, "run": str(folder), "wall_s": wall, "peak_rss_gb_os": rss_os, "timing": timing})
 
 

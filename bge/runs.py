@@ -57,11 +57,15 @@ class Stopwatch:
         self.seconds: dict[str, float] = defaultdict(float)
         self._stack = [phase]
         self._start = self._mark = time.perf_counter()
+        self.peak_rss = peak_rss()  # bytes; the kernel's high-water mark only rises, so the phase that was running
+        self.peak_phase = phase     # when it last rose is the one that set the run's peak
 
     def _charge(self) -> None:
         now = time.perf_counter()
         self.seconds[self._stack[-1]] += now - self._mark
         self._mark = now
+        if (rss := peak_rss()) > self.peak_rss:
+            self.peak_rss, self.peak_phase = rss, self._stack[-1]
 
     def enter(self, phase: str) -> None:
         self._charge()
@@ -78,11 +82,16 @@ class Stopwatch:
             self._stack.pop()
 
     def report(self) -> dict[str, float]:
-        """Seconds by phase, `total` (since the stopwatch started) and the process's peak RSS in GB so far."""
+        """Seconds by phase, `total` (since the stopwatch started), the process's peak RSS in GB so far and the
+        phase it was reached in (`peak_rss_phase`: which part of a run to make smaller)."""
         self._charge()
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return {**{k: round(v, 3) for k, v in self.seconds.items()},
-                "total": round(self._mark - self._start, 3), "peak_rss_gb": round(rss / 1e9, 3)}
+        return {**{k: round(v, 3) for k, v in self.seconds.items()}, "total": round(self._mark - self._start, 3),
+                "peak_rss_gb": round(self.peak_rss / 1e9, 3), "peak_rss_phase": self.peak_phase}
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes so far (ru_maxrss: kilobytes on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 # ---- the machine and the passages encoding speed is measured on -----------------------------------------

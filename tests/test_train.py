@@ -246,6 +246,7 @@ def test_varlen_bucketed_run_with_late_read_back_trains_like_the_padded_run(data
     timing = json.loads((tmp_path / "varlen" / "results.json").read_text())["timing"]
     phases = {"setup", "train", "validation", "export", "checkpoint", "test"}
     assert phases <= set(timing) and all(timing[p] > 0 for p in phases) and timing["peak_rss_gb"] > 0.1
+    assert timing["peak_rss_phase"] in phases
     assert sum(timing[p] for p in phases) == pytest.approx(timing["total"], abs=0.02)  # every second once
 
 
@@ -267,10 +268,14 @@ def test_speed_flags_need_their_layout(data, tiny_model_dir, tmp_path):
     assert not any(tmp_path.iterdir())  # refused before a run folder was made
 
 
-def test_stopwatch_charges_each_second_to_one_phase(monkeypatch):
+def test_stopwatch_charges_each_second_to_one_phase_and_the_peak_rss_to_the_phase_that_rose_last(monkeypatch):
     from bge import runs
     now = iter(range(100))
     monkeypatch.setattr(runs.time, "perf_counter", lambda: float(next(now)))
+    # the kernel's high-water mark as each phase ends: it rises in train (outside the validation inside it), stays in
+    # validation, rises once more in export, which sets the peak
+    rss = iter([1e9, 1e9, 2e9, 2e9, 3e9, 3e9, 3e9, 3e9])
+    monkeypatch.setattr(runs, "peak_rss", lambda: next(rss))
     clock = runs.Stopwatch()  # t=0: setup from here
     clock.enter("train")  # t=1
     with clock("validation"):  # t=2
@@ -280,7 +285,7 @@ def test_stopwatch_charges_each_second_to_one_phase(monkeypatch):
     report = clock.report()  # t=7
     assert {k: report[k] for k in ("setup", "train", "validation", "export", "test")} == {
         "setup": 1, "train": 2, "validation": 2, "export": 1, "test": 1}
-    assert report["total"] == 7 and report["peak_rss_gb"] > 0
+    assert report["total"] == 7 and report["peak_rss_gb"] == 3 and report["peak_rss_phase"] == "export"
 
 
 def test_too_little_data_is_said_up_front_and_in_results(tiny_model_dir, tmp_path, capsys):

@@ -373,7 +373,7 @@ def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_on
                                                                                           monkeypatch):
     # --grad-cache -1: 32-text chunks for a CPU micro-batch of over AUTO_TOKENS padded tokens (each group padded to
     # its longest), one plain forward and backward otherwise, never on CUDA; an explicit value is used as given.
-    # Training in fp32, whose activations are twice bf16's: 16-text chunks over half the budget
+    # Training in fp32, whose activations are twice bf16's: 16-text chunks over a budget of its own
     import bge.config
     import bge.training
     from bge.embedder import native_cpu_bf16
@@ -385,10 +385,11 @@ def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_on
                                                     (10**6, "cpu", 7, False, 7)):
         monkeypatch.setattr(bge.config, "AUTO_TOKENS", budget)
         assert bge.config.grad_cache_chunk(given, device, inputs, before) == expected, (budget, device, given, before)
-    for budget, device, given, before, expected in ((479, "cpu", -1, False, 16), (480, "cpu", -1, False, 0),
-                                                    (480, "cpu", -1, True, 16), (479, "cuda", -1, False, 0),
+    monkeypatch.setattr(bge.config, "AUTO_TOKENS", 10**6)  # the bf16 budget plays no part in fp32
+    for budget, device, given, before, expected in ((239, "cpu", -1, False, 16), (240, "cpu", -1, False, 0),
+                                                    (240, "cpu", -1, True, 16), (239, "cuda", -1, False, 0),
                                                     (10**6, "cpu", 7, False, 7)):
-        monkeypatch.setattr(bge.config, "AUTO_TOKENS", budget)
+        monkeypatch.setattr(bge.config, "AUTO_TOKENS_FP32", budget)
         got = bge.config.grad_cache_chunk(given, device, inputs, before, fp32=True)
         assert got == expected, (budget, device, given, before, "fp32")
 
@@ -404,6 +405,7 @@ def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_on
                                           ("off", 0, ["--grad-cache", "0"], 0), ("fixed", 0, ["--grad-cache", "5"], 5),
                                           ("fp32", 0, ["--precision", "fp32"], 16)):
         monkeypatch.setattr(bge.config, "AUTO_TOKENS", budget)
+        monkeypatch.setattr(bge.config, "AUTO_TOKENS_FP32", budget)
         seen.clear()
         train.main(args(EXAMPLE, tiny_model_dir, tmp_path, "--run-name", name, "--max-steps", "2", "--threads", "1",
                         *extra))
@@ -414,7 +416,8 @@ def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_on
     calls = []
 
     def budget_then_none(*a, **kw):
-        monkeypatch.setattr(bge.config, "AUTO_TOKENS", 0 if not calls else 10**9)  # undone after the test
+        for name in ("AUTO_TOKENS", "AUTO_TOKENS_FP32"):  # undone after the test
+            monkeypatch.setattr(bge.config, name, 0 if not calls else 10**9)
         calls.append(1)
         return bge.config.grad_cache_chunk(*a, **kw)
 

@@ -237,8 +237,8 @@ class TrainConfig:
                             "bucket (0 = exact size)", "speed", range="[0, inf)")
     grad_cache: int = opt(-1, "GradCache chunk size in texts: big batches in fixed memory, same gradients; 0 = off; "
                           "-1 = 32 on CPU for a micro-batch of over 24,576 padded tokens (SciFact's mined default: "
-                          "8.5 -> 3.0 GB peak), 16 over 6,144 when training in fp32 (SciFact's in-batch pairs: "
-                          "4.5 -> 2.7 GB), off on CUDA", "speed", range="[-1, inf)")
+                          "8.5 -> 3.0 GB peak), 16 over 12,288 when training in fp32 (activations twice the size), "
+                          "off on CUDA", "speed", range="[-1, inf)")
     grad_checkpointing: bool = opt(False, "recompute each layer's activations in the backward pass: less "
                                    "memory, more time", "speed")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default); on a busy CPU 1 can be several times "
@@ -349,7 +349,7 @@ def mined_negatives(cfg: "TrainConfig") -> int:
 
 AUTO_CHUNK = 32  # --grad-cache -1 on CPU: chunks of 32 texts for a micro-batch of over AUTO_TOKENS padded tokens
 AUTO_TOKENS = 24576  # 96 passages of 256 tokens: about 6 GB for MiniLM plain in bf16 (scaled from 8.5 GB at 35k)
-AUTO_TOKENS_FP32 = 6144  # fp32: 10k tokens plain peaked at 4.5 GB in train.py (README, "Bounded by default")
+AUTO_TOKENS_FP32 = 12288  # fp32: half of it; 6,144 bounded SciFact's in-batch pairs too, at 1.2x their step (README)
 
 
 def grad_cache_chunk(grad_cache: int, device_type: str, inputs: dict[str, list[list[int]]],
@@ -361,10 +361,10 @@ def grad_cache_chunk(grad_cache: int, device_type: str, inputs: dict[str, list[l
     Short texts stay plain (the example file's 32 queries + 128 passages: at most 17k tokens). Once a run has chunked
     (chunked_before) it goes on chunking: an epoch's last, smaller micro-batch (SciFact: 23 queries, 24k tokens)
     would otherwise run plain just under the budget and set the run's peak (6.4 GB against 3.6). Training in fp32
-    (a CPU without native bf16) keeps activations of twice the size, so the chunk is halved and the budget is a
-    quarter: halved, SciFact's 32 in-batch pairs (10k tokens) still ran plain and peaked at 4.5 GB, in chunks of 16 at
-    2.7 GB; the example file plain in fp32 peaked at 5.7 GB, in chunks of 16 at 1.7 GB (README, "Bounded by
-    default"). CUDA: off unless asked."""
+    (a CPU without native bf16) keeps activations of twice the size, so the chunk and the budget are halved: the
+    example file plain in fp32 peaked at 5.7 GB, in chunks of 16 at 1.7 GB. SciFact's 32 in-batch pairs (10k tokens)
+    stay plain: 4.5 GB, against 2.7 in chunks of 16 at 1.2x the step's time (README, "Bounded by default"). CUDA:
+    off unless asked."""
     if grad_cache >= 0:
         return grad_cache
     padded = sum(len(ids) * max(map(len, ids), default=0) for ids in inputs.values())  # each group pads to its longest

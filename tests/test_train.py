@@ -373,7 +373,7 @@ def test_by_default_a_big_micro_batch_on_cpu_trains_through_gradcache_a_small_on
                                                                                           monkeypatch):
     # --grad-cache -1: 32-text chunks for a CPU micro-batch of over AUTO_TOKENS padded tokens (each group padded to
     # its longest), one plain forward and backward otherwise, never on CUDA; an explicit value is used as given.
-    # Training in fp32, whose activations are twice bf16's: 16-text chunks over a budget of its own
+    # Training in fp32, whose activations are twice bf16's: 16-text chunks over a budget of its own (half of bf16's)
     import bge.config
     import bge.training
     from bge.embedder import native_cpu_bf16

@@ -81,7 +81,7 @@ class Stopwatch:
             self._charge()
             self._stack.pop()
 
-    def report(self) -> dict[str, float]:
+    def report(self) -> dict[str, float | str]:
         """Seconds by phase, `total` (since the stopwatch started), the process's peak RSS in GB so far and the
         phase it was reached in (`peak_rss_phase`: which part of a run to make smaller)."""
         self._charge()

@@ -25,6 +25,12 @@ run. The table shows mean ± sd over seeds and every seed's number, the change f
 sentence-transformers recipe, each with a paired 95% bootstrap interval over the test queries (per-query nDCG@10,
 each side averaged over its seeds: would the difference hold on other test queries?), training time and the
 command's whole wall time; OUT/quality.json holds all of it, every query's score included.
+
+One-knob changes: `--vs "bge default"` pairs every recipe with bge's default instead, on the seeds both ran, each
+seed's difference shown beside the pooled one (same seed = same sampler order and dropout draws):
+
+    python benchmarks/quality.py --data ../shared/data/scifact --seeds 1,2,3 --bge default= \
+        --bge "attn-dropout-0=--attention-dropout 0" --vs "bge default"
 """
 from __future__ import annotations
 
@@ -263,6 +269,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256, help="passage length, for training (ST) and scoring (all)")
     p.add_argument("--bge", action=Recipe, dest="recipes", metavar="NAME=FLAGS", help="a bge recipe: train.py flags")
     p.add_argument("--st", action=Recipe, dest="recipes", metavar="NAME=OPTS", help="a sentence-transformers recipe")
+    p.add_argument("--vs", default="", metavar="NAME", help="the recipe every other is paired with, seed by seed "
+                   "(e.g. 'bge default' for one-knob changes; default: the first --st recipe)")
     p.add_argument("--probe", default="", help="a general STS TSV scored for every model (e.g. STS-B dev)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="scoring precision for every model (auto: bf16 on CPUs with native bf16)")
@@ -291,6 +299,12 @@ def main() -> None:
         if kind == "st":
             st_parser().parse_args(shlex.split(flags))  # a typo fails now, not after an hour
         recipes.append((kind, f"{kind} {name}", flags))
+    if a.vs:  # 'bge default' or, where one kind has it, 'default'
+        named = [n for _, n, _ in recipes if a.vs in (n, n.split(" ", 1)[1])]
+        if len(named) != 1:
+            raise UserError(f"--vs {a.vs!r}: {'names two recipes' if named else 'not a recipe of this command'} "
+                            f"(its recipes: {', '.join(n for _, n, _ in recipes)})")
+        a.vs = named[0]
 
     examples, full = load_data(a)
     parts = fixed_split(examples, a)
@@ -344,14 +358,32 @@ def seed_mean_per_query(r: dict, qids: list[str]) -> list[float] | None:
     return [statistics.fmean(x["per_query"][q] for x in runs) for q in qids]
 
 
+def versus(r: dict, other: dict, qids: list[str]) -> dict | None:
+    """r against other on the seeds both ran, query by query: each seed's paired difference, and the pooled one of
+    the per-query scores averaged over those seeds. For two bge recipes one seed means the same sampler order and
+    dropout draws on both sides, so a knob is compared with the run it changed, not with another seed's luck (the
+    seeds move SciFact's test by more than most knobs do). None until a common seed has every query's score."""
+    def per(run):
+        return run.get("per_query") if set(run.get("per_query") or ()) == set(qids) else None
+    seeds = [s for s in sorted(set(r["seeds"]) & set(other["seeds"]))
+             if per(r["seeds"][s]) is not None and per(other["seeds"][s]) is not None]
+    if not seeds:
+        return None
+    side = lambda x: [statistics.fmean(x["seeds"][s]["per_query"][q] for s in seeds) for q in qids]
+    each = {s: paired_difference([r["seeds"][s]["per_query"][q] for q in qids],
+                                 [other["seeds"][s]["per_query"][q] for q in qids]) for s in seeds}
+    return {**paired_difference(side(r), side(other)), "seeds": seeds,
+            "per_seed": {s: {k: d[k] for k in ("mean", "low", "high")} for s, d in each.items()}}
+
+
 def report(a, rows: dict, seeds: list[int], base: dict, test, parts) -> None:
-    """The table (mean ± sd, every seed, change from base and from the first sentence-transformers recipe with a
-    paired 95% interval over the test queries, times) and OUT/quality.json."""
+    """The table (mean ± sd, every seed, change from base and from --vs (the first sentence-transformers recipe
+    unless named) with a paired 95% interval over the test queries, times) and OUT/quality.json."""
     qids = sorted(rows["base"]["per_query"])  # the scored test queries (those with a relevant passage)
     per_query = {name: seed_mean_per_query(r, qids) for name, r in rows.items()}
-    peer = next((n for n, r in rows.items() if r["kind"] == "st" and per_query[n]), None)
+    peer = a.vs or next((n for n, r in rows.items() if r["kind"] == "st" and per_query[n]), None)
     columns = ["recipe", "nDCG@10 mean ± sd", "per seed", "vs base [95% CI]",
-               f"vs {peer} [95% CI]" if peer else "vs peer", "R@100", "probe", "train s", "wall s"]
+               *([f"vs {peer} [95% CI]", f"vs {peer} per seed"] if peer else []), "R@100", "probe", "train s", "wall s"]
     table, summary = [], {}
     for name, r in rows.items():
         per = [s["scores"] for s in r["seeds"].values()] or r.get("scores", [])
@@ -365,17 +397,20 @@ def report(a, rows: dict, seeds: list[int], base: dict, test, parts) -> None:
                          **{k: mean_sd([s[k] for s in per])[0] for k in per[0] if k != "ndcg@10"},
                          "train_seconds": statistics.median(train) if train else None,
                          "wall_seconds": statistics.median(wall) if wall else None, "runs": r["seeds"]}
-        versus = []
-        for other in ("base", peer):
-            if other is None or other == name or per_query[name] is None or per_query[other] is None:
-                versus.append("")
-                continue
-            d = summary[name][f"vs {other}"] = paired_difference(per_query[name], per_query[other])
-            versus.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
-        if not versus[0] and name != "base":  # no per-query scores (yet): the plain difference of means
-            versus[0] = f"{m - base['ndcg@10']:+.4f}"
+        cells = ["", "", ""]
+        if name != "base" and per_query[name] is not None:  # the base model has no seeds: every seed against it
+            d = summary[name]["vs base"] = paired_difference(per_query[name], per_query["base"])
+            cells[0] = f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+        elif name != "base":  # no per-query scores (yet): the plain difference of means
+            cells[0] = f"{m - base['ndcg@10']:+.4f}"
+        if peer and name not in (peer, "base") and (d := versus(r, rows[peer], qids)) is not None:
+            summary[name][f"vs {peer}"] = d
+            only = "" if d["seeds"] == sorted(r["seeds"]) else f" (seed{'s' * (len(d['seeds']) > 1)} " \
+                f"{','.join(map(str, d['seeds']))})"
+            cells[1] = f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{only}"
+            cells[2] = " ".join(f"{x['mean']:+.3f}" for x in d["per_seed"].values())
         probe = f"{summary[name]['probe_spearman']:.4f}" if "probe_spearman" in per[0] else "-"
-        table.append([name, f"{m:.4f} ± {sd:.4f}", " ".join(f"{x:.4f}" for x in nd), *versus,
+        table.append([name, f"{m:.4f} ± {sd:.4f}", " ".join(f"{x:.4f}" for x in nd), *cells[:3 if peer else 1],
                       f"{summary[name]['recall@100']:.4f}", probe,
                       f"{summary[name]['train_seconds']:.0f}" if train else "",
                       f"{summary[name]['wall_seconds']:.0f}" if wall else ""])

@@ -56,6 +56,7 @@ REMINE = "tests/test_recipe.py::test_remine_mines_again_with_the_trained_model_t
 STAGE = ("tests/test_recipe.py::test_unlabeled_stage_trains_the_pseudo_pairs_first_then_the_labelled_data_and_resumes_"
          "mid_stage")
 STAGE_CHECKS = "tests/test_recipe.py::test_unlabeled_stage_needs_pseudo_pairs_and_is_the_only_stage"
+VERSUS = "tests/test_recipe.py::test_quality_benchmark_pairs_a_recipe_with_another_on_the_seeds_both_ran"
 
 MUTATIONS = [
     # ---- loss ------------------------------------------------------------------------------------------
@@ -318,6 +319,13 @@ MUTATIONS = [
     m("stage.without-pseudo-pairs", "bge/prepare.py", 'if cfg.unlabeled_stage and cfg.unlabeled == "off":', "if False:",
       STAGE_CHECKS),
     m("stage.two-stages", "bge/prepare.py", "if cfg.unlabeled_stage and cfg.distill_corpus:", "if False:", STAGE_CHECKS),
+    # ---- benchmarks/quality.py's pairing, on which the README's one-knob rows rest ---------------------------
+    m("quality.vs-every-seed-of-the-other", "benchmarks/quality.py", 'sorted(set(r["seeds"]) & set(other["seeds"]))',
+      'sorted(set(r["seeds"]) | set(other["seeds"]))', VERSUS),
+    m("quality.vs-seed-without-every-query", "benchmarks/quality.py",
+      'if per(r["seeds"][s]) is not None and per(other["seeds"][s]) is not None]', "]", VERSUS),
+    m("quality.vs-pooled-unpaired", "benchmarks/quality.py", "return {**paired_difference(side(r), side(other)),",
+      "return {**paired_difference(side(r), sorted(side(other))),", VERSUS),
 ]
 
 

@@ -353,6 +353,38 @@ def test_quality_benchmark_trains_both_sides_on_one_split_and_resumes(beir, tiny
     assert json.loads((out / "quality.json").read_text())["recipes"]["st tiny"]["ndcg@10"] == q["recipes"]["st tiny"]["ndcg@10"]
     assert json.loads(old.read_text())["per_query"] == pytest.approx(kept, abs=1e-9)
     assert json.loads((out / "quality.json").read_text())["recipes"]["bge tiny"]["vs base"] == bge["vs base"]
+    # --vs names the recipe the others are paired with (one-knob rows against bge's default): here the peer turned
+    # round, so sentence-transformers' row gets bge's difference negated, seed by seed too
+    vs = subprocess.run(cmd + ["--vs", "bge tiny"], cwd=REPO, capture_output=True, text=True)
+    assert vs.returncode == 0, vs.stderr[-3000:]
+    q3 = json.loads((out / "quality.json").read_text())["recipes"]
+    d = q3["st tiny"]["vs bge tiny"]
+    assert d["seeds"] == [1, 2] and d["mean"] == pytest.approx(-bge["vs st tiny"]["mean"], abs=1e-9)
+    for k, (x, y) in enumerate(zip(st["ndcg@10"]["per_seed"], bge["ndcg@10"]["per_seed"]), start=1):
+        assert d["per_seed"][str(k)]["mean"] == pytest.approx(x - y, abs=1e-9)
+    assert "vs bge tiny" not in q3["bge tiny"] and "vs st tiny" not in q3["bge tiny"]
+    for name, why in (("tiny", "names two recipes"), ("bge nope", "not a recipe of this command")):
+        bad = subprocess.run(cmd + ["--vs", name], cwd=REPO, capture_output=True, text=True)
+        text = " ".join((bad.stdout + bad.stderr).split())
+        assert bad.returncode == 2 and f"--vs '{name}': {why} (its recipes: bge tiny, st tiny)" in text, text
+        assert "Traceback" not in text
+
+
+def test_quality_benchmark_pairs_a_recipe_with_another_on_the_seeds_both_ran():
+    """--vs compares a knob with the run it changed: seed k against seed k only, a seed without every query's score
+    left out; the pooled interval is over the per-query scores averaged over the common seeds."""
+    from benchmarks.quality import paired_difference, versus
+    qids = ["a", "b", "c", "d"]
+    run = lambda *xs: {"per_query": dict(zip(qids, xs))}
+    knob = {"seeds": {1: run(.5, .6, .7, .2), 2: run(.9, .1, .4, .4), 3: {"per_query": {"a": .3}}}}
+    default = {"seeds": {1: run(.4, .6, .5, .2), 2: run(.8, .3, .4, .3), 3: run(.1, .1, .1, .1), 4: run(1, 1, 1, 1)}}
+    d = versus(knob, default, qids)
+    assert d["seeds"] == [1, 2]  # seed 4 is the default's alone, seed 3 of the knob lacks queries
+    assert d["per_seed"][1]["mean"] == pytest.approx(0.3 / 4) and d["per_seed"][2]["mean"] == pytest.approx(0.0)
+    mean = lambda x: [(x["seeds"][1]["per_query"][q] + x["seeds"][2]["per_query"][q]) / 2 for q in qids]
+    ref = paired_difference(mean(knob), mean(default))
+    assert {k: d[k] for k in ref} == pytest.approx(ref) and d["mean"] == pytest.approx(0.3 / 8)
+    assert versus({"seeds": {5: run(.1, .2, .3, .4)}}, default, qids) is None  # no seed in common
 
 
 def test_quality_benchmark_paired_interval_matches_scipy_bootstrap():

@@ -31,6 +31,9 @@ seed's difference shown beside the pooled one (same seed = same sampler order an
 
     python benchmarks/quality.py --data ../shared/data/scifact --seeds 1,2,3 --bge default= \
         --bge "attn-dropout-0=--attention-dropout 0" --vs "bge default"
+
+`--no-train` reports what is saved under --out and trains nothing: the table of runs made by several commands
+(recipes with different seeds) from one command.
 """
 from __future__ import annotations
 
@@ -271,6 +274,8 @@ def main() -> None:
     p.add_argument("--st", action=Recipe, dest="recipes", metavar="NAME=OPTS", help="a sentence-transformers recipe")
     p.add_argument("--vs", default="", metavar="NAME", help="the recipe every other is paired with, seed by seed "
                    "(e.g. 'bge default' for one-knob changes; default: the first --st recipe)")
+    p.add_argument("--no-train", action="store_true", help="report the scores saved under --out; train nothing (a "
+                   "(recipe, seed) without a score is left out)")
     p.add_argument("--probe", default="", help="a general STS TSV scored for every model (e.g. STS-B dev)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="scoring precision for every model (auto: bf16 on CPUs with native bf16)")
@@ -335,6 +340,9 @@ def main() -> None:
                 if not mine:
                     console.print(f"[yellow]{name} seed {seed}: another quality.py is running it; skipped here (a later "
                                   f"call with the same --out picks up its score)[/]")
+                    continue
+                if a.no_train:
+                    console.print(f"[dim]{name} seed {seed}: no score saved; left out (--no-train)[/]")
                     continue
                 info = run_recipe(a, kind, name, flags, seed, out)
                 if kind == "bge" and info.pop("test_ids") != sorted(test_ids):

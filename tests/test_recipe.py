@@ -363,6 +363,13 @@ def test_quality_benchmark_trains_both_sides_on_one_split_and_resumes(beir, tiny
     for k, (x, y) in enumerate(zip(st["ndcg@10"]["per_seed"], bge["ndcg@10"]["per_seed"]), start=1):
         assert d["per_seed"][str(k)]["mean"] == pytest.approx(x - y, abs=1e-9)
     assert "vs bge tiny" not in q3["bge tiny"] and "vs st tiny" not in q3["bge tiny"]
+    # --no-train reports what is saved and trains nothing: seed 3 has no score, so it is left out, not run
+    three = [x if x != "1,2" else "1,2,3" for x in cmd]
+    report = subprocess.run(three + ["--vs", "bge tiny", "--no-train"], cwd=REPO, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "bge tiny seed 3: no score saved; left out (--no-train)" in " ".join((report.stdout + report.stderr).split())
+    assert not list(out.glob("runs/*/seed3/*")) and {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/log.txt")} == logs
+    assert json.loads((out / "quality.json").read_text())["recipes"] == q3
     for name, why in (("tiny", "names two recipes"), ("bge nope", "not a recipe of this command")):
         bad = subprocess.run(cmd + ["--vs", name], cwd=REPO, capture_output=True, text=True)
         text = " ".join((bad.stdout + bad.stderr).split())

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from bge.console import console
@@ -72,7 +74,9 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
         table.add_column(c, justify="right" if c != columns[0] else "left")
     for r in rows:
         table.add_row(*r)
-    console.print(table)
+    # a log file or a pipe gets the table at its whole width: 80 columns would cut its numbers short ("0.71…")
+    wide = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    (console if console.is_terminal else Console(stderr=True, width=max(console.width, wide))).print(table)
 
 
 def write_json(path: str | None, payload: dict) -> None:

@@ -23,8 +23,9 @@ so an interrupted benchmark picks up where it stopped; a (recipe, seed) being ru
 started twice shares the seeds out between two processes (two lanes on two cores) instead of clearing each other's
 run. The table shows mean ± sd over seeds and every seed's number, the change from the base model and from the first
 sentence-transformers recipe, each with a paired 95% bootstrap interval over the test queries (per-query nDCG@10,
-each side averaged over its seeds: would the difference hold on other test queries?), training time and the
-command's whole wall time; OUT/quality.json holds all of it, every query's score included.
+each side averaged over its seeds, against a recipe over the seeds both ran: would the difference hold on other test
+queries?), training time and the command's whole wall time; OUT/quality.json holds all of it, every query's score
+included.
 
 One-knob changes: `--vs "bge default"` pairs every recipe with bge's default instead, on the seeds both ran, each
 seed's difference shown beside the pooled one (same seed = same sampler order and dropout draws):

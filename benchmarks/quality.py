@@ -372,10 +372,9 @@ def versus(r: dict, other: dict, qids: list[str]) -> dict | None:
     the per-query scores averaged over those seeds. For two bge recipes one seed means the same sampler order and
     dropout draws on both sides, so a knob is compared with the run it changed, not with another seed's luck (the
     seeds move SciFact's test by more than most knobs do). None until a common seed has every query's score."""
-    def per(run):
-        return run.get("per_query") if set(run.get("per_query") or ()) == set(qids) else None
+    complete = lambda run: set(run.get("per_query") or ()) == set(qids)
     seeds = [s for s in sorted(set(r["seeds"]) & set(other["seeds"]))
-             if per(r["seeds"][s]) is not None and per(other["seeds"][s]) is not None]
+             if complete(r["seeds"][s]) and complete(other["seeds"][s])]
     if not seeds:
         return None
     side = lambda x: [statistics.fmean(x["seeds"][s]["per_query"][q] for s in seeds) for q in qids]

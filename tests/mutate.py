@@ -323,7 +323,7 @@ MUTATIONS = [
     m("quality.vs-every-seed-of-the-other", "benchmarks/quality.py", 'sorted(set(r["seeds"]) & set(other["seeds"]))',
       'sorted(set(r["seeds"]) | set(other["seeds"]))', VERSUS),
     m("quality.vs-seed-without-every-query", "benchmarks/quality.py",
-      'if per(r["seeds"][s]) is not None and per(other["seeds"][s]) is not None]', "]", VERSUS),
+      'if complete(r["seeds"][s]) and complete(other["seeds"][s])]', "]", VERSUS),
     m("quality.vs-pooled-unpaired", "benchmarks/quality.py", "return {**paired_difference(side(r), side(other)),",
       "return {**paired_difference(side(r), sorted(side(other))),", VERSUS),
 ]

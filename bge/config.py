@@ -199,6 +199,9 @@ class TrainConfig:
     max_steps: int = opt(0, "stop after this many optimiser steps (0 = epochs decide)", "optim", range="[0, inf)")
     grad_accum: int = opt(1, "micro-batches per optimiser step", "optim", range="[1, inf)")
     clip_grad: float = opt(1.0, "max gradient norm (0 = no clipping)", "optim", range="[0, inf)")
+    layer_lr_decay: float = opt(1.0, "layer-wise learning-rate decay: each layer trains at this times the rate of the "
+                                "layer above it, the embeddings lowest (1 = off; ELECTRA fine-tuned at 0.8-0.9)",
+                                "optim", range="(0, 1]")
     head_lr: float = opt(1e-2, "learning rate of the classification head (it starts from zero)", "optim",
                          range="(0, inf)")
     # regularisation (weight decay is in optim)

@@ -55,20 +55,36 @@ def decayed(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_scale: float = 1.0) -> list[dict]:
-    """Decay the matrices, not the rest (see `decayed`). `lr_scale` multiplies the schedule's rate for this module."""
-    decay = decayed(model)
-    ids = {id(p) for p in decay}
-    no_decay = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    return [{"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale},
-            {"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale}]
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: float = 1.0, layer_decay: float = 1.0) -> list[dict]:
+    """Decay the matrices, not the rest (see `decayed`). `lr_scale` multiplies the schedule's rate for this module.
+
+    `layer_decay` < 1 is layer-wise learning-rate decay (ELECTRA's and BEiT's fine-tuning recipe): the top layer and
+    anything above it (a pooling head) train at `lr_scale`, each layer below at `layer_decay` times the rate of the one
+    above, the embeddings (`model.emb`) lowest, on the view that the lower layers hold the general features a small
+    domain set should move least. Two groups (decayed, not) per depth, from the top down; at 1, just the two."""
+    decay_ids = {id(p) for p in decayed(model)}
+    top = len(model.layers) if layer_decay != 1.0 else 0  # the top layer's depth: the rate it gets in full
+    depth = {}
+    if layer_decay != 1.0:
+        depth.update({id(p): 0 for p in model.emb.parameters()})
+        depth.update({id(p): i + 1 for i, layer in enumerate(model.layers) for p in layer.parameters()})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = []
+    for d in sorted({depth.get(id(p), top) for p in trainable} or {top}, reverse=True):
+        at = [p for p in trainable if depth.get(id(p), top) == d]
+        scale = lr_scale * layer_decay ** (top - d)
+        groups += [{"params": [p for p in at if id(p) in decay_ids], "weight_decay": weight_decay, "lr_scale": scale},
+                   {"params": [p for p in at if id(p) not in decay_ids], "weight_decay": 0.0, "lr_scale": scale}]
+    return groups
 
 
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-                   eps: float = 1e-8, fused: bool = True, extra: list[dict] = ()) -> torch.optim.AdamW:
+                   eps: float = 1e-8, fused: bool = True, extra: list[dict] = (),
+                   layer_decay: float = 1.0) -> torch.optim.AdamW:
     """AdamW over the trainable parameters (and the `extra` parameter groups, e.g. a head with its own lr_scale);
     the fused kernel (one launch for all tensors) where torch has it."""
-    return torch.optim.AdamW(param_groups(model, weight_decay) + list(extra), lr=lr, betas=betas, eps=eps, fused=fused)
+    groups = param_groups(model, weight_decay, layer_decay=layer_decay) + list(extra)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 def step_if(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:

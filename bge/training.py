@@ -98,7 +98,7 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     eval_every = cfg.eval_every or steps_per_epoch
     save_every = cfg.save_every or eval_every
-    optimizer = make_optimizer(model, lr=lr, weight_decay=cfg.weight_decay,
+    optimizer = make_optimizer(model, lr=lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_lr_decay,
                                extra=param_groups(head, cfg.weight_decay, cfg.head_lr / lr) if head else ())
     l1_params = decayed(model) + (decayed(head) if head else [])
     trained = model if head is None else torch.nn.ModuleDict({"encoder": model, "head": head})  # what state/ holds

@@ -119,6 +119,12 @@ MUTATIONS = [
     m("optim.default-lr-boundary", "bge/optim.py", "if hidden_size <= limit)", "if hidden_size < limit)", OPTIM),
     m("optim.freezes-one-layer-too-many", "bge/optim.py", "*model.layers[:layers].parameters()]",
       "*model.layers[: layers + 1].parameters()]", "tests/test_freeze_checkpoint.py::test_frozen_weights_do_not_change_after_a_step"),
+    m("optim.layer-decay-upside-down", "bge/optim.py", "scale = lr_scale * layer_decay ** (top - d)",
+      "scale = lr_scale * layer_decay ** d", OPTIM),
+    m("optim.layer-decay-skips-the-embeddings", "bge/optim.py",
+      "depth.update({id(p): 0 for p in model.emb.parameters()})", "pass", OPTIM),
+    m("optim.layer-decay-not-passed-on", "bge/training.py", "layer_decay=cfg.layer_lr_decay,", "",
+      f"{TRAIN}::test_layer_lr_decay_moves_the_lower_layers_less"),
     m("schedule.rescaled-on-resume", "bge/rundir.py", 'return saved["total_steps"], saved["warmup_steps"]',
       "return total_steps, warmup_steps", f"{RESUME}::test_a_resume_with_fewer_steps_keeps_the_schedule_and_more_steps_are_refused"),
     # ---- split and sampler ----------------------------------------------------------------------------------------

@@ -63,6 +63,23 @@ def test_l1_applies_to_the_decayed_matrices_only_and_heads_get_their_own_lr():
     assert scales == [1.0, 1.0, 10.0, 10.0] and opt.param_groups[2]["params"] == [head.weight]
 
 
+def test_layer_lr_decay_gives_each_depth_its_rate_and_every_parameter_one_group():
+    model = Encoder(ModelConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, vocab_size=50))
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = param_groups(model, 0.01)
+    assert param_groups(model, 0.01, layer_decay=1.0) == plain and len(plain) == 2  # off: the two groups as before
+    groups = param_groups(model, 0.01, lr_scale=10.0, layer_decay=0.5)
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(scale) == len(names)  # each parameter once
+    depth = lambda n: 0 if n.startswith("emb.") else int(n.split(".")[1]) + 1
+    assert all(scale[n] == 10.0 * 0.5 ** (2 - depth(n)) for n in scale)  # the top layer in full, the tables lowest
+    assert {scale[n] for n in scale} == {10.0, 5.0, 2.5}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
+    assert decay == {names[id(p)] for p in decayed(model)}  # decay still on the matrices only
+    model.emb.word.weight.requires_grad_(False)
+    assert "emb.word.weight" not in {names[id(p)] for g in param_groups(model, 0.01, layer_decay=0.5) for p in g["params"]}
+
+
 def test_step_if_skips_without_a_trace_and_otherwise_is_the_plain_step():
     def setup():
         torch.manual_seed(0)

@@ -250,6 +250,20 @@ def test_varlen_bucketed_run_with_late_read_back_trains_like_the_padded_run(data
     assert sum(timing[p] for p in phases) == pytest.approx(timing["total"], abs=0.02)  # every second once
 
 
+def test_layer_lr_decay_moves_the_lower_layers_less(data, tiny_model_dir, tmp_path):
+    # Adam's first step moves every weight whose gradient is not ~0 by its group's rate, so each tensor's largest move
+    # is that rate: the top layer at --lr, each layer below at half the one above, the embeddings lowest
+    train.main(args(data, tiny_model_dir, tmp_path, "--run-name", "llrd", "--max-steps", "1", "--warmup-ratio", "0",
+                    "--weight-decay", "0", "--clip-grad", "0", "--precision", "fp32", "--layer-lr-decay", "0.5"))
+    base, after = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(tmp_path / "llrd/final/model.safetensors"))
+    move = {k: (after[k] - base[k]).abs().max().item() / 1e-3 for k in base}
+    layers = 1 + max(int(k.split("encoder.layer.")[1].split(".")[0]) for k in base if "encoder.layer." in k)
+    depth = lambda k: int(k.split("encoder.layer.")[1].split(".")[0]) + 1 if "encoder.layer." in k else 0
+    for k in base:  # (a key bias adds one constant to all of a query's scores: softmax gives it no gradient)
+        if not k.endswith("key.bias"):
+            assert move[k] == pytest.approx(0.5 ** (layers - depth(k)), rel=0.02), k
+
+
 def test_nan_guard_with_late_read_back(data, tiny_model_dir, tmp_path, monkeypatch):
     import bge.tasks
     real = bge.tasks.info_nce

@@ -35,13 +35,13 @@ from rich.table import Table
 from bge import Embedder
 from bge.checkpoint import atomic_write_text, json_text
 from bge.config import Bounded, check_ranges
-from bge.console import console, run_cli
+from bge.console import console, console_for, run_cli
 from bge import diagnostics, malloc
 from bge.data import ClassificationData, RetrievalData, STSData, load_eval_data
 from bge.errors import UserError
 from bge.evaluation import DEFAULT_KS, effective_max_length, evaluate_classification, evaluate_retrieval, evaluate_sts
 from bge.hub import resolve_model
-from bge.runs import add_table_args, as_run, is_run, model_label, report, stdout_console
+from bge.runs import add_table_args, as_run, is_run, model_label, report
 
 COLUMNS = (("ndcg", "nDCG"), ("mrr", "MRR"), ("recall", "Recall"), ("recall", "Recall"), ("map", "MAP"),
            ("precision", "P"))
@@ -170,7 +170,7 @@ def compare(a: argparse.Namespace) -> None:
         console.print(f"skipped {skipped} folder(s) without results.json and best/")
     prefix = Path(a.out).with_suffix("") if a.out else Path(f"checkpoints/eval/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     table, png = report(runs, prefix, f"{len(runs)} runs", a)
-    stdout_console().print(table)
+    console_for("stdout").print(table)
     console.print(f"wrote {prefix}.csv, .md and .json" + (f" and {png}" if png else ""), markup=False, highlight=False)
 
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         columns = [("spearman", "Spearman"), ("pearson", "Pearson")]
         caption = f"x100, of cosine similarity · {len(data.scores):,} pairs"
-    out = stdout_console()
+    out = console_for("stdout")
     out.print(results_table(f"{data.name} · {kind if kind != 'sts' else 'STS'}", results, columns, caption))
     explained = None
     if a.explain:

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bge.config import TrainConfig, check_ranges, parse_args, parse_setting
-from bge.console import console, run_cli
+from bge.console import console, console_for, run_cli
 from bge.errors import UserError
 from bge.rundir import RESUMABLE_OVERRIDES
-from bge.runs import add_table_args, report, stdout_console
+from bge.runs import add_table_args, report
 
 REPO = Path(__file__).resolve().parent
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     if finished:
         title = f"sweep {out.name}: {', '.join(p.stem for p in a.presets)}" + (f" × {', '.join(a.grid)}" if a.grid else "")
         table, png = report(finished, out / a.table, title, a)
-        stdout_console().print(table)
+        console_for("stdout").print(table)
         console.print(f"wrote {out / a.table}.csv, .md and .json" + (f" and {png}" if png else ""), markup=False,
                       highlight=False)
     if failed:

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from bge.checkpoint import atomic_write_text
@@ -378,7 +377,3 @@ def report(folders: list[Path], prefix: Path, title: str, a: argparse.Namespace)
     table = write_tables(prefix, title, rows, caption(rows, speed, a.speed_corpus))
     return table, plot_pareto(rows, pareto_path(prefix), title)
 
-
-def stdout_console() -> Console:
-    """A console for tables on stdout; a pipe gets whole lines, not 80 columns."""
-    return Console() if sys.stdout.isatty() else Console(width=250)

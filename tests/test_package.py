@@ -67,3 +67,25 @@ def test_git_txt_names_the_checkout_bge_runs_from_not_the_working_directory(tmp_
     assert PACKAGE_ROOT == REPO
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert git_commit().removesuffix("-dirty") == head  # the checkout of bge/, though the cwd is another repository
+
+
+def test_a_log_file_or_a_pipe_gets_whole_lines_not_80_columns(tmp_path) -> None:
+    """What the CLIs print to a file or a pipe (how long runs are logged) keeps its lines whole: at rich's 80 columns
+    for a non-terminal, a path broke onto a second line and a results table cut its numbers to '0.71…'."""
+    code = ("from rich.table import Table\n"
+            "from bge.console import console, console_for\n"
+            "console.print('wrote ' + '/run' * 40, markup=False, highlight=False)\n"
+            "table = Table(*(f'column {i}' for i in range(10)))\n"
+            "table.add_row(*(f'0.7123 ± 0.0{i}45' for i in range(10)))\n"
+            "console_for('stdout').print(table)\n")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    log = tmp_path / "log.txt"
+    with log.open("w") as f:
+        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=f, text=True, env=env)
+    assert r.returncode == 0, log.read_text()
+    assert log.read_text() == "wrote " + "/run" * 40 + "\n"
+    assert "…" not in r.stdout and all(f"0.7123 ± 0.0{i}45" in r.stdout for i in range(10)), r.stdout
+    with log.open("w") as f:  # COLUMNS, when set, is the user's choice
+        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=f, text=True,
+                           env={**env, "COLUMNS": "80"})
+    assert len(log.read_text().splitlines()) > 1 and "…" in r.stdout

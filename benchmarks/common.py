@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.measure import Measurement
 from rich.table import Table
 
 from bge.console import console
@@ -74,9 +72,7 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
         table.add_column(c, justify="right" if c != columns[0] else "left")
     for r in rows:
         table.add_row(*r)
-    # a log file or a pipe gets the table at its whole width: 80 columns would cut its numbers short ("0.71…")
-    wide = Measurement.get(console, console.options.update_width(10_000), table).maximum
-    (console if console.is_terminal else Console(stderr=True, width=max(console.width, wide))).print(table)
+    console.print(table)  # in a log file or a pipe at bge.console.LOG_WIDTH columns, so its numbers stay whole
 
 
 def write_json(path: str | None, payload: dict) -> None:

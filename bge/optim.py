@@ -63,19 +63,19 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: float = 1.0, l
     above, the embeddings (`model.emb`) lowest, on the view that the lower layers hold the general features a small
     domain set should move least. Two groups (decayed, not) per depth, from the top down; at 1, just the two."""
     decay_ids = {id(p) for p in decayed(model)}
-    top = len(model.layers) if layer_decay != 1.0 else 0  # the top layer's depth: the rate it gets in full
-    depth = {}
-    if layer_decay != 1.0:
-        depth.update({id(p): 0 for p in model.emb.parameters()})
-        depth.update({id(p): i + 1 for i, layer in enumerate(model.layers) for p in layer.parameters()})
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = []
-    for d in sorted({depth.get(id(p), top) for p in trainable} or {top}, reverse=True):
-        at = [p for p in trainable if depth.get(id(p), top) == d]
-        scale = lr_scale * layer_decay ** (top - d)
-        groups += [{"params": [p for p in at if id(p) in decay_ids], "weight_decay": weight_decay, "lr_scale": scale},
-                   {"params": [p for p in at if id(p) not in decay_ids], "weight_decay": 0.0, "lr_scale": scale}]
-    return groups
+
+    def two(params: list[nn.Parameter], scale: float) -> list[dict]:
+        return [{"params": [p for p in params if id(p) in decay_ids], "weight_decay": weight_decay, "lr_scale": scale},
+                {"params": [p for p in params if id(p) not in decay_ids], "weight_decay": 0.0, "lr_scale": scale}]
+
+    if layer_decay == 1.0:
+        return two(trainable, lr_scale)
+    top = len(model.layers)  # the top layer's depth, and that of anything above it: the rate in full
+    depth = {id(p): 0 for p in model.emb.parameters()}
+    depth.update({id(p): i + 1 for i, layer in enumerate(model.layers) for p in layer.parameters()})
+    at = lambda d: [p for p in trainable if depth.get(id(p), top) == d]
+    return [g for d in range(top, -1, -1) if at(d) for g in two(at(d), lr_scale * layer_decay ** (top - d))]
 
 
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),

@@ -1,7 +1,6 @@
 """One stderr console, one progress-bar style for every long-running step, and the CLIs' error handling."""
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable
 
@@ -12,15 +11,16 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from bge.errors import UserError
 
-# rich lays out anything that is not a terminal at 80 columns: a log file's paths broke onto a second line and its
-# tables' numbers were cut short ("0.71…"). A log or a pipe gets whole lines instead, unless COLUMNS says otherwise.
+# rich lays out anything that is not a terminal at 80 columns (or at COLUMNS, which pytest, for one, exports as 80):
+# a log file's paths broke onto a second line and its tables' numbers were cut short ("0.71…"). A log or a pipe
+# gets whole lines instead.
 LOG_WIDTH = 250
 
 
 def console_for(stream: str = "stderr") -> Console:
     """A console on stderr or stdout: a terminal's own width, LOG_WIDTH columns for a file or a pipe."""
     tty = getattr(getattr(sys, stream), "isatty", lambda: False)()
-    return Console(stderr=stream == "stderr", width=None if tty or "COLUMNS" in os.environ else LOG_WIDTH)
+    return Console(stderr=stream == "stderr", width=None if tty else LOG_WIDTH)
 
 
 console = console_for("stderr")

@@ -107,7 +107,7 @@ MUTATIONS = [
       "if False:", PACKING),
     m("model.varlen-view-misplaces-tokens", "bge/model.py", "where = batch.sequence * W + batch.positions",
       "where = batch.sequence * W + batch.positions.flip(0)", PACKING),
-    m("console.logs-at-80-columns", "bge/console.py", 'width=None if tty or "COLUMNS" in os.environ else LOG_WIDTH',
+    m("console.logs-at-80-columns", "bge/console.py", "width=None if tty else LOG_WIDTH",
       "width=None", "tests/test_package.py::test_a_log_file_or_a_pipe_gets_whole_lines_not_80_columns"),
     # ---- optimiser and schedule ---------------------------------------------------------------------------------
     m("optim.linear-decay-ignores-min-lr-ratio", "bge/optim.py",

@@ -74,8 +74,10 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: float = 1.0, l
     top = len(model.layers)  # the top layer's depth, and that of anything above it: the rate in full
     depth = {id(p): 0 for p in model.emb.parameters()}
     depth.update({id(p): i + 1 for i, layer in enumerate(model.layers) for p in layer.parameters()})
-    at = lambda d: [p for p in trainable if depth.get(id(p), top) == d]
-    return [g for d in range(top, -1, -1) if at(d) for g in two(at(d), lr_scale * layer_decay ** (top - d))]
+    at: dict[int, list[nn.Parameter]] = {}
+    for p in trainable:
+        at.setdefault(depth.get(id(p), top), []).append(p)
+    return [g for d in sorted(at, reverse=True) for g in two(at[d], lr_scale * layer_decay ** (top - d))]
 
 
 def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),

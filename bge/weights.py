@@ -117,7 +117,8 @@ def load_weights(model: Encoder, tensors: dict[str, torch.Tensor], source: str) 
     if problems:
         raise UserError(f"{source}: weights do not match config.json: " + "; ".join(problems))
     assert set(new) == set(ours), "hf_names must cover every parameter of the model"
-    model.load_state_dict({k: v.to(ours[k].dtype) for k, v in new.items()})
+    # assign: the file's tensors become the parameters (a model built on the meta device has no memory to copy into)
+    model.load_state_dict({k: v.to(ours[k].dtype) for k, v in new.items()}, assign=True)
     model.passthrough = {k: v for k, v in tensors.items() if k.startswith(KEPT_AS_IS)}
 
 
@@ -158,7 +159,8 @@ def load_model(folder: str | Path, *, name: str = "", max_length: int | None = N
         raise UserError(f"{folder}: no config.json (is this a model folder?)")
     pooling, normalize = read_pooling(folder)
     cfg = ModelConfig.from_hf(hf, pooling=pooling, normalize=normalize, source=str(folder / "config.json"))
-    model = Encoder(cfg)
+    with torch.device("meta"):  # no memory and no random init for weights the file replaces: a load costs one copy
+        model = Encoder(cfg)
     load_weights(model, read_safetensors(folder), str(folder))
     tokenizer = Tokenizer.from_folder(folder, position_limit=cfg.max_tokens, max_length=max_length,
                                       query_prompt=query_prompt, name=name)

@@ -107,6 +107,8 @@ MUTATIONS = [
       "if False:", PACKING),
     m("model.varlen-view-misplaces-tokens", "bge/model.py", "where = batch.sequence * W + batch.positions",
       "where = batch.sequence * W + batch.positions.flip(0)", PACKING),
+    m("weights.random-init-before-loading", "bge/weights.py", 'with torch.device("meta"):', 'with torch.device("cpu"):',
+      "tests/test_model.py::test_loading_draws_no_random_weights_first"),
     m("console.logs-at-80-columns", "bge/console.py", "width=None if tty else LOG_WIDTH",
       "width=None", "tests/test_package.py::test_a_log_file_or_a_pipe_gets_whole_lines_not_80_columns"),
     # ---- optimiser and schedule ---------------------------------------------------------------------------------

@@ -171,6 +171,18 @@ def test_half_precision_and_prefixed_files_load(minilm, minilm_dir, tmp_path):
             assert torch.equal(a, b.to(dtype).float())  # exactly the file's values, upcast
 
 
+def test_loading_draws_no_random_weights_first(minilm_dir):
+    """The encoder is built on the meta device and takes the file's tensors as its parameters: no random init to
+    overwrite (the global RNG is left as it was, so a run's dropout draws do not depend on how its model was built),
+    and no second copy of the weights while loading (README, "Where a real run's time and memory go")."""
+    rng = torch.get_rng_state()
+    model, _ = load_model(minilm_dir)
+    assert torch.equal(torch.get_rng_state(), rng)
+    params = list(model.parameters())
+    assert all(p.device.type == "cpu" and p.requires_grad and p.dtype == torch.float32 for p in params)
+    assert model.emb.word.weight.data_ptr() != model.emb.position.weight.data_ptr()
+
+
 def broken_copy(minilm_dir, tmp_path, edit):
     folder = tmp_path / "broken"
     folder.mkdir()

@@ -197,9 +197,11 @@ class Comparison:
     thresholds: dict[str, Threshold | None]
 
     def to_dict(self) -> dict:
-        """JSON-able: the changes, the counts, score summaries and thresholds (not the raw scores)."""
+        """JSON-able: the changes, the counts, score summaries and thresholds (not the raw scores); lists, not
+        tuples, so that train()'s returned results equal what results.json reads back."""
         return {"models": list(self.names), "metric": self.metric, "counts": self.counts,
-                "changes": [asdict(c) | {"change": c.change} for c in self.changes],
+                "changes": [asdict(c) | {"change": c.change, "top_before": [list(t) for t in c.top_before],
+                                         "top_after": [list(t) for t in c.top_after]} for c in self.changes],
                 "scores": {m: {"relevant": summary(p), "non_relevant": summary(n)} for m, (p, n) in self.scores.items()},
                 "precision": self.precision,
                 "thresholds": {m: asdict(t) if t else None for m, t in self.thresholds.items()}}

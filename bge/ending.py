@@ -5,6 +5,7 @@ curves. bge.training.train calls `finish` on rank 0.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -116,7 +117,11 @@ def finish(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path, trainer: dic
                                     tuple(probe_rows["base"]), probe_rows.get("merged"), ratio))
         results.update(probe_rows)
     results["timing"] = clock.report()  # seconds by phase (this process), peak RSS: benchmarks/run_time.py
-    atomic_write_text(run_dir / "results.json", json_text(results) + "\n")  # NaN as null, with why
+    text = json_text(results) + "\n"  # NaN as null, with why
+    atomic_write_text(run_dir / "results.json", text)
+    # from here on the results are what the file says, so train()'s caller and a script reading results.json see
+    # one thing (JSON's lists for tuples, null for NaN), whatever shape a later field is built in
+    results = json.loads(text)
     card.fill_results(run_dir, results)  # the test table into best/'s and merged/'s model cards
     plot.after_run(run_dir)  # curves.png, or text sparklines without matplotlib
     console.print(f"wrote {run_dir / 'results.json'}; fine-tuned model in {run_dir / 'best'}")

@@ -111,6 +111,8 @@ MUTATIONS = [
       "tests/test_model.py::test_loading_draws_no_random_weights_first"),
     m("diagnostics.changes-not-json-shaped", "bge/diagnostics.py", '"top_before": [list(t) for t in c.top_before],',
       '"top_before": c.top_before,', "tests/test_diagnostics.py::test_compare_is_json_ready_and_renders"),
+    m("ending.returns-results-as-built", "bge/ending.py", "    results = json.loads(text)\n", "",
+      "tests/test_train.py::test_returned_results_are_what_results_json_says"),
     m("console.logs-at-80-columns", "bge/console.py", "width=None if tty else LOG_WIDTH",
       "width=None", "tests/test_package.py::test_a_log_file_or_a_pipe_gets_whole_lines_not_80_columns"),
     # ---- optimiser and schedule ---------------------------------------------------------------------------------

@@ -346,6 +346,20 @@ def test_python_api_gives_the_clis_results(data, tiny_model_dir, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_returned_results_are_what_results_json_says(data, tiny_model_dir, tmp_path, monkeypatch):
+    """Whatever shape a field is built in (a tuple, a NaN), train() returns what the file says."""
+    from bge import TrainConfig, train as train_fn
+    from bge.runs import Stopwatch
+
+    report = Stopwatch.report
+    monkeypatch.setattr(Stopwatch, "report", lambda self: {**report(self), "odd": (1, float("nan"))})
+    cfg = TrainConfig(data=str(data), model=str(tiny_model_dir), out_dir=str(tmp_path), batch_size=8, group_size=2,
+                      max_passage_length=48, max_query_length=16, eval_batch_size=64, max_steps=2, run_name="r")
+    results = train_fn(cfg).results
+    assert results["timing"]["odd"] == [1, None] and results["undefined"] == {"timing.odd.1": "undefined (NaN or infinite)"}
+    assert results == json.loads((tmp_path / "r" / "results.json").read_text())
+
+
 def test_two_files_each_batch_from_one_and_no_in_batch_neg_by_name(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import bge.tasks
 

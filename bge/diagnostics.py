@@ -174,7 +174,7 @@ def plot_score_distributions(dists: dict[str, tuple[np.ndarray, np.ndarray]], pa
             ax.axvline(t.threshold, color="k", linestyle="--", label=f"threshold {t.threshold:.3f}")
         ax.set_title(name)
         ax.set_xlabel("cosine similarity")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")  # a fixed corner: "best" searches every bar, slowly on a busy CPU
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -197,8 +197,8 @@ class Comparison:
     thresholds: dict[str, Threshold | None]
 
     def to_dict(self) -> dict:
-        """JSON-able: the changes, the counts, score summaries and thresholds (not the raw scores); lists, not
-        tuples, so that train()'s returned results equal what results.json reads back."""
+        """JSON-able: the changes, the counts, score summaries and thresholds (not the raw scores), already in JSON's
+        shapes (lists, not tuples), so that it equals its own JSON round trip."""
         return {"models": list(self.names), "metric": self.metric, "counts": self.counts,
                 "changes": [asdict(c) | {"change": c.change, "top_before": [list(t) for t in c.top_before],
                                          "top_after": [list(t) for t in c.top_after]} for c in self.changes],

@@ -99,7 +99,7 @@ def test_compare_is_json_ready_and_renders(tmp_path):
     qrels, ranked, per_query = toy(1)
     c = compare(("base", "tuned"), tuple(per_query), tuple(ranked), qrels, {q: q for q in qrels}, n=3, precision=0.5)
     blob = json.loads(json.dumps(c.to_dict()))
-    assert blob == c.to_dict()  # already in JSON's shapes (lists, not tuples): train()'s results equal results.json's
+    assert blob == c.to_dict()  # already in JSON's shapes (lists, not tuples)
     assert len(blob["changes"]) == 3 and all(ch["top_before"] and ch["top_after"] for ch in blob["changes"])
     assert set(blob["thresholds"]) == {"base", "tuned"}
     assert blob["counts"]["better"] + blob["counts"]["worse"] + blob["counts"]["same"] == len(qrels)

@@ -324,13 +324,19 @@ def comparable(results: dict) -> dict:
     return out
 
 
+def tiny_config(data, model, out, **kw):
+    """The Python API's config for what `args` gives the CLI (the tiny model's sizes)."""
+    from bge import TrainConfig
+
+    return TrainConfig(data=str(data), model=str(model), out_dir=str(out), batch_size=8, group_size=2,
+                       max_passage_length=48, max_query_length=16, eval_batch_size=64, **kw)
+
+
 def test_python_api_gives_the_clis_results(data, tiny_model_dir, tmp_path):
     from bge import TrainConfig, train as train_fn
 
     train.main(args(data, tiny_model_dir, tmp_path, "--run-name", "cli", "--max-steps", "4", "--eval-every", "2"))
-    cfg = TrainConfig(data=str(data), model=str(tiny_model_dir), out_dir=str(tmp_path), batch_size=8, group_size=2,
-                      max_passage_length=48, max_query_length=16, eval_batch_size=64, lr=1e-3, run_name="api",
-                      max_steps=4, eval_every=2)
+    cfg = tiny_config(data, tiny_model_dir, tmp_path, lr=1e-3, run_name="api", max_steps=4, eval_every=2)
     result = train_fn(cfg)
     assert result.run_dir == tmp_path / "api"
     cli = json.loads((tmp_path / "cli" / "results.json").read_text())
@@ -348,13 +354,12 @@ def test_python_api_gives_the_clis_results(data, tiny_model_dir, tmp_path):
 
 def test_returned_results_are_what_results_json_says(data, tiny_model_dir, tmp_path, monkeypatch):
     """Whatever shape a field is built in (a tuple, a NaN), train() returns what the file says."""
-    from bge import TrainConfig, train as train_fn
+    from bge import train as train_fn
     from bge.runs import Stopwatch
 
     report = Stopwatch.report
     monkeypatch.setattr(Stopwatch, "report", lambda self: {**report(self), "odd": (1, float("nan"))})
-    cfg = TrainConfig(data=str(data), model=str(tiny_model_dir), out_dir=str(tmp_path), batch_size=8, group_size=2,
-                      max_passage_length=48, max_query_length=16, eval_batch_size=64, max_steps=2, run_name="r")
+    cfg = tiny_config(data, tiny_model_dir, tmp_path, max_steps=2, run_name="r")
     results = train_fn(cfg).results
     assert results["timing"]["odd"] == [1, None] and results["undefined"] == {"timing.odd.1": "undefined (NaN or infinite)"}
     assert results == json.loads((tmp_path / "r" / "results.json").read_text())

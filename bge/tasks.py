@@ -170,9 +170,11 @@ class RetrievalTask(Task):
         The negatives are kept in the cache folder, keyed by everything they depend on."""
         cfg = self.cfg
         count = mined_negatives(cfg)
+        # the instruction is in the key because the base encodes the queries with it; the fingerprint leaves it out,
+        # as the corpus encodings it keys do not depend on it (an empty one adds nothing, so older keys stay valid)
         key = json.dumps([self.full.fingerprint(), base.fingerprint(), [ex.qid for ex in self.train], count,
                           cfg.mine_range, cfg.mine_margin, cfg.seed, cfg.max_passage_length, cfg.max_query_length,
-                          cpu_bf16, MINE_FORMAT])
+                          cpu_bf16, MINE_FORMAT] + ([base.tokenizer.query_prompt] if base.tokenizer.query_prompt else []))
         path = cache_folder(cfg) / f"mined-{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.json"
         cached = _read_mined(path, len(self.train))
         if cached is None:

@@ -222,6 +222,9 @@ def test_mined_negatives_are_never_positives_cached_and_share_the_base_encoding(
     # a second run with the same base model and data mines nothing: the cache answers
     train.main([*common, "--run-name", "b"])
     assert calls == [1]
+    # a query instruction changes how the base encodes the queries, so it mines afresh and keeps its own entry
+    train.main([*common, "--run-name", "prompted", "--query-prompt", "query: "])
+    assert calls == [1, 1] and len(list((tmp_path / "cache").glob("mined-*.json"))) == 2
     with pytest.raises(UserError, match="--mine-range"):
         train.main([*common, "--run-name", "c", "--mine-range", "20-10"])
 

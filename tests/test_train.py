@@ -324,6 +324,19 @@ def comparable(results: dict) -> dict:
     return out
 
 
+def test_the_base_is_tested_with_its_own_query_instruction_not_the_runs(data, tiny_model_dir, tmp_path):
+    # a --query-prompt the base was not trained with is part of the recipe: the base row is the model as it is used
+    # without this run, so it equals a plain run's base row, while the fine-tuned model keeps the run's instruction
+    common = args(data, tiny_model_dir, tmp_path, "--max-steps", "1", "--explain", "0")
+    train.main([*common, "--run-name", "plain"])
+    train.main([*common, "--run-name", "prompted", "--query-prompt", "query: "])
+    plain, prompted = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("plain", "prompted"))
+    assert prompted["base"] == plain["base"] and prompted["base_query_prompt"] == "" and "base_query_prompt" not in plain
+    assert prompted["fine_tuned"] != plain["fine_tuned"]
+    st = json.loads((tmp_path / "prompted" / "best" / "config_sentence_transformers.json").read_text())
+    assert st["prompts"]["query"] == "query: "
+
+
 def tiny_config(data, model, out, **kw):
     """The Python API's config for what `args` gives the CLI (the tiny model's sizes)."""
     from bge import TrainConfig

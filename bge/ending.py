@@ -67,8 +67,9 @@ def forgetting_guard(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path, ba
 def finish(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path, trainer: dict, *, device: torch.device,
            query_prompt: str | None, cpu_bf16: bool, probe: RetrievalData | STSData | None, clock: Stopwatch,
            score: Callable[[Embedder], dict[str, float]]) -> dict:
-    """Test the base model (with its own query instruction), best/ and the guard's mix; print the diagnostics and the tables; write results.json
-    (returned), the cards' tables and the curves. `score` validates a model (val/ and probe/ metrics)."""
+    """Test the base model (with its own query instruction), best/ and the guard's mix; print the diagnostics and
+    the tables; write results.json (returned), the cards' tables and the curves. `score` validates a model (val/ and
+    probe/ metrics)."""
     judged = labelled(tasks)  # what is validated and reported: not --unlabeled's pseudo-pairs
     first = next(iter(judged.values()))
     best_key = first.metric if len(judged) == 1 else "mean"

@@ -65,7 +65,7 @@ def forgetting_guard(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path, ba
 
 
 def finish(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path, trainer: dict, *, device: torch.device,
-           query_prompt: str | None, cpu_bf16: bool, probe: RetrievalData | STSData | None, clock: Stopwatch,
+           cpu_bf16: bool, probe: RetrievalData | STSData | None, clock: Stopwatch,
            score: Callable[[Embedder], dict[str, float]]) -> dict:
     """Test the base model (with its own query instruction), best/ and the guard's mix; print the diagnostics and
     the tables; write results.json (returned), the cards' tables and the curves. `score` validates a model (val/ and
@@ -78,12 +78,13 @@ def finish(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path, trainer: dic
                **{f"train_{'queries' if t.name == 'retrieval' else t.name}": len(t.train) for t in tasks.values()}}
     # the base as it is used without this run, with its own query instruction: a --query-prompt the model was not
     # trained with is part of what fine-tuning changed (BGE's given to all-MiniLM-L6-v2 costs SciFact 5 nDCG@10)
+    tuned = Embedder.load(str(run_dir / "best"), device=device)  # its folder holds the run's instruction
     base = Embedder.load(cfg.model, device=device)
-    if base.tokenizer.query_prompt != query_prompt:
+    same_prompt = base.tokenizer.query_prompt == tuned.tokenizer.query_prompt
+    if not same_prompt:
         console.print(f"the base model is tested with its own query instruction ({base.tokenizer.query_prompt!r}), "
-                      f"the fine-tuned one with this run's ({query_prompt!r})")
+                      f"the fine-tuned one with this run's ({tuned.tokenizer.query_prompt!r})")
         results["base_query_prompt"] = base.tokenizer.query_prompt
-    tuned = Embedder.load(str(run_dir / "best"), device=device)
     merged, ratio, sweep = forgetting_guard(cfg, tasks, run_dir, base, tuned, trainer, score, clock)
     if sweep:
         results["merge_sweep"] = {f"{r:g}": s for r, s in sorted(sweep.items())}
@@ -91,7 +92,7 @@ def finish(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path, trainer: dic
         results["merge_ratio"] = ratio
 
     # the probe was scored when each of these models was validated (base at step 0, best/ at its step): reuse it
-    validated = {"base": trainer["base_val"] if base.tokenizer.query_prompt == query_prompt else None,
+    validated = {"base": trainer["base_val"] if same_prompt else None,
                  "fine_tuned": trainer["best_val"], "merged": sweep.get(ratio)}
     probe_rows = {name: {k: v for k, v in (validated[name] or {}).items() if k.startswith("probe/")}
                   or probe_scores(m, probe, cfg, cpu_bf16)

@@ -285,7 +285,7 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
         export(embedder, tasks, run_dir / "final")
         if trainer["best"] is None:  # nothing to choose by: the last weights are the best we know
             export(embedder, tasks, run_dir / "best")
-    results = ending.finish(cfg, tasks, run_dir, trainer, device=device, query_prompt=tokenizer.query_prompt,
-                            cpu_bf16=cpu_bf16, probe=probe, clock=clock, score=validation_scores)
+    results = ending.finish(cfg, tasks, run_dir, trainer, device=device, cpu_bf16=cpu_bf16, probe=probe, clock=clock,
+                            score=validation_scores)
     distributed.shutdown(info)
     return TrainResult(results, run_dir)

@@ -114,7 +114,7 @@ MUTATIONS = [
     m("ending.returns-results-as-built", "bge/ending.py", "    results = json.loads(text)\n", "",
       "tests/test_train.py::test_returned_results_are_what_results_json_says"),
     m("ending.base-tested-with-the-runs-instruction", "bge/ending.py", "    base = Embedder.load(cfg.model, device=device)\n",
-      "    base = Embedder.load(cfg.model, device=device, query_prompt=query_prompt)\n",
+      "    base = Embedder.load(cfg.model, device=device, query_prompt=tuned.tokenizer.query_prompt)\n",
       "tests/test_train.py::test_the_base_is_tested_with_its_own_query_instruction_not_the_runs"),
     m("console.logs-at-80-columns", "bge/console.py", "width=None if tty else LOG_WIDTH",
       "width=None", "tests/test_package.py::test_a_log_file_or_a_pipe_gets_whole_lines_not_80_columns"),

@@ -113,12 +113,15 @@ def mine(embedder: Embedder, data: RetrievalData, examples: list[Example], *, ne
     ranked = rank(qids, q_emb, corpus.ids, corpus.emb, stop)
     q_unit, c_unit = unit(q_emb), unit(corpus.emb)
     row = {d: i for i, d in enumerate(corpus.ids)}
+    # a line that repeats an earlier line's query was folded into it (retrieval_from_examples): its relevant passages
+    # are the query's, every line's positives, so that no line is given another line's positive as a negative
+    holder = {m: h for h, folded in data.merged.items() for m in folded}
     totals = Counter()
     lines = []
     with progress(disable=show_progress is False) as bar:
         task = bar.add_task("filtering candidates", total=len(examples))
         for qi, ex in enumerate(examples):
-            pos_ids = {d for d, g in data.qrels[ex.qid].items() if g > 0}
+            pos_ids = {d for d, g in data.qrels[holder.get(ex.qid, ex.qid)].items() if g > 0}
             positive_score = min(float(q_unit[qi] @ c_unit[row[d]]) for d in pos_ids)
             candidates = ranked[ex.qid][start:stop]
             kept, removed = filter_candidates(candidates, data.corpus, pos_ids, ex.pos, threshold(positive_score, margin))

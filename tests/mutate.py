@@ -310,6 +310,13 @@ MUTATIONS = [
     m("memory.malloc-trims", "bge/malloc.py", ", (M_TRIM_THRESHOLD, TRIM_THRESHOLD))", ",)", "tests/test_malloc.py"),
     m("memory.malloc-maps-big-blocks", "bge/malloc.py", "((M_MMAP_THRESHOLD, MMAP_THRESHOLD), ", "(",
       "tests/test_malloc.py"),
+    # ---- hard-negative mining (bge/mine.py) ------------------------------------------------------------------
+    m("mine.folded-line-mined-with-its-own-positives", "bge/mine.py", "data.qrels[holder.get(ex.qid, ex.qid)]",
+      "(data.qrels.get(ex.qid) or {d: 1 for d, t in data.corpus.items() if t in ex.pos})",
+      "tests/test_mine.py::test_a_query_on_several_lines_is_mined_with_all_its_positives"),
+    m("mine.positive-text-under-another-id-kept", "bge/mine.py", 'else "positive text" if norm in pos_norm',
+      'else "positive text" if False',
+      "tests/test_mine.py::test_mining_never_emits_a_positive_even_duplicated_or_near_duplicated"),
     # ---- caches keyed by the model's fingerprint ---------------------------------------------------------
     m("cache.fingerprint-counts-dropout", "bge/embedder.py", 'if "dropout" not in k}', "}",
       "tests/test_evaluate.py::test_dropout_rates_leave_the_fingerprint_alone_and_the_rest_of_the_config_does_not"),

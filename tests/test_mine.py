@@ -13,7 +13,7 @@ from bge.data import examples_from_beir, load_beir
 from bge.embedder import Embedder
 from bge.errors import UserError
 from bge.evaluation import encode_corpus
-from bge.mine import filter_candidates, main, mine, parse_margin, parse_range, sample, threshold
+from bge.mine import filter_candidates, load_input, main, mine, parse_margin, parse_range, sample, threshold
 from bge.tasks import load_tasks
 from conftest import SHARED_DATA
 
@@ -191,3 +191,21 @@ def test_out_that_is_an_input_is_refused_before_any_work(tmp_path):
     assert data.read_text() == '{"query": "q", "pos": ["p"]}\n'
     with pytest.raises(UserError, match="--negatives: must be in \\[1, inf\\), got 0"):
         main(["--data", str(data), "--out", str(tmp_path / "o.jsonl"), "--negatives", "0"])
+
+
+def test_a_query_on_several_lines_is_mined_with_all_its_positives(minilm, cache, tmp_path):
+    """FlagEmbedding files often give one line per (query, positive): the evaluation set folds the lines into one
+    query, and mining must look its positives up there (it raised KeyError on the folded line) and never hand one
+    line another line's positive as a negative."""
+    lines = [json.loads(l) for l in (REPO / "examples" / "bike_repair.jsonl").read_text().splitlines()[:20]]
+    rows = [{"query": CHAIN_QUERY, "pos": [CHAIN]}] + [{"query": l["query"], "pos": l["pos"]} for l in lines]
+    rows.append({"query": CHAIN_QUERY, "pos": [NEAR]})  # the same query again, with the near-duplicate as positive
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data, examples = load_input(str(path), "train", "", True)
+    assert data.n_merged == 1
+    out, _ = mine(minilm, data, examples, negatives=1000, rank_range=(0, 1000), cache_dir=cache)
+    chain = [l for l in out if l["query"] == CHAIN_QUERY]
+    assert len(chain) == 2 and all(l["neg"] for l in chain)
+    for l in chain:  # NEAR is the second line's positive, CHAIN the first's: a negative of neither
+        assert not {normalise(CHAIN), normalise(NEAR)} & {normalise(t) for t in l["neg"]}

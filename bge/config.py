@@ -82,6 +82,10 @@ class TrainConfig:
                                 "folders (with --split), folders of *.jsonl files (one file each); each micro-batch "
                                 "comes from one file, and a file or folder named *no_in_batch_neg trains without "
                                 "in-batch negatives (FlagEmbedding's conventions)", "data")
+    extra_data: tuple[str, ...] = opt((), "more training data, in --data's formats, trained on but never held out: "
+                                      "nothing of it is carved for validation or test, so the split and the held-out "
+                                      "sets stay --data's alone (another domain's or a public set's pairs beside your "
+                                      "own); each of its retrieval sources is mined against its own passages", "data")
     split: str = opt("train", "qrels split to train on when --data is a BEIR folder", "data")
     val: str = opt("", "validation set (JSONL or BEIR folder); default: carved from --data", "data")
     test: str = opt("", "test set (JSONL or BEIR folder); default: carved from --data", "data")
@@ -280,6 +284,9 @@ class TrainConfig:
         if isinstance(self.data, str):  # TrainConfig(data="a.jsonl"): one path
             self.data = (self.data,) if self.data else ()
         self.data = tuple(self.data)
+        if isinstance(self.extra_data, str):
+            self.extra_data = (self.extra_data,) if self.extra_data else ()
+        self.extra_data = tuple(self.extra_data)
 
     def to_dict(self) -> dict:
         """The fields as JSON holds them (config.json, results.json): lists for the list fields."""

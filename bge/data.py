@@ -593,34 +593,36 @@ class Source:
     path: Path
     beir: bool = False
     in_batch_negatives: bool = True  # False: the file's stem, or its folder's name, ends in no_in_batch_neg
+    extra: bool = False  # an --extra-data source: trained on, never held out
 
 
-def data_sources(paths: tuple[str, ...] | list[str]) -> list[Source]:
-    """--data's sources in order: a file as it is, a BEIR folder (it has corpus.jsonl) as one source, any other folder
-    as its *.jsonl files (sorted). A file whose stem, or a folder whose name, ends in no_in_batch_neg trains without
-    in-batch negatives, as FlagEmbedding reads its training data."""
+def data_sources(paths: tuple[str, ...] | list[str], extra: tuple[str, ...] | list[str] = ()) -> list[Source]:
+    """--data's sources in order, then --extra-data's (`extra`: marked so): a file as it is, a BEIR folder (it has
+    corpus.jsonl) as one source, any other folder as its *.jsonl files (sorted). A file whose stem, or a folder whose
+    name, ends in no_in_batch_neg trains without in-batch negatives, as FlagEmbedding reads its training data."""
     if not paths:
         raise UserError("--data is required (FlagEmbedding-format JSONL files, STS TSV files, BEIR folders, or folders "
                         "of JSONL files)")
     out, seen = [], {}
-    for given in paths:
+    for flag, given in [("--data", p) for p in paths] + [("--extra-data", p) for p in extra]:
         path = Path(given)
         if not path.exists():
-            raise UserError(f"--data {given}: no such file or folder")
+            raise UserError(f"{flag} {given}: no such file or folder")
         if path.is_dir() and not (path / "corpus.jsonl").exists():
             files = sorted(p for p in path.glob("*.jsonl") if p.is_file())
             if not files:
-                raise UserError(f"--data {given}: neither a BEIR folder (corpus.jsonl, queries.jsonl, qrels/) nor a "
+                raise UserError(f"{flag} {given}: neither a BEIR folder (corpus.jsonl, queries.jsonl, qrels/) nor a "
                                 f"folder of *.jsonl files")
             folder_off = path.resolve().name.endswith(NO_IN_BATCH)
-            found = [Source(f, False, not (folder_off or f.stem.endswith(NO_IN_BATCH))) for f in files]
+            found = [Source(f, False, not (folder_off or f.stem.endswith(NO_IN_BATCH)), flag == "--extra-data")
+                     for f in files]
         else:
             name = path.resolve().name if path.is_dir() else path.stem
-            found = [Source(path, path.is_dir(), not name.endswith(NO_IN_BATCH))]
+            found = [Source(path, path.is_dir(), not name.endswith(NO_IN_BATCH), flag == "--extra-data")]
         for src in found:
             key = src.path.resolve()
             if key in seen:
-                raise UserError(f"--data: {src.path} is given twice (also as {seen[key]})")
+                raise UserError(f"{flag}: {src.path} is given twice (also as {seen[key]})")
             seen[key] = src.path
             out.append(src)
     return out
@@ -628,63 +630,85 @@ def data_sources(paths: tuple[str, ...] | list[str]) -> list[Source]:
 
 @dataclass
 class TrainingSet:
-    """Every --data source's items by task, and the retrieval evaluation set they make."""
+    """Every --data source's items by task, and the retrieval evaluation set they make; --extra-data's items apart."""
 
-    items: dict[str, list]  # task -> its items from every source, in TASKS order
+    items: dict[str, list]  # task -> its items from every --data source, in TASKS order (what the split carves)
     full: RetrievalData | None  # queries, corpus and qrels of the retrieval items (what is carved and mined from)
-    sources: list[Source]
+    sources: list[Source]  # --data's, then --extra-data's; an item's `file` is its source's index here
     name: str  # what the held-out sets are called: the source's file name, or the names joined
     notes: list[str] = field(default_factory=list)  # one line per remark: skipped lines, each source's counts
+    extra_items: dict[str, list] = field(default_factory=dict)  # task -> --extra-data's items: trained on, never held out
+    extra_sets: dict[int, RetrievalData] = field(default_factory=dict)  # --extra-data source -> its own set, to mine from
+
+
+def namespaced(data: RetrievalData, k: int) -> RetrievalData:
+    """A BEIR folder's set with its query and document ids prefixed "<k>:", as its items' qids are in a run of several
+    sources."""
+    return RetrievalData({f"{k}:{q}": t for q, t in data.queries.items()}, {f"{k}:{d}": t for d, t in data.corpus.items()},
+                         {f"{k}:{q}": {f"{k}:{d}": g for d, g in r.items()} for q, r in data.qrels.items()},
+                         {f"{k}:{q}": p for q, p in data.prompts.items()}, data.name)
 
 
 def read_training_data(sources: list[Source], task: str = "auto", split: str = "train", use_title: bool = True,
                        corpus: str = "", skip_bad_lines: bool = False) -> TrainingSet:
-    """The items of every source. One source is read as it always was. Of several, each item remembers its source
-    (`file`) and its ids are namespaced by it ("<file>:<qid>"; STS and classification ids are "<file>:<line>"), so two
-    files' line numbers or two folders' query and document ids never collide; the retrieval evaluation set is the
-    union of the sources' (a BEIR folder's graded qrels kept), over --corpus and the BEIR folders' corpora."""
-    several, notes = len(sources) > 1, []
+    """The items of every source. One --data source is read as it always was. Of several, each item remembers its
+    source (`file`) and its ids are namespaced by it ("<file>:<qid>"; STS and classification ids are "<file>:<line>"),
+    so two files' line numbers or two folders' query and document ids never collide; the retrieval evaluation set is
+    the union of the --data sources' (a BEIR folder's graded qrels kept), over --corpus and their BEIR corpora.
+    --extra-data sources (after --data's) are always namespaced, so that adding one leaves --data's ids, and with them
+    the split and the held-out sets, as they were; their items and each one's own retrieval set are kept apart."""
+    carved = [src for src in sources if not src.extra]
+    several, notes = len(carved) > 1, []
     items: dict[str, list] = {}
+    extra_items: dict[str, list] = {}
+    extra_sets: dict[int, RetrievalData] = {}
     beir_corpus, beir_qrels = {}, {}
     full = None
     for k, src in enumerate(sources):
         if src.beir:
             if task not in ("auto", "retrieval"):
-                raise UserError(f"--data {src.path} is a BEIR folder (retrieval); it cannot be read as --task {task}")
+                raise UserError(f"{'--extra-data' if src.extra else '--data'} {src.path} is a BEIR folder (retrieval); "
+                                f"it cannot be read as --task {task}")
             if corpus and not several:
                 raise UserError("--corpus is for a JSONL --data; a BEIR folder brings its own corpus")
             beir = load_beir(src.path, split, use_title=use_title)
             part = {"retrieval": examples_from_beir(beir)}
-            full = beir
+            if not src.extra:
+                full = beir
         else:
             data, skipped = load_training_file(src.path, task, skip_bad_lines=skip_bad_lines)
             if skipped:
                 notes.append(f"[yellow]skipped {len(skipped)} bad line(s) of {src.path}[/] (--skip-bad-lines); "
                              f"first: {skipped[0]}")
             part = data.by_task()
-        if several:
+        if several or src.extra:
             for rows in part.values():
                 for it in rows:
                     it.file = k
                     if isinstance(it, Example):
                         it.qid = f"{k}:{it.qid}"
-            if src.beir:
+            if src.beir and not src.extra:
                 beir_corpus |= {f"{k}:{d}": text for d, text in beir.corpus.items()}
                 beir_qrels |= {f"{k}:{q}": {f"{k}:{d}": g for d, g in rels.items()} for q, rels in beir.qrels.items()}
+        if src.extra and "retrieval" in part:  # mined against its own passages, never against --data's corpus
+            extra_sets[k] = (namespaced(beir, k) if src.beir else
+                             retrieval_from_examples(part["retrieval"], name=src.path.name))
         for name, rows in part.items():
-            items.setdefault(name, []).extend(rows)
-        if several or not src.in_batch_negatives:
+            (extra_items if src.extra else items).setdefault(name, []).extend(rows)
+        if len(sources) > 1 or not src.in_batch_negatives:
             counts = ", ".join(f"{len(rows)} {name}" for name, rows in part.items())
-            notes.append(f"--data {src.path}: {counts} {'queries (BEIR)' if src.beir else 'line(s)'}"
-                         + ("" if src.in_batch_negatives else "; no in-batch negatives (its name ends in no_in_batch_neg)"))
+            notes.append(f"{'--extra-data' if src.extra else '--data'} {src.path}: {counts} "
+                         f"{'queries (BEIR)' if src.beir else 'line(s)'}"
+                         + ("" if src.in_batch_negatives else "; no in-batch negatives (its name ends in no_in_batch_neg)")
+                         + ("; trained on, never held out" if src.extra else ""))
     items = {t: items[t] for t in TASKS if t in items}
-    names = [s.path.name for s in sources]
+    names = [s.path.name for s in carved]
     name = names[0] if not several else "+".join(names) if len(names) <= 3 else f"{names[0]}+{len(names) - 1} more"
-    if "retrieval" in items and (several or not sources[0].beir):
+    if "retrieval" in items and (several or not carved[0].beir):
         given = load_corpus(corpus, use_title=use_title) if corpus else {}
         full = retrieval_from_examples(items["retrieval"], name=name, corpus={**given, **beir_corpus})
         full.qrels.update({q: r for q, r in beir_qrels.items() if q in full.queries})  # graded, as the folder has them
-    return TrainingSet(items, full, sources, name, notes)
+    return TrainingSet(items, full, sources, name, notes, extra_items, extra_sets)
 
 
 # ---- reading evaluation data ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from bge import distributed, packing
-from bge.config import TrainConfig, mined_negatives
+from bge.config import TrainConfig
 from bge.console import console
 from bge.data import RetrievalData, STSData, load_eval_data
 from bge.distill import Teacher
@@ -53,7 +53,7 @@ def check_data(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path) -> tuple
         raise UserError("--merge-sweep chooses a mix on the validation set; there is none (--val-ratio 0?)")
     if cfg.remine:
         retrieval = tasks.get("retrieval")
-        if retrieval is None or not mined_negatives(cfg) or any(ex.neg for ex in retrieval.train):
+        if retrieval is None or not retrieval.mining_groups():
             raise UserError("--remine mines again the negatives a run mines: it needs retrieval data without `neg` "
                             "and --mine-negatives above 0")
     if cfg.kd_weight > 0:

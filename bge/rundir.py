@@ -61,7 +61,7 @@ def open_run(cfg: TrainConfig, explicit: set[str], info: distributed.DistInfo,
         for note in recover_exports(run_dir) if info.main else []:
             console.print(f"[yellow]{note}[/]")
         return cfg, run_dir, held_by
-    data_sources(cfg.data)  # a missing or unreadable --data is said before any folder is made
+    data_sources(cfg.data, cfg.extra_data)  # a missing or unreadable --data is said before any folder is made
     more = f"+{len(cfg.data) - 1}" if len(cfg.data) > 1 else ""
     name = distributed.broadcast(cfg.run_name or f"{Path(cfg.data[0]).stem}{more}-{datetime.now():%Y%m%d-%H%M%S}", info)
     run_dir = Path(cfg.out_dir) / name

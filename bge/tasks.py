@@ -138,6 +138,8 @@ class RetrievalTask(Task):
         super().__init__(train, val, test, cfg)
         self.teacher = None  # bge.distill.Teacher with --distill-from: its embeddings are targets too
         self.full: RetrievalData | None = None  # the whole evaluation set of --data (load_tasks sets it)
+        self.extra_sets: dict[int, RetrievalData] = {}  # --extra-data source -> its own set (load_tasks sets them)
+        self.mined: list[tuple[RetrievalData, list[int]]] = []  # what mine_negatives mined (mining_groups)
         # one memory for validation and test: the base model validated at step 0 and best/ validated at its step are
         # tested without encoding the corpus again; only the test writes the on-disk cache
         self.cache = CorpusCache(cache_folder(cfg))
@@ -163,27 +165,45 @@ class RetrievalTask(Task):
     def anchor_files(self) -> list[int]:
         return [self.train[i].file or 0 for i, _ in self.items]
 
+    def mining_groups(self) -> list[tuple[RetrievalData, list[int]]]:
+        """What --mine-negatives mines: (retrieval set, training rows) for --data's queries against the run's corpus
+        and for each --extra-data source's against its own passages, leaving out a group whose lines bring negatives
+        (its own are kept). [] when nothing is mined."""
+        if not mined_negatives(self.cfg):
+            return []
+        rows: dict[int | None, list[int]] = {}
+        for i, ex in enumerate(self.train):
+            rows.setdefault(ex.file if ex.file in self.extra_sets else None, []).append(i)
+        return [(self.full if k is None else self.extra_sets[k], r) for k, r in rows.items()
+                if not any(self.train[i].neg for i in r)]
+
     def mine_negatives(self, base: Embedder, cpu_bf16: bool) -> None:
         """Fill the training queries' `neg` with --mine-negatives passages mined by the base model from the run's
-        corpus (bge.mine: ranks --mine-range, the --mine-margin filter). Only training queries are mined; the base
-        model's corpus embeddings go to the task's memory, where step-0 validation and the base's test find them.
-        The negatives are kept in the cache folder, keyed by everything they depend on."""
+        corpus (bge.mine: ranks --mine-range, the --mine-margin filter); an --extra-data source's queries from its own.
+        Only training queries are mined; the base model's corpus embeddings go to the task's memory, where step-0
+        validation and the base's test find them. The negatives are kept in the cache folder, keyed by everything
+        they depend on."""
         cfg = self.cfg
         count = mined_negatives(cfg)
+        self.mined = self.mining_groups()  # fixed now: the filled rows have negatives from here on
+        rows = [i for _, r in self.mined for i in r]
+        sets = [d.fingerprint() for d, _ in self.mined]
         # the instruction is in the key because the base encodes the queries with it; the fingerprint leaves it out,
-        # as the corpus encodings it keys do not depend on it (an empty one adds nothing, so older keys stay valid)
-        key = json.dumps([self.full.fingerprint(), base.fingerprint(), [ex.qid for ex in self.train], count,
-                          cfg.mine_range, cfg.mine_margin, cfg.seed, cfg.max_passage_length, cfg.max_query_length,
-                          cpu_bf16, MINE_FORMAT] + ([base.tokenizer.query_prompt] if base.tokenizer.query_prompt else []))
+        # as the corpus encodings it keys do not depend on it (an empty one adds nothing, so older keys stay valid;
+        # so does a run of --data alone, whose one set is keyed as it always was)
+        key = json.dumps([sets[0] if len(sets) == 1 else sets, base.fingerprint(), [self.train[i].qid for i in rows],
+                          count, cfg.mine_range, cfg.mine_margin, cfg.seed, cfg.max_passage_length,
+                          cfg.max_query_length, cpu_bf16, MINE_FORMAT]
+                         + ([base.tokenizer.query_prompt] if base.tokenizer.query_prompt else []))
         path = cache_folder(cfg) / f"mined-{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.json"
-        cached = _read_mined(path, len(self.train))
+        cached = _read_mined(path, len(rows))
         if cached is None:
             lines, report = self._mine(base, cpu_bf16)
             cached = {"negatives": [line["neg"] for line in lines], "report": report}
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(cached, ensure_ascii=False) + "\n")
-        for ex, neg in zip(self.train, cached["negatives"]):
-            ex.neg = neg
+        for i, neg in zip(rows, cached["negatives"]):
+            self.train[i].neg = neg
         r = cached["report"]
         self.group_size = cfg.group_size
         self.notes.append(f"mined {r['written']:,} hard negatives for {r['queries']:,} training queries with the base "
@@ -193,16 +213,24 @@ class RetrievalTask(Task):
                           + ("; --remine mines them again at each epoch's end" if cfg.remine else ""))
 
     def _mine(self, model: Embedder, cpu_bf16: bool) -> tuple[list[dict], dict]:
+        """bge.mine over each group of self.mined: the lines in the order of its rows, and one report summed."""
         cfg = self.cfg
-        return mine(model, self.full, self.train, negatives=mined_negatives(cfg), rank_range=parse_range(cfg.mine_range),
-                    margin=parse_margin(cfg.mine_margin), seed=cfg.seed, batch_size=cfg.eval_batch_size,
-                    max_length=cfg.max_passage_length, query_max_length=cfg.max_query_length,
-                    cache_dir=self.cache.view(write=False), cpu_bf16=cpu_bf16, show_progress=False)
+        lines, reports = [], []
+        for data, rows in self.mined:
+            got, report = mine(model, data, [self.train[i] for i in rows], negatives=mined_negatives(cfg),
+                               rank_range=parse_range(cfg.mine_range), margin=parse_margin(cfg.mine_margin),
+                               seed=cfg.seed, batch_size=cfg.eval_batch_size, max_length=cfg.max_passage_length,
+                               query_max_length=cfg.max_query_length, cache_dir=self.cache.view(write=False),
+                               cpu_bf16=cpu_bf16, show_progress=False)
+            lines += got
+            reports.append(report)
+        return lines, summed(reports)
 
     def remine(self, model: Embedder, cpu_bf16: bool) -> list[list[str]]:
-        """--remine: each training query's negatives mined again, by the same rule, with the model being trained
-        (ANCE's refresh: the base model's negatives grow easy as the model learns them). Its corpus embeddings are
-        the validation's, still in the task's memory. Returns the passage ids, which the training state keeps."""
+        """--remine: each mined training query's negatives mined again, by the same rule, with the model being
+        trained (ANCE's refresh: the base model's negatives grow easy as the model learns them). Its corpus embeddings
+        are the validation's, still in the task's memory. Returns the passage ids (each from its group's set), which
+        the training state keeps."""
         lines, _ = self._mine(model, cpu_bf16)
         ids = [line["mined"]["ids"] for line in lines]
         self.use_negatives(ids)
@@ -210,8 +238,9 @@ class RetrievalTask(Task):
 
     def use_negatives(self, ids: list[list[str]]) -> None:
         """Negatives by corpus id, as remine returned them (a resumed run's, or rank 0's under torchrun)."""
-        for ex, row in zip(self.train, ids, strict=True):
-            ex.neg = [self.full.corpus[d] for d in row]
+        texts = [(data.corpus, i) for data, rows in self.mined for i in rows]
+        for (corpus, i), row in zip(texts, ids, strict=True):
+            self.train[i].neg = [corpus[d] for d in row]
 
     def micro_batch(self, indices, epoch, tokenizer, device, info=None):
         cfg = self.cfg
@@ -290,6 +319,16 @@ def cache_folder(cfg: TrainConfig) -> Path:
 
 
 MINE_FORMAT = 1  # bump when what a mined-negatives cache file holds changes
+
+
+def summed(reports: list[dict]) -> dict:
+    """bge.mine's reports of several groups as one: counts added up, settings from the first."""
+    out = dict(reports[0])
+    for r in reports[1:]:
+        for k in ("queries", "corpus", "candidates", "kept", "written", "queries_short", "encoded", "cached"):
+            out[k] += r[k]
+        out["removed"] = {f: n + r["removed"][f] for f, n in out["removed"].items()}
+    return out
 
 
 def _read_mined(path: Path, n: int) -> dict | None:
@@ -710,10 +749,14 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
             parse(getattr(cfg, flag))
         except argparse.ArgumentTypeError as e:
             raise UserError(f"--{flag.replace('_', '-')}: {e}") from None
-    data = read_training_data(data_sources(cfg.data), cfg.task, cfg.split, cfg.title, cfg.corpus, cfg.skip_bad_lines)
+    data = read_training_data(data_sources(cfg.data, cfg.extra_data), cfg.task, cfg.split, cfg.title, cfg.corpus,
+                              cfg.skip_bad_lines)
     for note in data.notes:
         console.print(note)
     items, full = data.items, data.full
+    for task in data.extra_items.keys() - items.keys():  # nothing would validate or test what it teaches
+        raise UserError(f"--extra-data {' '.join(cfg.extra_data)} has {task} items and --data has none: nothing would "
+                        f"validate or test them (put that file in --data, or leave it out)")
     split_file = run_dir / "split.json"
     if split_file.exists():  # resuming: the split is part of the run
         split = read_split(split_file, list(items))
@@ -741,6 +784,7 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
         train = [it for it in rows if item_id(it) in train_ids]
         if not train:
             raise UserError(f"{data.name}: no {task} training items left after holding out validation and test items")
+        train += data.extra_items.get(task, [])  # after --data's, so that its items keep their places
         sets = []
         for flag, part in (("--val", "val"), ("--test", "test")):
             if flag in given:
@@ -751,10 +795,12 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
         tasks[task].no_in_batch_files = {k for k, src in enumerate(data.sources) if not src.in_batch_negatives}
     if "retrieval" in tasks:
         tasks["retrieval"].full = full  # the corpus hard negatives are mined from
+        tasks["retrieval"].extra_sets = data.extra_sets  # an --extra-data source's own, for its queries
     if cfg.unlabeled != "off":
         tasks["unlabeled"] = unlabeled_task(cfg, tasks, data.sources)
     if cfg.distill_corpus:
-        tasks["corpus"] = corpus_task(cfg, tasks, data.sources[0].path if len(data.sources) == 1 else None)
+        carved = [src for src in data.sources if not src.extra]
+        tasks["corpus"] = corpus_task(cfg, tasks, carved[0].path if len(carved) == 1 else None)
     return tasks, split
 
 
@@ -764,10 +810,10 @@ def unlabeled_task(cfg: TrainConfig, tasks: dict[str, Task], sources: list[Sourc
     retrieval = tasks.get("retrieval")
     if retrieval is None:
         raise UserError(f"--unlabeled {cfg.unlabeled} makes query/passage pairs; --data has no retrieval lines")
-    passages = [p for src in sources if src.beir for p in read_passages(src.path)]
+    passages = [p for src in sources if src.beir and not src.extra for p in read_passages(src.path)]
     passages += read_passages(cfg.corpus) if cfg.corpus else []
-    beir = {k for k, src in enumerate(sources) if src.beir}
-    passages += [("", t) for ex in retrieval.train if (ex.file or 0) not in beir for t in ex.pos + ex.neg]
+    own = {k for k, src in enumerate(sources) if not (src.beir or src.extra)}  # the domain's files, not --extra-data
+    passages += [("", t) for ex in retrieval.train if (ex.file or 0) in own for t in ex.pos + ex.neg]
     pairs = pseudo_pairs(unique(passages), KINDS[cfg.unlabeled], cfg.seed)
     if not pairs:
         where = cfg.corpus or " ".join(str(src.path) for src in sources)

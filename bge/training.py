@@ -24,7 +24,7 @@ from rich.progress import TextColumn
 from bge import distributed, ending, malloc, prepare, rundir, tasks as task_types
 from bge.batching import Prefetcher
 from bge.checkpoint import restore_state, save_state
-from bge.config import FIELDS, TrainConfig, as_flags, config_from_dict, grad_cache_chunk, mined_negatives
+from bge.config import FIELDS, TrainConfig, as_flags, config_from_dict, grad_cache_chunk
 from bge.console import console, progress
 from bge.embedder import Embedder
 from bge.errors import UserError
@@ -85,7 +85,7 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
     embed, varlen = prepare.embed_function(cfg, embedder, net, device, amp_dtype)
     cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16  # evaluate in the arithmetic we train in
     retrieval = tasks.get("retrieval")
-    if mined_negatives(cfg) and retrieval is not None and not any(ex.neg for ex in retrieval.train):
+    if retrieval is not None and retrieval.mining_groups():
         retrieval.mine_negatives(embedder, cpu_bf16)  # the base model: before any step, and again (cached) on resume
         console.print(retrieval.notes[-1])
     teacher = prepare.load_teacher(cfg, tasks, device, model.dim, cpu_bf16)

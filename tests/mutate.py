@@ -57,6 +57,8 @@ STAGE = ("tests/test_recipe.py::test_unlabeled_stage_trains_the_pseudo_pairs_fir
          "mid_stage")
 STAGE_CHECKS = "tests/test_recipe.py::test_unlabeled_stage_needs_pseudo_pairs_and_is_the_only_stage"
 VERSUS = "tests/test_recipe.py::test_quality_benchmark_pairs_a_recipe_with_another_on_the_seeds_both_ran"
+EXTRA = "tests/test_recipe.py::test_extra_data_is_trained_on_and_leaves_the_split_and_the_held_out_sets_as_they_were"
+EXTRA_MINED = "tests/test_recipe.py::test_extra_data_is_mined_against_its_own_passages_and_leaves_the_data_negatives_alone"
 
 MUTATIONS = [
     # ---- loss ------------------------------------------------------------------------------------------
@@ -317,6 +319,14 @@ MUTATIONS = [
     m("mine.positive-text-under-another-id-kept", "bge/mine.py", 'else "positive text" if norm in pos_norm',
       'else "positive text" if False',
       "tests/test_mine.py::test_mining_never_emits_a_positive_even_duplicated_or_near_duplicated"),
+    # ---- --extra-data: trained on, never held out -------------------------------------------------------------
+    m("extra.carved-with-the-data", "bge/data.py", "(extra_items if src.extra else items).setdefault",
+      "items.setdefault", EXTRA),
+    m("extra.not-trained-on", "bge/tasks.py", "train += data.extra_items.get(task, [])", "train += []", EXTRA),
+    m("extra.mined-against-the-data-corpus", "bge/tasks.py",
+      "(self.full if k is None else self.extra_sets[k], r)", "(self.full, r)", EXTRA_MINED),
+    m("extra.its-passages-made-pseudo-pairs", "bge/tasks.py",
+      "[p for src in sources if src.beir and not src.extra for p", "[p for src in sources if src.beir for p", EXTRA),
     # ---- caches keyed by the model's fingerprint ---------------------------------------------------------
     m("cache.fingerprint-counts-dropout", "bge/embedder.py", 'if "dropout" not in k}', "}",
       "tests/test_evaluate.py::test_dropout_rates_leave_the_fingerprint_alone_and_the_rest_of_the_config_does_not"),

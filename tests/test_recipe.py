@@ -316,6 +316,84 @@ def test_split_seed_fixes_the_test_set_across_seeds(beir, tmp_path):
     assert test_ids("--split-seed", "7", "--val-ratio", "0") == test_ids("--split-seed", "7")
 
 
+# ---- --extra-data: trained on, never held out -------------------------------------------------------------------
+DISHES = ["risotto", "sourdough", "ramen broth", "pie crust", "custard", "curry paste", "pickles", "gnocchi"]
+
+
+def write_kitchen(folder: Path) -> Path:
+    """Another domain's BEIR folder: 16 recipe passages, 8 queries with one relevant passage each."""
+    (folder / "qrels").mkdir(parents=True)
+    docs = [{"_id": f"k{i}", "title": f"Kitchen notes {i}",
+             "text": f"Stir the {DISHES[i % 8]} for {i + 3} minutes. Salt the {DISHES[i % 8]} late. Rest it {i} hours."}
+            for i in range(16)]
+    queries = [{"_id": f"c{i}", "text": f"how long do I cook the {DISHES[i]}"} for i in range(8)]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"c{i}\tk{i}\t1\n" for i in range(8)))
+    return folder
+
+
+def test_extra_data_is_trained_on_and_leaves_the_split_and_the_held_out_sets_as_they_were(beir, tmp_path):
+    kitchen = write_kitchen(tmp_path / "kitchen")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"what goes with {d}", "pos": [f"Serve {d} with bread."]}) + "\n"
+                             for d in DISHES[:5]))
+
+    def load(*extra):
+        cfg, _ = parse_args(["--data", str(beir), "--split-seed", "7", "--unlabeled", "both", *extra])
+        return load_tasks(cfg, tmp_path / str(len(extra)), write=False)
+
+    (alone, split), (mixed, split_mixed) = load(), load("--extra-data", str(kitchen), str(pairs))
+    assert split_mixed == split  # --data's ids are not prefixed, so its carve is the same, id for id
+    a, b = alone["retrieval"], mixed["retrieval"]
+    for x, y in ((a.val, b.val), (a.test_data, b.test_data), (a.full, b.full)):
+        assert x.fingerprint() == y.fingerprint()
+    n = len(a.train)
+    assert [(ex.qid, ex.query, ex.pos) for ex in b.train[:n]] == [(ex.qid, ex.query, ex.pos) for ex in a.train]
+    extra = b.train[n:]  # every line of both, none held out, each under its source's prefix
+    assert Counter(ex.file for ex in extra) == {1: 8, 2: 5}
+    assert all(ex.qid.startswith(f"{ex.file}:") for ex in extra)
+    assert set(b.anchor_files()) == {0, 1, 2}  # the sampler draws micro-batches of each
+    assert b.extra_sets[1].corpus.keys() == {f"1:k{i}" for i in range(16)} and len(b.extra_sets[2].queries) == 5
+    # the pseudo-pairs come from the domain's passages, not from another domain's
+    assert len(mixed["unlabeled"].train) == len(alone["unlabeled"].train)
+
+
+def test_extra_data_refuses_what_nothing_would_validate_and_names_the_flag(beir, tmp_path):
+    sts = tmp_path / "sts.jsonl"
+    sts.write_text("".join(json.dumps({"sentence1": f"a {i}", "sentence2": f"b {i}", "score": i % 5}) + "\n"
+                           for i in range(6)))
+    for extra, message in (([str(sts)], "--extra-data .*sts.jsonl has sts items and --data has none"),
+                           ([str(tmp_path / "nowhere")], "--extra-data .*nowhere: no such file or folder"),
+                           ([str(beir)], "--extra-data: .*bikes is given twice")):
+        cfg, _ = parse_args(["--data", str(beir), "--extra-data", *extra])
+        with pytest.raises(UserError, match=message):
+            load_tasks(cfg, tmp_path / "run", write=False)
+
+
+def test_extra_data_is_mined_against_its_own_passages_and_leaves_the_data_negatives_alone(beir, tiny_model_dir,
+                                                                                          tmp_path, monkeypatch):
+    import bge.tasks
+
+    kitchen = write_kitchen(tmp_path / "kitchen")
+    calls = []
+    real = bge.tasks.mine
+    monkeypatch.setattr(bge.tasks, "mine", lambda model, data, examples, **k: calls.append(
+        (set(data.corpus.values()), examples)) or real(model, data, examples, **k))
+    common = args(beir, tiny_model_dir, tmp_path, "--epochs", "1", "--mine-negatives", "3", "--mine-range", "0-20",
+                  "--mine-margin", "0.0", "--group-size", "3", "--split-seed", "7")
+    train.main([*common, "--run-name", "alone"])
+    train.main([*common, "--run-name", "mixed", "--extra-data", str(kitchen), "--remine"])
+    (bikes, alone), (bikes_again, data_rows), (dishes, kitchen_rows), *remined = calls
+    assert bikes_again == bikes and not dishes & bikes and len(remined) == 0  # one epoch: nothing re-mined
+    assert [ex.neg for ex in data_rows] == [ex.neg for ex in alone]  # --data's queries mined as without the extra
+    assert {ex.file for ex in kitchen_rows} == {1} and all(ex.neg and set(ex.neg) <= dishes for ex in kitchen_rows)
+    results = [json.loads((tmp_path / r / "results.json").read_text()) for r in ("alone", "mixed")]
+    assert results[0]["base"] == results[1]["base"]  # the same test set, so the same base row
+    assert results[1]["config"]["extra_data"] == [str(kitchen)]
+    assert "- extra training data, never held out: `kitchen`" in (tmp_path / "mixed" / "best" / "README.md").read_text()
+
+
 # ---- the quality benchmark ------------------------------------------------------------------------------------
 def test_quality_benchmark_trains_both_sides_on_one_split_and_resumes(beir, tiny_model_dir, tmp_path):
     out = tmp_path / "q"

@@ -105,8 +105,8 @@ def loss_summary(cfg: TrainConfig, tasks: list[str]) -> list[str]:
 
 def run_story(cfg: TrainConfig, tasks: dict, run_dir: Path, role: str, lr: float) -> dict:
     """What a train.py run's card tells (JSON-able): where the weights came from and how they were trained."""
-    roles = (("training data", "data"), ("extra training data, never held out", "extra_data"), ("validation", "val"), ("test", "test"), ("evaluation corpus", "corpus"),
-             ("general probe", "general_probe"))
+    roles = (("training data", "data"), ("extra training data, never held out", "extra_data"), ("validation", "val"),
+             ("test", "test"), ("evaluation corpus", "corpus"), ("general probe", "general_probe"))
     files = [(label, path) for label, key in roles for path in
              (getattr(cfg, key) if isinstance(getattr(cfg, key), tuple) else [getattr(cfg, key)]) if path]
     command = run_dir / "command.txt"

@@ -669,7 +669,7 @@ def read_training_data(sources: list[Source], task: str = "auto", split: str = "
             if task not in ("auto", "retrieval"):
                 raise UserError(f"{'--extra-data' if src.extra else '--data'} {src.path} is a BEIR folder (retrieval); "
                                 f"it cannot be read as --task {task}")
-            if corpus and not several:
+            if corpus and not several and not src.extra:
                 raise UserError("--corpus is for a JSONL --data; a BEIR folder brings its own corpus")
             beir = load_beir(src.path, split, use_title=use_title)
             part = {"retrieval": examples_from_beir(beir)}

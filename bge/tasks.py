@@ -755,8 +755,9 @@ def load_tasks(cfg: TrainConfig, run_dir: Path, write: bool = True) -> tuple[dic
         console.print(note)
     items, full = data.items, data.full
     for task in data.extra_items.keys() - items.keys():  # nothing would validate or test what it teaches
-        raise UserError(f"--extra-data {' '.join(cfg.extra_data)} has {task} items and --data has none: nothing would "
-                        f"validate or test them (put that file in --data, or leave it out)")
+        files = " ".join(sorted({str(data.sources[it.file].path) for it in data.extra_items[task]}))
+        raise UserError(f"--extra-data {files} has {task} items and --data has none: nothing would validate or test "
+                        f"them (put that file in --data, or leave it out)")
     split_file = run_dir / "split.json"
     if split_file.exists():  # resuming: the split is part of the run
         split = read_split(split_file, list(items))

@@ -369,6 +369,13 @@ def test_extra_data_refuses_what_nothing_would_validate_and_names_the_flag(beir,
         cfg, _ = parse_args(["--data", str(beir), "--extra-data", *extra])
         with pytest.raises(UserError, match=message):
             load_tasks(cfg, tmp_path / "run", write=False)
+    # --corpus belongs to a JSONL --data; an extra BEIR folder beside it brings its own and is no conflict
+    lines = tmp_path / "bikes.jsonl"
+    lines.write_text("".join(json.dumps({"query": f"how do I service the {t}", "pos": [f"Clean the {t} first."]}) + "\n"
+                             for t in TOPICS))
+    cfg, _ = parse_args(["--data", str(lines), "--corpus", str(beir), "--extra-data", str(write_kitchen(tmp_path / "k"))])
+    tasks, _ = load_tasks(cfg, tmp_path / "run", write=False)
+    assert len(tasks["retrieval"].full.corpus) == 36 + 12 and set(tasks["retrieval"].extra_sets) == {1}
 
 
 def test_extra_data_is_mined_against_its_own_passages_and_leaves_the_data_negatives_alone(beir, tiny_model_dir,

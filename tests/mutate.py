@@ -333,8 +333,7 @@ MUTATIONS = [
     m("cache.fingerprint-ignores-config", "bge/embedder.py", "h.update(json.dumps(cfg, sort_keys=True).encode())",
       "pass", "tests/test_evaluate.py::test_dropout_rates_leave_the_fingerprint_alone_and_the_rest_of_the_config_does_not"),
     m("cache.mining-ignores-query-prompt", "bge/tasks.py",
-      "cpu_bf16, MINE_FORMAT] + ([base.tokenizer.query_prompt] if base.tokenizer.query_prompt else []))",
-      "cpu_bf16, MINE_FORMAT])",
+      "+ ([base.tokenizer.query_prompt] if base.tokenizer.query_prompt else []))", ")",
       "tests/test_recipe.py::test_mined_negatives_are_never_positives_cached_and_share_the_base_encoding"),
     # ---- --remine: negatives mined again by the model being trained ---------------------------------------
     m("remine.negatives-not-used", "bge/tasks.py", "        self.use_negatives(ids)\n        return ids", "        return ids",

@@ -177,6 +177,17 @@ class RetrievalTask(Task):
         return [(self.full if k is None else self.extra_sets[k], r) for k, r in rows.items()
                 if not any(self.train[i].neg for i in r)]
 
+    def bare_note(self) -> str | None:
+        """A warning when some training queries, but not all, are left without hard negatives: a file whose lines
+        bring negatives is not mined, so its lines without any train against in-batch negatives alone."""
+        bare = sum(not ex.neg for ex in self.train)
+        if not 0 < bare < len(self.train) or self.group_size == 1:
+            return None
+        why = "a file whose lines bring some is not mined" if mined_negatives(self.cfg) else "--mine-negatives 0"
+        return (f"[yellow]{bare:,} of {len(self.train):,} training queries have no hard negatives[/]: their lines "
+                f"bring none, and {why}; they train against in-batch negatives only (python -m bge.mine writes a file "
+                f"with mined negatives on every line)")
+
     def mine_negatives(self, base: Embedder, cpu_bf16: bool) -> None:
         """Fill the training queries' `neg` with --mine-negatives passages mined by the base model from the run's
         corpus (bge.mine: ranks --mine-range, the --mine-margin filter); an --extra-data source's queries from its own.

@@ -88,6 +88,8 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
     if retrieval is not None and retrieval.mining_groups():
         retrieval.mine_negatives(embedder, cpu_bf16)  # the base model: before any step, and again (cached) on resume
         console.print(retrieval.notes[-1])
+    if retrieval is not None and (note := retrieval.bare_note()):
+        console.print(note)
     teacher = prepare.load_teacher(cfg, tasks, device, model.dim, cpu_bf16)
 
     lr = cfg.lr or default_lr(model.dim, cfg.arch)

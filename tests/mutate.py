@@ -319,6 +319,8 @@ MUTATIONS = [
     m("mine.positive-text-under-another-id-kept", "bge/mine.py", 'else "positive text" if norm in pos_norm',
       'else "positive text" if False',
       "tests/test_mine.py::test_mining_never_emits_a_positive_even_duplicated_or_near_duplicated"),
+    m("mine.lines-left-bare-unsaid", "bge/training.py", "and (note := retrieval.bare_note()):", "and None:",
+      "tests/test_recipe.py::test_a_file_with_negatives_on_some_lines_is_not_mined_and_says_which_train_without"),
     # ---- --extra-data: trained on, never held out -------------------------------------------------------------
     m("extra.carved-with-the-data", "bge/data.py", "(extra_items if src.extra else items).setdefault",
       "items.setdefault", EXTRA),

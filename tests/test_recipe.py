@@ -246,6 +246,24 @@ def test_by_default_a_transformer_mines_7_negatives_a_new_bilstm_none_and_0_opts
     assert counts == [7] and "in-batch negatives only" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_file_with_negatives_on_some_lines_is_not_mined_and_says_which_train_without(tiny_model_dir, tmp_path,
+                                                                                       capsys):
+    data = tmp_path / "some.jsonl"
+    data.write_text("".join(json.dumps({"query": f"how do I check the {t} ({i})", "pos": [f"Look at the {t} {i}."]}
+                                       | ({"neg": [f"Paint the frame {i}."]} if i % 3 == 0 else {})) + "\n"
+                            for i, t in enumerate(TOPICS * 2)))
+    train.main(args(data, tiny_model_dir, tmp_path, "--max-steps", "1", "--run-name", "some"))
+    err = " ".join(capsys.readouterr().err.split())
+    split = json.loads((tmp_path / "some" / "split.json").read_text())["tasks"]["retrieval"]["train"]
+    bare = sum(int(q) % 3 != 1 for q in split)  # qids are line numbers from 1: line i + 1 has negatives when 3 | i
+    assert f"{bare} of {len(split)} training queries have no hard negatives" in err
+    assert "hard negatives for" not in err  # nothing mined: the file brings negatives
+    data.write_text("".join(json.dumps({"query": f"how do I check the {t}", "pos": [f"Look at the {t}."],
+                                        "neg": ["Paint the frame."]}) + "\n" for t in TOPICS))
+    train.main(args(data, tiny_model_dir, tmp_path, "--max-steps", "1", "--run-name", "all"))
+    assert "no hard negatives" not in capsys.readouterr().err
+
+
 def test_remine_mines_again_with_the_trained_model_trains_on_it_and_resumes_with_it(beir, tiny_model_dir, tmp_path,
                                                                                      monkeypatch):
     import bge.tasks

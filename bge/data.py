@@ -687,12 +687,12 @@ def read_training_data(sources: list[Source], task: str = "auto", split: str = "
                     it.file = k
                     if isinstance(it, Example):
                         it.qid = f"{k}:{it.qid}"
-            if src.beir and not src.extra:
-                beir_corpus |= {f"{k}:{d}": text for d, text in beir.corpus.items()}
-                beir_qrels |= {f"{k}:{q}": {f"{k}:{d}": g for d, g in rels.items()} for q, rels in beir.qrels.items()}
+            own = namespaced(beir, k) if src.beir else None
+            if own is not None and not src.extra:
+                beir_corpus |= own.corpus
+                beir_qrels |= own.qrels
         if src.extra and "retrieval" in part:  # mined against its own passages, never against --data's corpus
-            extra_sets[k] = (namespaced(beir, k) if src.beir else
-                             retrieval_from_examples(part["retrieval"], name=src.path.name))
+            extra_sets[k] = own if own is not None else retrieval_from_examples(part["retrieval"], name=src.path.name)
         for name, rows in part.items():
             (extra_items if src.extra else items).setdefault(name, []).extend(rows)
         if len(sources) > 1 or not src.in_batch_negatives:

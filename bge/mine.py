@@ -5,7 +5,8 @@ with `neg` filled from a band of ranks, never with the query's own positives.
     python -m bge.mine --data train.jsonl --corpus passages.jsonl --negatives 15 --range 10-200 --margin 5% --out mined.jsonl
 
 The corpus is a BEIR folder's, a JSONL of passages (--corpus), or every passage of the training file. Search is
-exact and the corpus embeddings are cached, as in evaluate.py. For each query the candidates at ranks A+1..B
+exact and the corpus embeddings are cached, as in evaluate.py; `--retriever bm25` ranks by BM25 over the passages'
+words instead (bge/bm25.py), and the model still scores the candidates. For each query the candidates at ranks A+1..B
 (`--range A-B`: skip the top A, as FlagEmbedding does) are filtered, in this order:
     positive id     the passage is one of the query's positives (BEIR qrels; a JSONL's positives by text)
     positive text   its normalised text (case-folded, whitespace collapsed) is a positive's: a duplicate
@@ -29,6 +30,7 @@ from pathlib import Path
 from rich.table import Table
 
 from bge.batching import normalise
+from bge.bm25 import BM25
 from bge.checkpoint import atomic_write_text
 from bge.config import Bounded, check_ranges
 from bge.console import console, progress, run_cli
@@ -97,11 +99,14 @@ def sample(kept: list[int], n: int, seed: int, qid: str) -> list[int]:
 def mine(embedder: Embedder, data: RetrievalData, examples: list[Example], *, negatives: int = 15,
          rank_range: tuple[int, int] = (10, 200), margin: tuple[float, bool] | None = None, seed: int = 0,
          batch_size: int = 64, max_length: int | None = None, query_max_length: int | None = None,
-         cache_dir: str | Path | CorpusCache | None = None, cpu_bf16: bool = False,
+         cache_dir: str | Path | CorpusCache | None = None, cpu_bf16: bool = False, retriever: str = "model",
          show_progress: bool | None = None) -> tuple[list[dict], dict]:
     """Training lines with mined negatives, one per example (whose qid keys data.queries and data.qrels), and a
     report: counts per filter, candidates, negatives written, queries left with fewer than `negatives`. Queries are
-    truncated at `query_max_length` (default: `max_length`)."""
+    truncated at `query_max_length` (default: `max_length`). The candidates are ranked by the model, or by BM25 over
+    the passages' words (retriever="bm25", bge/bm25.py); either way the margin filter scores them with the model."""
+    if retriever not in ("model", "bm25"):
+        raise ValueError(f"retriever must be model or bm25, got {retriever!r}")
     start, stop = rank_range
     corpus = encode_corpus(embedder, data.corpus, batch_size=batch_size, max_length=max_length, cache_dir=cache_dir,
                            cpu_bf16=cpu_bf16, show_progress=show_progress)
@@ -110,9 +115,16 @@ def mine(embedder: Embedder, data: RetrievalData, examples: list[Example], *, ne
     qids, q_emb = encode_queries(embedder, queries, prompts, batch_size=batch_size,
                                  max_length=query_max_length or max_length, cpu_bf16=cpu_bf16,
                                  show_progress=show_progress)
-    ranked = rank(qids, q_emb, corpus.ids, corpus.emb, stop)
     q_unit, c_unit = unit(q_emb), unit(corpus.emb)
     row = {d: i for i, d in enumerate(corpus.ids)}
+    if retriever == "model":
+        ranked = rank(qids, q_emb, corpus.ids, corpus.emb, stop)
+    else:  # BM25's order, each candidate with the model's score, which the margin filter compares with the positive's
+        index = BM25([data.corpus[d] for d in corpus.ids])
+        ranked = {}
+        for qi, qid in enumerate(qids):
+            top = [i for i, _ in index.top(queries[qid], stop)]
+            ranked[qid] = [(corpus.ids[i], s) for i, s in zip(top, (c_unit[top] @ q_unit[qi]).tolist())]
     # a line that repeats an earlier line's query was folded into it (retrieval_from_examples): its relevant passages
     # are the query's, every line's positives, so that no line is given another line's positive as a negative
     holder = {m: h for h, folded in data.merged.items() for m in folded}
@@ -138,7 +150,8 @@ def mine(embedder: Embedder, data: RetrievalData, examples: list[Example], *, ne
                              "positive_score": round(positive_score, 6)}
             lines.append(line)
             bar.advance(task)
-    report = {"queries": len(examples), "corpus": len(data.corpus), "range": list(rank_range), "negatives": negatives,
+    report = {"queries": len(examples), "corpus": len(data.corpus), "retriever": retriever, "range": list(rank_range),
+              "negatives": negatives,
               "margin": None if margin is None else {"value": margin[0], "relative": margin[1]}, "seed": seed,
               "candidates": totals["candidates"], "removed": {f: totals[f] for f in FILTERS}, "kept": totals["kept"],
               "written": totals["written"], "queries_short": totals["short"],
@@ -149,7 +162,8 @@ def mine(embedder: Embedder, data: RetrievalData, examples: list[Example], *, ne
 def report_table(report: dict) -> Table:
     """What each filter removed, as counts and shares of the candidates in range."""
     a, b = report["range"]
-    table = Table(title=f"mined {report['queries']:,} queries against {report['corpus']:,} passages, ranks {a + 1}-{b}")
+    by = " by BM25" if report.get("retriever") == "bm25" else ""
+    table = Table(title=f"mined {report['queries']:,} queries against {report['corpus']:,} passages{by}, ranks {a + 1}-{b}")
     table.add_column("")
     table.add_column("candidates", justify="right")
     table.add_column("share", justify="right")
@@ -188,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the training JSONL to write (a report goes next to it as .report.json)")
     p.add_argument("--model", default="auto", help="the model that retrieves: folder, hub id, all-MiniLM-L6-v2, auto")
     p.add_argument("--negatives", type=Bounded(int, "[1, inf)"), default=15, help="negatives per query")
+    p.add_argument("--retriever", choices=("model", "bm25"), default="model", help="what ranks the candidates: the "
+                   "model, or BM25 over the passages' words (lexical near misses; the margin filter still uses the model)")
     p.add_argument("--range", type=parse_range, default=(10, 200), dest="rank_range",
                    help="A-B: sample from ranks A+1..B, skipping the top A (default 10-200)")
     p.add_argument("--margin", type=parse_margin, default=None, help="drop candidates scoring above the weakest "
@@ -216,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     embedder = Embedder.load(a.model, device=a.device)
     lines, report = mine(embedder, data, examples, negatives=a.negatives, rank_range=a.rank_range, margin=a.margin,
                          seed=a.seed, batch_size=a.batch_size, max_length=a.max_length,
-                         cache_dir=None if a.no_cache else a.cache_dir, cpu_bf16=a.cpu_bf16)
+                         cache_dir=None if a.no_cache else a.cache_dir, cpu_bf16=a.cpu_bf16, retriever=a.retriever)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))

@@ -201,11 +201,12 @@ class RetrievalTask(Task):
         sets = [d.fingerprint() for d, _ in self.mined]
         # the instruction is in the key because the base encodes the queries with it; the fingerprint leaves it out,
         # as the corpus encodings it keys do not depend on it (an empty one adds nothing, so older keys stay valid;
-        # so does a run of --data alone, whose one set is keyed as it always was)
+        # so does a run of --data alone, whose one set is keyed as it always was, and --mine-with's default)
         key = json.dumps([sets[0] if len(sets) == 1 else sets, base.fingerprint(), [self.train[i].qid for i in rows],
                           count, cfg.mine_range, cfg.mine_margin, cfg.seed, cfg.max_passage_length,
                           cfg.max_query_length, cpu_bf16, MINE_FORMAT]
-                         + ([base.tokenizer.query_prompt] if base.tokenizer.query_prompt else []))
+                         + ([base.tokenizer.query_prompt] if base.tokenizer.query_prompt else [])
+                         + ([cfg.mine_with] if cfg.mine_with != "model" else []))
         path = cache_folder(cfg) / f"mined-{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.json"
         cached = _read_mined(path, len(rows))
         if cached is None:
@@ -217,8 +218,9 @@ class RetrievalTask(Task):
             self.train[i].neg = neg
         r = cached["report"]
         self.group_size = cfg.group_size
-        self.notes.append(f"mined {r['written']:,} hard negatives for {r['queries']:,} training queries with the base "
-                          f"model (ranks {cfg.mine_range}, margin {cfg.mine_margin}; {r['removed']['margin']:,} "
+        how = "with the base model" if cfg.mine_with == "model" else "ranked by BM25, filtered by the base model"
+        self.notes.append(f"mined {r['written']:,} hard negatives for {r['queries']:,} training queries {how} "
+                          f"(ranks {cfg.mine_range}, margin {cfg.mine_margin}; {r['removed']['margin']:,} "
                           f"likely positives dropped); --group-size {cfg.group_size} draws {cfg.group_size - 1} per query"
                           + ("; --mine-negatives 0 trains without them" if cfg.mine_negatives < 0 else "")
                           + ("; --remine mines them again at each epoch's end" if cfg.remine else ""))
@@ -232,7 +234,7 @@ class RetrievalTask(Task):
                                rank_range=parse_range(cfg.mine_range), margin=parse_margin(cfg.mine_margin),
                                seed=cfg.seed, batch_size=cfg.eval_batch_size, max_length=cfg.max_passage_length,
                                query_max_length=cfg.max_query_length, cache_dir=self.cache.view(write=False),
-                               cpu_bf16=cpu_bf16, show_progress=False)
+                               cpu_bf16=cpu_bf16, retriever=cfg.mine_with, show_progress=False)
             lines += got
             reports.append(report)
         return lines, summed(reports)

@@ -52,6 +52,8 @@ LOSS, POOL, OPTIM, BATCH, TASKS = "tests/test_loss.py", "tests/test_pooling.py",
 RESUME, TRAIN, DATA, METRICS = "tests/test_resume.py", "tests/test_train.py", "tests/test_data.py", "tests/test_metrics.py"
 DIST = "tests/test_distributed.py::test_two_ranks_take_the_single_process_step"
 STEP, PACKING = "tests/test_step.py", "tests/test_packing.py"
+MINE_BM25 = "tests/test_mine.py::test_bm25_mining_takes_bm25s_ranks_and_the_models_scores"
+BM25_SCORES = "tests/test_bm25.py::test_scores_equal_the_formula_and_bm25s_lucene"
 REMINE = "tests/test_recipe.py::test_remine_mines_again_with_the_trained_model_trains_on_it_and_resumes_with_it"
 STAGE = ("tests/test_recipe.py::test_unlabeled_stage_trains_the_pseudo_pairs_first_then_the_labelled_data_and_resumes_"
          "mid_stage")
@@ -321,6 +323,18 @@ MUTATIONS = [
       "tests/test_mine.py::test_mining_never_emits_a_positive_even_duplicated_or_near_duplicated"),
     m("mine.lines-left-bare-unsaid", "bge/training.py", "and (note := retrieval.bare_note()):", "and None:",
       "tests/test_recipe.py::test_a_file_with_negatives_on_some_lines_is_not_mined_and_says_which_train_without"),
+    m("mine.bm25-ranking-ignored", "bge/mine.py", 'if retriever == "model":', "if True:", MINE_BM25),
+    m("mine.bm25-candidates-scored-by-bm25", "bge/mine.py", "(c_unit[top] @ q_unit[qi]).tolist()",
+      "[v for _, v in index.top(queries[qid], stop)]", MINE_BM25),
+    m("mine.mine-with-not-passed", "bge/tasks.py", "retriever=cfg.mine_with, ", "",
+      "tests/test_recipe.py::test_mined_negatives_are_never_positives_cached_and_share_the_base_encoding"),
+    # ---- BM25 (bge/bm25.py) ---------------------------------------------------------------------------------
+    m("bm25.idf-without-one", "bge/bm25.py", "idf = np.log1p(", "idf = np.log(", BM25_SCORES),
+    m("bm25.no-length-normalisation", "bge/bm25.py", "(1 - b + b * lengths /", "(1 + 0 * lengths /", BM25_SCORES),
+    m("bm25.query-word-counted-once", "bge/bm25.py", "out[docs] += times * weight", "out[docs] += weight",
+      BM25_SCORES),
+    m("bm25.unmatched-passages-ranked", "bge/bm25.py", "for i in order if s[i] > 0]", "for i in order]",
+      "tests/test_bm25.py::test_top_is_best_first_ties_in_passage_order_and_never_ranks_a_passage_without_a_shared_word"),
     # ---- --extra-data: trained on, never held out -------------------------------------------------------------
     m("extra.carved-with-the-data", "bge/data.py", "(extra_items if src.extra else items).setdefault",
       "items.setdefault", EXTRA),
@@ -335,8 +349,10 @@ MUTATIONS = [
     m("cache.fingerprint-ignores-config", "bge/embedder.py", "h.update(json.dumps(cfg, sort_keys=True).encode())",
       "pass", "tests/test_evaluate.py::test_dropout_rates_leave_the_fingerprint_alone_and_the_rest_of_the_config_does_not"),
     m("cache.mining-ignores-query-prompt", "bge/tasks.py",
-      "+ ([base.tokenizer.query_prompt] if base.tokenizer.query_prompt else []))", ")",
+      "+ ([base.tokenizer.query_prompt] if base.tokenizer.query_prompt else [])", "+ []",
       "tests/test_recipe.py::test_mined_negatives_are_never_positives_cached_and_share_the_base_encoding"),
+    m("cache.mining-ignores-mine-with", "bge/tasks.py", '+ ([cfg.mine_with] if cfg.mine_with != "model" else []))',
+      ")", "tests/test_recipe.py::test_mined_negatives_are_never_positives_cached_and_share_the_base_encoding"),
     # ---- --remine: negatives mined again by the model being trained ---------------------------------------
     m("remine.negatives-not-used", "bge/tasks.py", "        self.use_negatives(ids)\n        return ids", "        return ids",
       REMINE),

@@ -4,6 +4,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,6 +139,42 @@ def test_mining_honours_the_rank_range_and_the_seed(beir, minilm, cache):
         assert len(small["neg"]) == 3 and set(small["mined"]["ids"]) <= set(full["mined"]["ids"])
 
 
+def test_bm25_mining_takes_bm25s_ranks_and_the_models_scores(beir, minilm, cache):
+    import bm25s
+
+    from bge.bm25 import words
+
+    data = load_beir(beir, "train")
+    examples = examples_from_beir(data)
+    lines, report = mine(minilm, data, examples, negatives=1000, rank_range=(2, 12), cache_dir=cache, retriever="bm25")
+    assert report["retriever"] == "bm25"
+    ids = list(data.corpus)
+    oracle = bm25s.BM25(method="lucene", k1=0.9, b=0.4)
+    oracle.index([words(data.corpus[d]) for d in ids], show_progress=False)
+    corpus = encode_corpus(minilm, data.corpus, cache_dir=cache).emb
+    queries = torch.from_numpy(minilm.encode([ex.query for ex in examples], is_query=True))
+    dense = [line["mined"]["ids"] for line in mine(minilm, data, examples, negatives=1000, rank_range=(2, 12),
+                                                   cache_dir=cache)[0]]
+    assert dense != [line["mined"]["ids"] for line in lines]  # another ranking, not the model's
+    for ex, q, line in zip(examples, queries, lines):
+        s = oracle.get_scores(words(ex.query))
+        order = [j for j in sorted(range(len(ids)), key=lambda j: (-s[j], j)) if s[j] > 0]
+        expected, seen = [], {normalise(t) for t in ex.pos}
+        for r, j in enumerate(order[2:12], start=3):
+            if ids[j] not in data.qrels[ex.qid] and normalise(data.corpus[ids[j]]) not in seen:
+                expected.append((r, ids[j]))
+                seen.add(normalise(data.corpus[ids[j]]))
+        assert list(zip(line["mined"]["ranks"], line["mined"]["ids"])) == expected, ex.qid
+        # the scores the margin filter compares are the model's cosines, not BM25's
+        row = {d: i for i, d in enumerate(ids)}
+        np.testing.assert_allclose(line["mined"]["scores"], [float(corpus[row[d]] @ q) for d in line["mined"]["ids"]],
+                                   atol=1e-4)
+    with_margin, report = mine(minilm, data, examples, negatives=1000, rank_range=(2, 12), cache_dir=cache,
+                               retriever="bm25", margin=(0.05, True))
+    assert report["removed"]["margin"] >= 1
+    assert all(s <= 0.95 * l["mined"]["positive_score"] + 1e-6 for l in with_margin for s in l["mined"]["scores"])
+
+
 def load_retrieval(cfg, run_dir):
     """(train examples, validation set, test set, split) of a run's retrieval task, as train.py loads them."""
     tasks, split = load_tasks(cfg, run_dir)
@@ -161,6 +198,12 @@ def test_cli_writes_a_file_that_splits_and_evaluates_as_the_beir_folder(beir, ti
         assert a.fingerprint() == b.fingerprint() and a.corpus == load_beir(beir, "train").corpus
     assert Counter(ex.qid for ex in from_beir[0]) == Counter(ex.qid for ex in from_mined[0])
     assert all(ex.neg for ex in from_mined[0]) and not any(ex.neg for ex in from_beir[0])
+    lexical = tmp_path / "lexical.jsonl"
+    main(["--data", str(beir), "--model", str(tiny_model_dir), "--out", str(lexical), "--negatives", "4", "--range",
+          "2-20", "--no-cache", "--retriever", "bm25"])
+    assert json.loads(lexical.with_suffix(".report.json").read_text())["retriever"] == "bm25"
+    assert "passages by BM25, ranks 3-20" in " ".join(capsys.readouterr().err.split())
+    assert lexical.read_text() != out.read_text()
 
 
 @pytest.mark.shared_data

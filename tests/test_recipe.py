@@ -197,16 +197,16 @@ def test_unlabeled_stage_needs_pseudo_pairs_and_is_the_only_stage(beir, tiny_mod
 
 # ---- hard negatives mined inside train.py -------------------------------------------------------------------
 def test_mined_negatives_are_never_positives_cached_and_share_the_base_encoding(beir, tiny_model_dir, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, capsys):
     import bge.tasks
 
     calls = []
     real = bge.tasks.mine
-    monkeypatch.setattr(bge.tasks, "mine", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(bge.tasks, "mine", lambda *a, **k: calls.append(k["retriever"]) or real(*a, **k))
     common = args(beir, tiny_model_dir, tmp_path, "--epochs", "1", "--mine-negatives", "3", "--mine-range", "0-20",
                   "--mine-margin", "0.0", "--group-size", "3")
     train.main([*common, "--run-name", "a"])
-    assert calls == [1]
+    assert calls == ["model"]
     cached = list((tmp_path / "cache").glob("mined-*.json"))
     assert len(cached) == 1
     negatives = json.loads(cached[0].read_text())["negatives"]
@@ -221,10 +221,15 @@ def test_mined_negatives_are_never_positives_cached_and_share_the_base_encoding(
     assert results["test_passages_encoded"] == 0
     # a second run with the same base model and data mines nothing: the cache answers
     train.main([*common, "--run-name", "b"])
-    assert calls == [1]
-    # a query instruction changes how the base encodes the queries, so it mines afresh and keeps its own entry
+    assert calls == ["model"]
+    # a query instruction changes how the base encodes the queries, so it mines afresh and keeps its own entry;
+    # so does a BM25 ranking of the candidates
     train.main([*common, "--run-name", "prompted", "--query-prompt", "query: "])
-    assert calls == [1, 1] and len(list((tmp_path / "cache").glob("mined-*.json"))) == 2
+    assert calls == ["model", "model"] and len(list((tmp_path / "cache").glob("mined-*.json"))) == 2
+    capsys.readouterr()
+    train.main([*common, "--run-name", "lexical", "--mine-with", "bm25"])
+    assert calls == ["model", "model", "bm25"] and len(list((tmp_path / "cache").glob("mined-*.json"))) == 3
+    assert "ranked by BM25, filtered by the base model" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(UserError, match="--mine-range"):
         train.main([*common, "--run-name", "c", "--mine-range", "20-10"])
 

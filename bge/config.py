@@ -148,9 +148,9 @@ class TrainConfig:
                               "+2.6 nDCG@10 on SciFact over in-batch only)", "loss", range="[-1, inf)")
     mine_range: str = opt("10-100", "mining: sample negatives from these ranks (A-B: ranks A+1..B, skipping the top A)",
                           "loss")
-    mine_with: str = opt("model", "mining: rank the candidates with the base model (model) or with BM25 over the passages' "
-                         "words (bm25: lexical near misses; the margin filter still scores them with the model)", "loss",
-                         ("model", "bm25"))
+    mine_with: str = opt("model", "mining: rank the candidates with the base model (model), with BM25 over the passages' "
+                         "words (bm25: lexical near misses) or with both rankings fused by reciprocal rank (hybrid); the "
+                         "margin filter always scores them with the model", "loss", ("model", "bm25", "hybrid"))
     mine_margin: str = opt("5%", "mining: drop candidates scoring above (1 - p) x the weakest positive (5%%) or above it "
                            "minus an absolute margin (0.05): likely unlabelled positives", "loss")
     remine: bool = opt(False, "mining: mine the negatives again with the model being trained at the end of each epoch "

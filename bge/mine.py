@@ -6,8 +6,9 @@ with `neg` filled from a band of ranks, never with the query's own positives.
 
 The corpus is a BEIR folder's, a JSONL of passages (--corpus), or every passage of the training file. Search is
 exact and the corpus embeddings are cached, as in evaluate.py; `--retriever bm25` ranks by BM25 over the passages'
-words instead (bge/bm25.py), and the model still scores the candidates. For each query the candidates at ranks A+1..B
-(`--range A-B`: skip the top A, as FlagEmbedding does) are filtered, in this order:
+words instead (bge/bm25.py), `--retriever hybrid` by both rankings fused, and the model still scores the candidates.
+For each query the candidates at ranks A+1..B (`--range A-B`: skip the top A, as FlagEmbedding does) are filtered,
+in this order:
     positive id     the passage is one of the query's positives (BEIR qrels; a JSONL's positives by text)
     positive text   its normalised text (case-folded, whitespace collapsed) is a positive's: a duplicate
     duplicate       its normalised text is already among this query's kept candidates
@@ -41,6 +42,7 @@ from bge.errors import UserError
 from bge.evaluation import CorpusCache, encode_corpus, encode_queries, rank, unit
 
 FILTERS = ("positive id", "positive text", "duplicate", "margin")
+RETRIEVERS = ("model", "bm25", "hybrid")  # what ranks the candidates
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -96,6 +98,16 @@ def sample(kept: list[int], n: int, seed: int, qid: str) -> list[int]:
     return sorted(random.Random(f"{seed}/mine/{qid}").sample(kept, n))
 
 
+def fuse(rankings: list[list[str]], k: int = 60) -> list[str]:
+    """Reciprocal rank fusion (Cormack et al., 2009): every id by the sum over the rankings of 1 / (k + its rank);
+    ties in the order the ids were first met."""
+    score: dict[str, float] = {}
+    for ranking in rankings:
+        for r, d in enumerate(ranking, start=1):
+            score[d] = score.get(d, 0.0) + 1 / (k + r)
+    return sorted(score, key=lambda d: -score[d])
+
+
 def mine(embedder: Embedder, data: RetrievalData, examples: list[Example], *, negatives: int = 15,
          rank_range: tuple[int, int] = (10, 200), margin: tuple[float, bool] | None = None, seed: int = 0,
          batch_size: int = 64, max_length: int | None = None, query_max_length: int | None = None,
@@ -103,10 +115,11 @@ def mine(embedder: Embedder, data: RetrievalData, examples: list[Example], *, ne
          show_progress: bool | None = None) -> tuple[list[dict], dict]:
     """Training lines with mined negatives, one per example (whose qid keys data.queries and data.qrels), and a
     report: counts per filter, candidates, negatives written, queries left with fewer than `negatives`. Queries are
-    truncated at `query_max_length` (default: `max_length`). The candidates are ranked by the model, or by BM25 over
-    the passages' words (retriever="bm25", bge/bm25.py); either way the margin filter scores them with the model."""
-    if retriever not in ("model", "bm25"):
-        raise ValueError(f"retriever must be model or bm25, got {retriever!r}")
+    truncated at `query_max_length` (default: `max_length`). The candidates are ranked by the model, by BM25 over
+    the passages' words (retriever="bm25", bge/bm25.py) or by the two rankings fused (hybrid); either way the margin
+    filter scores them with the model."""
+    if retriever not in RETRIEVERS:
+        raise ValueError(f"retriever must be one of {', '.join(RETRIEVERS)}, got {retriever!r}")
     start, stop = rank_range
     corpus = encode_corpus(embedder, data.corpus, batch_size=batch_size, max_length=max_length, cache_dir=cache_dir,
                            cpu_bf16=cpu_bf16, show_progress=show_progress)
@@ -117,14 +130,17 @@ def mine(embedder: Embedder, data: RetrievalData, examples: list[Example], *, ne
                                  show_progress=show_progress)
     q_unit, c_unit = unit(q_emb), unit(corpus.emb)
     row = {d: i for i, d in enumerate(corpus.ids)}
-    if retriever == "model":
-        ranked = rank(qids, q_emb, corpus.ids, corpus.emb, stop)
-    else:  # BM25's order, each candidate with the model's score, which the margin filter compares with the positive's
+    ranked = rank(qids, q_emb, corpus.ids, corpus.emb, stop) if retriever != "bm25" else {}
+    if retriever != "model":
+        # BM25's order, or its fusion with the model's; each candidate keeps the model's score, which the margin filter
+        # compares with the positive's
         index = BM25([data.corpus[d] for d in corpus.ids])
-        ranked = {}
         for qi, qid in enumerate(qids):
-            top = [i for i, _ in index.top(queries[qid], stop)]
-            ranked[qid] = [(corpus.ids[i], s) for i, s in zip(top, (c_unit[top] @ q_unit[qi]).tolist())]
+            top = [corpus.ids[i] for i, _ in index.top(queries[qid], stop)]
+            if retriever == "hybrid":
+                top = fuse([top, [d for d, _ in ranked[qid]]])[:stop]
+            picked = [row[d] for d in top]
+            ranked[qid] = list(zip(top, (c_unit[picked] @ q_unit[qi]).tolist()))
     # a line that repeats an earlier line's query was folded into it (retrieval_from_examples): its relevant passages
     # are the query's, every line's positives, so that no line is given another line's positive as a negative
     holder = {m: h for h, folded in data.merged.items() for m in folded}
@@ -162,7 +178,7 @@ def mine(embedder: Embedder, data: RetrievalData, examples: list[Example], *, ne
 def report_table(report: dict) -> Table:
     """What each filter removed, as counts and shares of the candidates in range."""
     a, b = report["range"]
-    by = " by BM25" if report.get("retriever") == "bm25" else ""
+    by = {"bm25": " by BM25", "hybrid": " by BM25 and the model"}.get(report.get("retriever"), "")
     table = Table(title=f"mined {report['queries']:,} queries against {report['corpus']:,} passages{by}, ranks {a + 1}-{b}")
     table.add_column("")
     table.add_column("candidates", justify="right")
@@ -202,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the training JSONL to write (a report goes next to it as .report.json)")
     p.add_argument("--model", default="auto", help="the model that retrieves: folder, hub id, all-MiniLM-L6-v2, auto")
     p.add_argument("--negatives", type=Bounded(int, "[1, inf)"), default=15, help="negatives per query")
-    p.add_argument("--retriever", choices=("model", "bm25"), default="model", help="what ranks the candidates: the "
-                   "model, or BM25 over the passages' words (lexical near misses; the margin filter still uses the model)")
+    p.add_argument("--retriever", choices=RETRIEVERS, default="model", help="what ranks the candidates: the model, "
+                   "BM25 over the passages' words (lexical near misses) or both fused by reciprocal rank (hybrid); the "
+                   "margin filter always uses the model")
     p.add_argument("--range", type=parse_range, default=(10, 200), dest="rank_range",
                    help="A-B: sample from ranks A+1..B, skipping the top A (default 10-200)")
     p.add_argument("--margin", type=parse_margin, default=None, help="drop candidates scoring above the weakest "

@@ -218,7 +218,8 @@ class RetrievalTask(Task):
             self.train[i].neg = neg
         r = cached["report"]
         self.group_size = cfg.group_size
-        how = "with the base model" if cfg.mine_with == "model" else "ranked by BM25, filtered by the base model"
+        how = {"model": "with the base model", "bm25": "ranked by BM25, filtered by the base model",
+               "hybrid": "ranked by BM25 and the base model fused, filtered by the base model"}[cfg.mine_with]
         self.notes.append(f"mined {r['written']:,} hard negatives for {r['queries']:,} training queries {how} "
                           f"(ranks {cfg.mine_range}, margin {cfg.mine_margin}; {r['removed']['margin']:,} "
                           f"likely positives dropped); --group-size {cfg.group_size} draws {cfg.group_size - 1} per query"

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from bge.batching import normalise
+from bge.bm25 import BM25
 from bge.config import parse_args
 from bge.data import examples_from_beir, load_beir
 from bge.embedder import Embedder
 from bge.errors import UserError
 from bge.evaluation import encode_corpus
-from bge.mine import filter_candidates, load_input, main, mine, parse_margin, parse_range, sample, threshold
+from bge.mine import (filter_candidates, fuse, load_input, main, mine, parse_margin, parse_range, sample,
+                      threshold)
 from bge.tasks import load_tasks
 from conftest import SHARED_DATA
 
@@ -173,6 +175,35 @@ def test_bm25_mining_takes_bm25s_ranks_and_the_models_scores(beir, minilm, cache
                                retriever="bm25", margin=(0.05, True))
     assert report["removed"]["margin"] >= 1
     assert all(s <= 0.95 * l["mined"]["positive_score"] + 1e-6 for l in with_margin for s in l["mined"]["scores"])
+
+
+def test_hybrid_mining_fuses_the_bm25_and_model_rankings(beir, minilm, cache):
+    # reciprocal rank fusion, k = 60: y is second in both rankings, which beats first in one
+    assert fuse([["x", "y"], ["w", "y", "z"]]) == ["y", "x", "w", "z"]
+    assert fuse([["x"], ["y"]]) == ["x", "y"] and fuse([]) == []  # ties in the order first met
+    data = load_beir(beir, "train")
+    examples = examples_from_beir(data)
+    ids = list(data.corpus)
+    index = BM25([data.corpus[d] for d in ids])
+    corpus = encode_corpus(minilm, data.corpus, cache_dir=cache).emb
+    queries = torch.from_numpy(minilm.encode([ex.query for ex in examples], is_query=True))
+    lines, report = mine(minilm, data, examples, negatives=1000, rank_range=(0, 12), cache_dir=cache,
+                         retriever="hybrid")
+    assert report["retriever"] == "hybrid"
+    differs = set()
+    for ex, q, line in zip(examples, queries, lines):
+        lexical = [ids[i] for i, _ in index.top(ex.query, 12)]
+        dense = sorted(ids, key=lambda d: -float(corpus[ids.index(d)] @ q))[:12]
+        fused = fuse([lexical, dense])[:12]
+        # the fused top 12 in order, less what the filters drop: positives and repeated texts
+        expected, seen = [], {normalise(t) for t in ex.pos}
+        for d in fused:
+            if d not in data.qrels[ex.qid] and normalise(data.corpus[d]) not in seen:
+                expected.append(d)
+                seen.add(normalise(data.corpus[d]))
+        assert line["mined"]["ids"] == expected, ex.qid
+        differs |= {name for name, r in (("bm25", lexical), ("model", dense)) if r != fused}
+    assert differs == {"bm25", "model"}  # the fusion is neither ranking alone
 
 
 def load_retrieval(cfg, run_dir):

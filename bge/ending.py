@@ -92,7 +92,7 @@ def finish(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path, trainer: dic
         results["merge_ratio"] = ratio
 
     # the probe was scored when each of these models was validated (base at step 0, best/ at its step): reuse it
-    validated = {"base": trainer["base_val"] if same_prompt else None,
+    validated = {"base": trainer["base_val"],
                  "fine_tuned": trainer["best_val"], "merged": sweep.get(ratio)}
     probe_rows = {name: {k: v for k, v in (validated[name] or {}).items() if k.startswith("probe/")}
                   or probe_scores(m, probe, cfg, cpu_bf16)

@@ -21,15 +21,16 @@ QUERY_PROMPTS = {
 PAD_TO_MULTIPLE = 8  # tensor-core and AVX-512 friendly shapes, and fewer distinct shapes for torch.compile
 
 
-def default_query_prompt(name: str) -> str:
-    """The instruction BAAI publishes for a model, guessed from its name; '' when it has none (bge-m3)."""
+def default_query_prompt(name: str) -> str | None:
+    """The instruction BAAI publishes for a model, guessed from its name; '' when it publishes none (bge-m3); None
+    when the name says nothing (not a BGE model)."""
     n = name.lower()
     if "bge-m3" in n:
         return ""
     for lang, prompt in QUERY_PROMPTS.items():
         if re.search(rf"bge-[a-z]+-{lang}\b", n):
             return prompt
-    return ""
+    return None
 
 
 def _read_json(path: Path) -> dict:
@@ -61,6 +62,7 @@ class Tokenizer:
         self.max_length = max_length  # default truncation length (sentence-transformers' max_seq_length)
         self.position_limit = position_limit  # longest sequence the model's position table allows
         self.query_prompt = query_prompt
+        self.prompt_stated = True  # False: nothing said which instruction queries take (bge.prepare picks one)
         self.pad_id = pad_id
         self.hf_files = hf_files or {}  # tokenizer_config.json / special_tokens_map.json, written back on save
         self.source = source
@@ -71,7 +73,8 @@ class Tokenizer:
                     query_prompt: str | None = None, name: str = "") -> "Tokenizer":
         """Load tokenizer.json (or build a WordPiece tokenizer from vocab.txt) and the sentence-transformers
         settings: max_seq_length from sentence_bert_config.json, the query prompt from
-        config_sentence_transformers.json, else the instruction BAAI publishes for `name`."""
+        config_sentence_transformers.json, else the instruction BAAI publishes for `name`, else none (and
+        `prompt_stated` False)."""
         folder = Path(folder)
         tok_cfg = _read_json(folder / "tokenizer_config.json")
         special = _read_json(folder / "special_tokens_map.json")
@@ -84,17 +87,20 @@ class Tokenizer:
         st_cfg = _read_json(folder / "sentence_bert_config.json")
         if max_length is None:
             max_length = st_cfg.get("max_seq_length") or min(tok_cfg.get("model_max_length", 512), position_limit)
-        if query_prompt is None:
+        stated = query_prompt
+        if stated is None:
             prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
-            query_prompt = prompts.get("query", default_query_prompt(name or str(folder)))
+            stated = prompts.get("query", default_query_prompt(name or str(folder)))
         pad = special.get("pad_token", tok_cfg.get("pad_token", "[PAD]"))
         pad = pad["content"] if isinstance(pad, dict) else pad
         pad_id = tk.token_to_id(pad)
         if pad_id is None:
             raise UserError(f"{folder}: pad token {pad!r} is not in the vocabulary")
         files = {"tokenizer_config.json": tok_cfg, "special_tokens_map.json": special}
-        return cls(tk, max_length=min(max_length, position_limit), position_limit=position_limit,
-                   query_prompt=query_prompt, pad_id=pad_id, hf_files=files, source=folder)
+        tokenizer = cls(tk, max_length=min(max_length, position_limit), position_limit=position_limit,
+                        query_prompt=stated or "", pad_id=pad_id, hf_files=files, source=folder)
+        tokenizer.prompt_stated = stated is not None
+        return tokenizer
 
     def _with_truncation(self, max_length: int) -> HFTokenizer:
         # one copy per length instead of mutating a shared tokenizer, so threads may tokenise concurrently

@@ -248,7 +248,7 @@ def test_tokenizer_padding_truncation_and_prompt(minilm):
         tok.query_prompt = ""
     assert default_query_prompt("BAAI/bge-small-en-v1.5") == QUERY_PROMPTS["en"]
     assert default_query_prompt("BAAI--bge-large-zh-v1.5/main") == QUERY_PROMPTS["zh"]
-    assert default_query_prompt("BAAI/bge-m3") == "" and default_query_prompt("all-MiniLM-L6-v2") == ""
+    assert default_query_prompt("BAAI/bge-m3") == "" and default_query_prompt("all-MiniLM-L6-v2") is None
 
 
 def test_encode_keeps_input_order_and_batch_size_does_not_matter(minilm_dir):

@@ -337,6 +337,63 @@ def test_the_base_is_tested_with_its_own_query_instruction_not_the_runs(data, ti
     assert st["prompts"]["query"] == "query: "
 
 
+def unstated(model_dir, folder):
+    """A copy of a model folder whose config_sentence_transformers.json names no instruction (all-MiniLM-L6-v2's)."""
+    import shutil
+
+    shutil.copytree(model_dir, folder)
+    st = folder / "config_sentence_transformers.json"
+    st.write_text(json.dumps({k: v for k, v in json.loads(st.read_text()).items() if k != "prompts"}))
+    return folder
+
+
+@pytest.mark.parametrize("flag, stated, retrieval, trained_with", [
+    ("auto", None, True, "query: "),  # nothing stated: E5's prefix (README: +1.7 nDCG@10 on SciFact)
+    ("auto", None, False, ""),  # STS or classification alone: queries are not what is trained
+    ("auto", "", True, ""),  # a folder that says it takes no instruction keeps none
+    ("auto", "Represent: ", True, "Represent: "),  # nor is its own one replaced
+    ("", None, True, ""),  # the flag wins
+    ("search_query: ", "Represent: ", True, "search_query: "),
+])
+def test_auto_query_prompt_is_the_models_own_or_e5s_prefix(tiny_model_dir, tmp_path, flag, stated, retrieval,
+                                                            trained_with):
+    from bge import TrainConfig, prepare
+
+    folder = unstated(tiny_model_dir, tmp_path / "model")
+    if stated is not None:
+        st = folder / "config_sentence_transformers.json"
+        st.write_text(json.dumps({"prompts": {"query": stated}}))
+    cfg = TrainConfig(data="unused.jsonl", model=str(folder), query_prompt=flag)
+    embedder, own = prepare.load_student(cfg, torch.device("cpu"), retrieval=retrieval)
+    assert (embedder.tokenizer.query_prompt, own) == (trained_with, stated or "")
+
+
+def test_step_0_is_the_base_with_its_own_instruction_and_best_keeps_it(data, tiny_model_dir, tmp_path, monkeypatch):
+    # where no trained step beats the base on validation (PubMedQA), best/ is the base as its users have it: not
+    # the base with an instruction it never learnt, which the test would score below the base
+    from bge import tasks as task_types
+
+    real, seen = task_types.validation_scores, []
+
+    def validation_scores(tasks, embedder, cpu_bf16, probe):
+        seen.append(embedder.tokenizer.query_prompt)
+        scores = real(tasks, embedder, cpu_bf16, probe)
+        return {**scores, "val/score": 1.0 if len(seen) == 1 else 0.5}  # the base wins
+
+    monkeypatch.setattr(task_types, "validation_scores", validation_scores)
+    folder = unstated(tiny_model_dir, tmp_path / "model")
+    train.main(args(data, folder, tmp_path, "--max-steps", "2", "--eval-every", "1", "--explain", "0",
+                    "--run-name", "r"))
+    assert seen == ["", "query: ", "query: "]
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["best_step"] == 0 and results["fine_tuned"] == results["base"]
+    assert "base_query_prompt" not in results  # best/ and the base take the same (no) instruction
+    st = json.loads((tmp_path / "r" / "best" / "config_sentence_transformers.json").read_text())
+    assert st["prompts"]["query"] == ""
+    st = json.loads((tmp_path / "r" / "final" / "config_sentence_transformers.json").read_text())
+    assert st["prompts"]["query"] == "query: "
+
+
 def tiny_config(data, model, out, **kw):
     """The Python API's config for what `args` gives the CLI (the tiny model's sizes)."""
     from bge import TrainConfig

@@ -71,14 +71,14 @@ def load_student(cfg: TrainConfig, device: torch.device, retrieval: bool) -> tup
     """(the model to train, the base's own query instruction). The model: --model as it is (a transformer, or a
     saved BiLSTM with --arch bilstm), or with --arch bilstm a new BiLSTM that takes --model's tokenizer and word
     embeddings; then --freeze-*, --grad-checkpointing and the dropout. Its queries take --query-prompt; 'auto' is
-    the model's own instruction, or, when training retrieval on a model that states none (all-MiniLM-L6-v2), E5's
-    `query: `: a marker that lets queries and passages part where the base embeds them alike."""
+    the model's own instruction, or, when training retrieval on a pretrained transformer that states none
+    (all-MiniLM-L6-v2), E5's `query: `: a marker that lets queries and passages part where the base embeds them alike."""
     embedder = Embedder.load(cfg.model, device=device)
     tokenizer = embedder.tokenizer
     own = tokenizer.query_prompt
     if cfg.query_prompt != "auto":
         tokenizer.query_prompt = cfg.query_prompt
-    elif retrieval and not tokenizer.prompt_stated:
+    elif retrieval and cfg.arch == "bert" and not tokenizer.prompt_stated:  # measured on a pretrained transformer
         tokenizer.query_prompt = NEW_QUERY_PROMPT
     if isinstance(embedder.model, BiLSTMEncoder) and cfg.arch != "bilstm":
         raise UserError(f"--model {cfg.model} is a BiLSTM; pass --arch bilstm to train it")

@@ -347,15 +347,16 @@ def unstated(model_dir, folder):
     return folder
 
 
-@pytest.mark.parametrize("flag, stated, retrieval, trained_with", [
-    ("auto", None, True, "query: "),  # nothing stated: E5's prefix (README: +1.7 nDCG@10 on SciFact)
-    ("auto", None, False, ""),  # STS or classification alone: queries are not what is trained
-    ("auto", "", True, ""),  # a folder that says it takes no instruction keeps none
-    ("auto", "Represent: ", True, "Represent: "),  # nor is its own one replaced
-    ("", None, True, ""),  # the flag wins
-    ("search_query: ", "Represent: ", True, "search_query: "),
+@pytest.mark.parametrize("flag, stated, retrieval, arch, trained_with", [
+    ("auto", None, True, "bert", "query: "),  # nothing stated: E5's prefix (README: +1.7 nDCG@10 on SciFact)
+    ("auto", None, False, "bert", ""),  # STS or classification alone: queries are not what is trained
+    ("auto", None, True, "bilstm", ""),  # a new BiLSTM: not measured, so as before
+    ("auto", "", True, "bert", ""),  # a folder that says it takes no instruction keeps none
+    ("auto", "Represent: ", True, "bert", "Represent: "),  # nor is its own one replaced
+    ("", None, True, "bert", ""),  # the flag wins
+    ("search_query: ", "Represent: ", True, "bert", "search_query: "),
 ])
-def test_auto_query_prompt_is_the_models_own_or_e5s_prefix(tiny_model_dir, tmp_path, flag, stated, retrieval,
+def test_auto_query_prompt_is_the_models_own_or_e5s_prefix(tiny_model_dir, tmp_path, flag, stated, retrieval, arch,
                                                             trained_with):
     from bge import TrainConfig, prepare
 
@@ -363,7 +364,7 @@ def test_auto_query_prompt_is_the_models_own_or_e5s_prefix(tiny_model_dir, tmp_p
     if stated is not None:
         st = folder / "config_sentence_transformers.json"
         st.write_text(json.dumps({"prompts": {"query": stated}}))
-    cfg = TrainConfig(data="unused.jsonl", model=str(folder), query_prompt=flag)
+    cfg = TrainConfig(data="unused.jsonl", model=str(folder), query_prompt=flag, arch=arch)
     embedder, own = prepare.load_student(cfg, torch.device("cpu"), retrieval=retrieval)
     assert (embedder.tokenizer.query_prompt, own) == (trained_with, stated or "")
 

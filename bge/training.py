@@ -135,12 +135,12 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
         scores = validation_scores(embedder)
         score = scores["val/score"]
         log({"step": step, **scores})
-        if step == 0:
-            trainer["base_val"] = scores
+        if step == 0:  # the base's scores, kept where they are the base's as its users have it
+            trainer["base_val"] = scores if tokenizer.query_prompt == base_prompt else None
         if not math.isnan(score) and (trainer["best"] is None or score > trainer["best"]):  # NaN: no ranking
-            trainer.update(best=score, best_step=step, stale_evals=0, best_val=scores)
+            trainer.update(best=score, best_step=step, stale_evals=0, best_val=trainer["base_val"] if step == 0 else scores)
             with clock("export"):
-                export(embedder, tasks, run_dir / "best")
+                export_best(step)
         else:
             trainer["stale_evals"] += 1
         probe_note = next((f" · {k} {v:.4f}" for k, v in scores.items() if k.startswith("probe/")), "")  # headline
@@ -148,13 +148,21 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
         console.print(f"step {step}: val {metric_label(tasks)} {score:.4f} (best {best})" + probe_note)
         return distributed.broadcast(cfg.patience > 0 and trainer["stale_evals"] >= cfg.patience, info)
 
+    def export_best(step: int) -> None:
+        """best/; at step 0 the base model as its users have it, with its own query instruction: the untrained model
+        with an instruction it never learnt (`auto`'s `query: `) is neither what they had nor what training made, and
+        on data no step improves (PubMedQA) it tests below the base. Step 0 is validated with the run's instruction
+        all the same: that is where training starts, and the trained steps are judged against it."""
+        run_prompt = tokenizer.query_prompt
+        if step == 0:
+            tokenizer.query_prompt = base_prompt
+        try:
+            export(embedder, tasks, run_dir / "best")
+        finally:
+            tokenizer.query_prompt = run_prompt
+
     if trainer["step"] == 0 and trainer["best"] is None:
-        # the base model is the first candidate for best/, as its users have it: with its own query instruction, as
-        # a new one is part of what fine-tuning changes (where no trained step beats the base, as on PubMedQA, the
-        # base with an instruction it never learnt would be exported, and could only lose)
-        run_prompt, tokenizer.query_prompt = tokenizer.query_prompt, base_prompt
-        evaluate_and_keep_best(0)
-        tokenizer.query_prompt = run_prompt
+        evaluate_and_keep_best(0)  # the base model is the first candidate for best/
         if info.main and has_val and trainer["best_step"] != 0:  # a NaN score: not best/, nothing to keep
             task_types.forget_validated(tasks, embedder)
 

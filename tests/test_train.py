@@ -327,10 +327,13 @@ def comparable(results: dict) -> dict:
 def test_the_base_is_tested_with_its_own_query_instruction_not_the_runs(data, tiny_model_dir, tmp_path):
     # a --query-prompt the base was not trained with is part of the recipe: the base row is the model as it is used
     # without this run, so it equals a plain run's base row, while the fine-tuned model keeps the run's instruction
-    common = args(data, tiny_model_dir, tmp_path, "--max-steps", "1", "--explain", "0")
+    # (a retrieval probe, whose queries take the instruction: the base's probe row is not step 0's validation, which
+    # ran with the run's instruction)
+    common = args(data, tiny_model_dir, tmp_path, "--max-steps", "1", "--explain", "0", "--general-probe", str(EXAMPLE))
     train.main([*common, "--run-name", "plain"])
     train.main([*common, "--run-name", "prompted", "--query-prompt", "query: "])
     plain, prompted = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("plain", "prompted"))
+    assert "probe/ndcg@10" in plain["base"]
     assert prompted["base"] == plain["base"] and prompted["base_query_prompt"] == "" and "base_query_prompt" not in plain
     assert prompted["fine_tuned"] != plain["fine_tuned"]
     st = json.loads((tmp_path / "prompted" / "best" / "config_sentence_transformers.json").read_text())
@@ -369,9 +372,10 @@ def test_auto_query_prompt_is_the_models_own_or_e5s_prefix(tiny_model_dir, tmp_p
     assert (embedder.tokenizer.query_prompt, own) == (trained_with, stated or "")
 
 
-def test_step_0_is_the_base_with_its_own_instruction_and_best_keeps_it(data, tiny_model_dir, tmp_path, monkeypatch):
-    # where no trained step beats the base on validation (PubMedQA), best/ is the base as its users have it: not
-    # the base with an instruction it never learnt, which the test would score below the base
+def test_best_at_step_0_is_the_base_with_its_own_instruction(data, tiny_model_dir, tmp_path, monkeypatch):
+    # where no trained step beats the start of training on validation (PubMedQA), best/ is the base as its users have
+    # it: not the base with an instruction it never learnt, which the test would score below the base; validation
+    # itself judges every step with the run's instruction
     from bge import tasks as task_types
 
     real, seen = task_types.validation_scores, []
@@ -384,8 +388,8 @@ def test_step_0_is_the_base_with_its_own_instruction_and_best_keeps_it(data, tin
     monkeypatch.setattr(task_types, "validation_scores", validation_scores)
     folder = unstated(tiny_model_dir, tmp_path / "model")
     train.main(args(data, folder, tmp_path, "--max-steps", "2", "--eval-every", "1", "--explain", "0",
-                    "--run-name", "r"))
-    assert seen == ["", "query: ", "query: "]
+                    "--run-name", "r", "--general-probe", str(EXAMPLE)))  # a probe whose queries take the instruction
+    assert seen == ["query: ", "query: ", "query: "]
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["best_step"] == 0 and results["fine_tuned"] == results["base"]
     assert "base_query_prompt" not in results  # best/ and the base take the same (no) instruction

@@ -76,7 +76,7 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
     tasks, _ = load_tasks(cfg, run_dir, write=info.main)
     has_val, probe = prepare.check_data(cfg, tasks, run_dir)
 
-    embedder, base_prompt = prepare.load_student(cfg, device, retrieval="retrieval" in tasks)
+    embedder, base_query_prompt, base_passage_prompt = prepare.load_student(cfg, device, retrieval="retrieval" in tasks)
     model, tokenizer = embedder.model, embedder.tokenizer
     matryoshka_dims = prepare.matryoshka_dims(cfg, model.dim)
     head = prepare.make_head(cfg, tasks, model.dim, device, info)  # --classification-loss head/both
@@ -149,12 +149,14 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
         return distributed.broadcast(cfg.patience > 0 and trainer["stale_evals"] >= cfg.patience, info)
 
     if trainer["step"] == 0 and trainer["best"] is None:
-        # the base model is the first candidate for best/, as its users have it: with its own query instruction, as
-        # a new one is part of what fine-tuning changes (where no trained step beats the base, as on PubMedQA, the
-        # base with an instruction it never learnt would be exported, and could only lose)
-        run_prompt, tokenizer.query_prompt = tokenizer.query_prompt, base_prompt
+        # the base model is the first candidate for best/, as its users have it: with its own instructions, as new
+        # ones are part of what fine-tuning changes (where no trained step beats the base, as on PubMedQA, the base
+        # with an instruction it never learnt would be exported, and could only lose)
+        run_prompts = tokenizer.query_prompt, tokenizer.passage_prompt
+        tokenizer.query_prompt = base_query_prompt
+        tokenizer.passage_prompt = base_passage_prompt
         evaluate_and_keep_best(0)
-        tokenizer.query_prompt = run_prompt
+        tokenizer.query_prompt, tokenizer.passage_prompt = run_prompts
         if info.main and has_val and trainer["best_step"] != 0:  # a NaN score: not best/, nothing to keep
             task_types.forget_validated(tasks, embedder)
 

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "queries (default: --max-length); train.py validates and tests with its --max-query-length")
     p.add_argument("--query-prompt", default=None, help="query instruction, overriding the model's (not the "
                    "per-line prompts of a training JSONL); '' for none")
+    p.add_argument("--passage-prompt", default=None, help="retrieval: passage instruction, overriding the model's "
+                   "(its folder's document prompt); '' for none")
     p.add_argument("--no-title", action="store_true", help="BEIR: embed the text alone, not title + ' ' + text")
     p.add_argument("--ignore-identical-ids", action="store_true", help="skip a document whose id is the query's "
                    "(as MTEB does for ArguAna)")
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for name, folder, label in zip(a.model, folders, labels(a.model)):
         start = time.perf_counter()
-        embedder = Embedder.load(str(folder), device=a.device)
+        embedder = Embedder.load(str(folder), device=a.device, passage_prompt=a.passage_prompt)
         loaded = time.perf_counter()
         row = {"model": name, "folder": str(folder), "label": label, "fingerprint": embedder.fingerprint(),
                "max_length": effective_max_length(embedder, a.max_length)}
@@ -218,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
             row |= {"metrics": m.summary, "n_scored": m.n_scored, "n_dropped": m.n_dropped,
                     "n_encoded": rk.n_encoded, "n_cached": rk.n_cached, "seconds": dict(rk.seconds),
                     "query_prompt": a.query_prompt if a.query_prompt is not None else embedder.tokenizer.query_prompt,
+                    "passage_prompt": embedder.tokenizer.passage_prompt,
                     "cache_file": str(rk.cache_file) if rk.cache_file else None}
             row["encoded"] = f"{rk.n_encoded:,}" if rk.n_encoded or cache_dir is None else "cached"
             truncated = {d: r.summary for d, r in res.by_dim.items()}

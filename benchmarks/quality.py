@@ -131,14 +131,15 @@ def st_train(a: argparse.Namespace, opts: list[str], seed: int, out: Path) -> di
             for k, n in enumerate(drawn):
                 rows[f"negative_{k}"].append(n)
     folder = resolve_model(a.model)
-    prompt = Embedder.load(str(folder)).tokenizer.query_prompt  # the model's query instruction, as bge uses it
+    tok = Embedder.load(str(folder)).tokenizer  # the model's own instructions, as bge uses them
+    prompts = {column: tok.query_prompt if column == "anchor" else tok.passage_prompt for column in rows}
     model = SentenceTransformer(str(folder), device="cpu")
     model.max_seq_length = a.max_length
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "st-output"), num_train_epochs=o.epochs, per_device_train_batch_size=o.batch_size,
         learning_rate=o.lr, warmup_ratio=o.warmup_ratio, batch_sampler=BatchSamplers.NO_DUPLICATES, seed=seed,
         data_seed=seed, save_strategy="no", report_to="none", logging_steps=10, use_cpu=True,
-        prompts={"anchor": prompt} if prompt else None, dataloader_num_workers=0)
+        prompts={c: p for c, p in prompts.items() if p} or None, dataloader_num_workers=0)
     loss = MultipleNegativesRankingLoss(model, scale=o.scale)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), loss=loss)
     start = time.perf_counter()

@@ -147,12 +147,14 @@ class Batch:
         """Queries with their instruction prefixed."""
         return [(default_prompt if p is None else p) + q for q, p in zip(self.queries, self.prompts)]
 
-    def passage_texts(self, default_prompt: str) -> list[str]:
-        """Passages as the encoder sees them: a symmetric line's with its query's instruction prefixed."""
+    def passage_texts(self, default_prompt: str, passage_prompt: str) -> list[str]:
+        """Passages as the encoder sees them: a symmetric line's with its query's instruction prefixed (both sides
+        of an STS pair are alike), every other with the passage instruction."""
         if not self.instructed or not any(self.instructed):
-            return self.passages
+            return [passage_prompt + t for t in self.passages]
         q = [(default_prompt if p is None else p) for p in self.prompts]
-        return [q[o] + t if sym else t for t, o, sym in zip(self.passages, self.owner.tolist(), self.instructed)]
+        return [q[o] + t if sym else passage_prompt + t
+                for t, o, sym in zip(self.passages, self.owner.tolist(), self.instructed)]
 
 
 SYMMETRIC = ("symmetric_sts", "symmetric_clustering")  # FlagEmbedding puts the query instruction on these passages

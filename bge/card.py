@@ -140,13 +140,13 @@ def write_card(folder: str | Path, embedder: Embedder, *, base: str | None = Non
                          library_name=None if bilstm else "sentence-transformers", tags=tags)
     pooling = ("BiLSTM attention pooling" if bilstm else "CLS pooling" if cfg.pooling == "cls"
                else f"{cfg.pooling} pooling")
-    prompt = embedder.tokenizer.query_prompt
+    prompt, passage_prompt = embedder.tokenizer.query_prompt, embedder.tokenizer.passage_prompt
     title = f"{Path(folder).name} · {run['run']}" if run else Path(folder).name
     parts = [f"---\n{meta.to_yaml()}\n---\n", f"# {title}\n",
              f"A text-embedding model {'fine-tuned with' if run else 'exported by'} bge (the Python package "
              f"`bge-finetune`) from {_model_link(repo, base)}: {embedder.dim} dimensions, {pooling}, L2-normalised, "
              f"cosine similarity, up to {embedder.tokenizer.max_length} tokens. "
-             + (f"Queries take the instruction `{prompt}`; passages none." if prompt else "No query instruction.")]
+             + _instructions(prompt, passage_prompt)]
     if bilstm:
         parts.append("\nA gated BiLSTM in bge's own format: **only bge loads it** (not transformers or "
                      "sentence-transformers).")
@@ -154,10 +154,19 @@ def write_card(folder: str | Path, embedder: Embedder, *, base: str | None = Non
         parts.append(_story(run, repo))
         parts.append(f"\n## Results on the held-out test set\n\n{RESULTS_START}\n{_pending(run['role'])}\n"
                      f"{RESULTS_END}\n")
-    parts.append(_usage(bilstm, cfg, prompt))
+    parts.append(_usage(bilstm, cfg, prompt, passage_prompt))
     path = Path(folder) / "README.md"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _instructions(query_prompt: str, passage_prompt: str) -> str:
+    """The card's sentence on the instructions that bge and sentence-transformers prefix."""
+    if not query_prompt and not passage_prompt:
+        return "No query instruction."
+    query = f"Queries take the instruction `{query_prompt}`" if query_prompt else "Queries take no instruction"
+    passage = f"passages `{passage_prompt}`" if passage_prompt else "passages none"
+    return f"{query}; {passage}."
 
 
 def _model_link(repo: str | None, base: str) -> str:
@@ -189,22 +198,24 @@ def _pending(role: str) -> str:
     return "The run had not finished when this card was written: its end adds the held-out test table here."
 
 
-def _usage(bilstm: bool, cfg, prompt: str) -> str:
+def _usage(bilstm: bool, cfg, prompt: str, passage_prompt: str) -> str:
     query, passage = "how do I stop my disc brakes squealing?", "Squealing discs are usually contaminated pads."
     lines = ["\n## Usage\n", "### bge\n", "```python", "import bge", "",
              f'model = bge.load("{MODEL_ID}")',
              f'q = model.encode(["{query}"], is_query=True)  # the query instruction is added for you',
-             f'd = model.encode(["{passage}"])', "print(q @ d.T)", "```"]
+             f'd = model.encode(["{passage}"], is_passage=True)' + ("  # and the passage one" if passage_prompt else ""),
+             "print(q @ d.T)", "```"]
     if bilstm:
         return "\n".join(lines) + "\n"
     st_query = ', prompt_name="query"' if prompt else ""
+    st_passage = ', prompt_name="document"' if passage_prompt else ""
     pool = ("emb = out.last_hidden_state[:, 0]  # CLS pooling" if cfg.pooling == "cls" else
             'mask = batch["attention_mask"].unsqueeze(-1).float()\n'
             "emb = (out.last_hidden_state * mask).sum(1) / mask.sum(1)  # mean pooling")
     prefix = json.dumps(prompt + query, ensure_ascii=False)
     lines += ["\n### sentence-transformers\n", "```python", "from sentence_transformers import SentenceTransformer", "",
               f'model = SentenceTransformer("{MODEL_ID}")',
-              f'q = model.encode(["{query}"]{st_query})', f'd = model.encode(["{passage}"])',
+              f'q = model.encode(["{query}"]{st_query})', f'd = model.encode(["{passage}"]{st_passage})',
               "print(model.similarity(q, d))", "```",
               "\n### transformers\n", "```python", "import torch",
               "from transformers import AutoModel, AutoTokenizer", "",

@@ -112,6 +112,8 @@ class TrainConfig:
     model: str = opt("auto", "base model: a folder, a hub id, all-MiniLM-L6-v2, or auto", "model")
     query_prompt: str = opt("auto", "query instruction; 'auto' = the model's own, or 'query: ' to train retrieval on a "
                             "pretrained transformer that states none; '' = none", "model")
+    passage_prompt: str = opt("auto", "passage instruction; 'auto' = the model's own (its folder's document prompt), "
+                              "'' = none", "model")
     max_query_length: int = opt(64, "query truncation length in tokens", "model", range="[1, inf)")
     max_passage_length: int = opt(256, "passage truncation length in tokens", "model", range="[1, inf)")
     arch: str = opt("bert", "encoder: bert = --model's transformer; bilstm = a new gated BiLSTM (bge/lstm.py) "

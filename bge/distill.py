@@ -39,7 +39,7 @@ STORE_FORMAT = 1  # bump when what a shard holds changes
 
 
 def text_key(kind: str, text: str) -> int:
-    """A stable signed 64-bit key of a text as the teacher embeds it ("q": with the query instruction, "p")."""
+    """A stable signed 64-bit key of a text as the teacher embeds it ("q" or "p", with its instruction prefixed)."""
     return int.from_bytes(hashlib.blake2b(f"{kind}\0{text}".encode(), digest_size=8).digest(), "little", signed=True)
 
 
@@ -89,8 +89,8 @@ class Teacher:
         return f"{kind}:{'amp' if kind == 'cuda' else 'bf16' if self.cpu_bf16 else 'fp32'}"
 
     def lookup(self, kind: str, texts: list[str]) -> torch.Tensor:
-        """(n, d) embeddings of texts ("q": queries with their instruction already prefixed, or "p"), on the CPU;
-        the texts not seen before are encoded together, in first-seen order."""
+        """(n, d) embeddings of texts ("q": queries, "p": passages, each with its instruction already prefixed), on
+        the CPU; the texts not seen before are encoded together, in first-seen order."""
         keys = [text_key(kind, t) for t in texts]
         new = {k: t for k, t in zip(keys, texts) if k not in self.cache}
         if new:
@@ -101,9 +101,11 @@ class Teacher:
         return torch.stack([self.cache[k] for k in keys])
 
     def embed(self, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-        """{"q": (B, d), "p": (P, d)} in the batch's order; queries carry the teacher's own instruction."""
-        queries = batch.query_texts(self.embedder.tokenizer.query_prompt)
-        passages = batch.passage_texts(self.embedder.tokenizer.query_prompt)
+        """{"q": (B, d), "p": (P, d)} in the batch's order; queries and passages carry the teacher's own
+        instructions."""
+        tok = self.embedder.tokenizer
+        queries = batch.query_texts(tok.query_prompt)
+        passages = batch.passage_texts(tok.query_prompt, tok.passage_prompt)
         return {"q": self.lookup("q", queries).to(device), "p": self.lookup("p", passages).to(device)}
 
     def preload(self, corpus: dict[str, str], cache: CorpusCache) -> int:
@@ -111,8 +113,9 @@ class Teacher:
         a miss (in length-sorted batches, cheaper than a few per step); returns how many were read, not encoded."""
         got = encode_corpus(self.embedder, corpus, batch_size=self.batch_size, max_length=self.max_length["p"],
                             cache_dir=cache, cpu_bf16=self.cpu_bf16)
+        prompt = self.embedder.tokenizer.passage_prompt  # encode_corpus prefixed it, as embed's passages are
         for text, e in zip(corpus.values(), got.emb):
-            self.cache.setdefault(text_key("p", text), e)
+            self.cache.setdefault(text_key("p", prompt + text), e)
         return got.n_cached
 
     def flush(self) -> None:

@@ -56,11 +56,14 @@ class Embedder:
 
     @classmethod
     def load(cls, name: str = "auto", *, device: str | torch.device | None = None, max_length: int | None = None,
-             query_prompt: str | None = None, cache_dir: str | Path | None = None) -> "Embedder":
-        """A local folder, `all-MiniLM-L6-v2` (bundled), a hub id (`BAAI/bge-small-en-v1.5`), or `auto`."""
+             query_prompt: str | None = None, passage_prompt: str | None = None,
+             cache_dir: str | Path | None = None) -> "Embedder":
+        """A local folder, `all-MiniLM-L6-v2` (bundled), a hub id (`BAAI/bge-small-en-v1.5`), or `auto`; a prompt
+        given here replaces the folder's."""
         folder = resolve_model(name, cache_dir=cache_dir)
         label = name if name != "auto" else str(folder)
-        model, tokenizer = weights.load_model(folder, name=label, max_length=max_length, query_prompt=query_prompt)
+        model, tokenizer = weights.load_model(folder, name=label, max_length=max_length, query_prompt=query_prompt,
+                                              passage_prompt=passage_prompt)
         return cls(model, tokenizer, name=label, device=device)
 
     @property
@@ -91,10 +94,12 @@ class Embedder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str], *, batch_size: int = 64, max_length: int | None = None, is_query: bool = False,
-               prompt: str | None = None, as_numpy: bool = True, show_progress: bool | None = None,
-               cpu_bf16: bool = False, description: str = "encoding") -> np.ndarray | torch.Tensor:
+               is_passage: bool = False, prompt: str | None = None, as_numpy: bool = True,
+               show_progress: bool | None = None, cpu_bf16: bool = False,
+               description: str = "encoding") -> np.ndarray | torch.Tensor:
         """(n, d) float32 embeddings, in input order. Batches are built from length-sorted texts so each
-        pads little; queries get the instruction prefix (the tokenizer's, or `prompt`)."""
+        pads little; queries get the query instruction, retrieval passages (`is_passage`) the passage instruction
+        (the tokenizer's, or `prompt`); other texts none."""
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts; wrap a single string in a list")
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # longest first: a too-big batch fails at once
@@ -113,7 +118,7 @@ class Embedder:
                         _start(bar)
                     idx = order[start : start + batch_size]
                     ids, mask = self.tokenizer([texts[i] for i in idx], max_length=max_length, is_query=is_query,
-                                               prompt=prompt)
+                                               is_passage=is_passage, prompt=prompt)
                     emb = self.model.embed(ids.to(self.device), mask.to(self.device))
                     out[idx] = emb.float().cpu()
                     bar.advance(task, len(idx))

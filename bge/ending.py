@@ -67,7 +67,7 @@ def forgetting_guard(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path, ba
 def finish(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path, trainer: dict, *, device: torch.device,
            cpu_bf16: bool, probe: RetrievalData | STSData | None, clock: Stopwatch,
            score: Callable[[Embedder], dict[str, float]]) -> dict:
-    """Test the base model (with its own query instruction), best/ and the guard's mix; print the diagnostics and
+    """Test the base model (with its own instructions), best/ and the guard's mix; print the diagnostics and
     the tables; write results.json (returned), the cards' tables and the curves. `score` validates a model (val/ and
     probe/ metrics)."""
     judged = labelled(tasks)  # what is validated and reported: not --unlabeled's pseudo-pairs
@@ -76,15 +76,17 @@ def finish(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path, trainer: dic
     results = {"run": str(run_dir), "config": cfg.to_dict(), "best_step": trainer["best_step"], f"best_val_{best_key}": trainer["best"],
                "steps": trainer["step"], "train_seconds": trainer["train_seconds"], "skipped_steps": trainer["bad_steps_total"],
                **{f"train_{'queries' if t.name == 'retrieval' else t.name}": len(t.train) for t in tasks.values()}}
-    # the base as it is used without this run, with its own query instruction: a --query-prompt the model was not
-    # trained with is part of what fine-tuning changed (BGE's given to all-MiniLM-L6-v2 costs SciFact 5 nDCG@10)
-    tuned = Embedder.load(str(run_dir / "best"), device=device)  # its folder holds the run's instruction
+    # the base as it is used without this run, with its own instructions: a --query-prompt or --passage-prompt the
+    # model was not trained with is part of what fine-tuning changed (BGE's query instruction given to
+    # all-MiniLM-L6-v2 costs SciFact 5 nDCG@10)
+    tuned = Embedder.load(str(run_dir / "best"), device=device)  # its folder holds the run's instructions
     base = Embedder.load(cfg.model, device=device)
-    same_prompt = base.tokenizer.query_prompt == tuned.tokenizer.query_prompt
-    if not same_prompt:
-        console.print(f"the base model is tested with its own query instruction ({base.tokenizer.query_prompt!r}), "
-                      f"the fine-tuned one with this run's ({tuned.tokenizer.query_prompt!r})")
-        results["base_query_prompt"] = base.tokenizer.query_prompt
+    for side in ("query", "passage"):
+        own, runs = getattr(base.tokenizer, f"{side}_prompt"), getattr(tuned.tokenizer, f"{side}_prompt")
+        if own != runs:
+            console.print(f"the base model is tested with its own {side} instruction ({own!r}), the fine-tuned one "
+                          f"with this run's ({runs!r})")
+            results[f"base_{side}_prompt"] = own
     merged, ratio, sweep = forgetting_guard(cfg, tasks, run_dir, base, tuned, trainer, score, clock)
     if sweep:
         results["merge_sweep"] = {f"{r:g}": s for r, s in sorted(sweep.items())}

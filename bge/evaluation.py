@@ -1,7 +1,8 @@
 """Retrieval and STS evaluation: corpus embeddings cached on disk, exact dense search, trec_eval metrics.
 
 evaluate.py and train.py's validation both call these. The pieces, in the order a retrieval evaluation runs:
-    encode_corpus   passages -> embeddings, read from / written to `{cache_dir}/{key}.safetensors`
+    encode_corpus   passages -> embeddings (with the passage instruction), read from / written to
+                    `{cache_dir}/{key}.safetensors`
     encode_queries  queries -> embeddings, each with its instruction (per-query, given, or the model's)
     rank            exact top-k by cosine similarity (bge.search.topk_search: chunked, bounded memory)
     search          the three above on a RetrievalData, with timings
@@ -71,9 +72,12 @@ def corpus_hash(ids: Sequence[str], texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def cache_key(model: str, max_length: int, precision: str, corpus: str) -> str:
-    """The cache file's name stem: a hash of the model fingerprint, max length, precision and corpus hash."""
+def cache_key(model: str, max_length: int, precision: str, corpus: str, passage_prompt: str = "") -> str:
+    """The cache file's name stem: a hash of the model fingerprint, max length, precision, corpus hash and passage
+    instruction."""
     parts = {"format": CACHE_FORMAT, "model": model, "max_length": max_length, "precision": precision, "corpus": corpus}
+    if passage_prompt:  # only when there is one: the keys of passages encoded bare stay what they always were
+        parts["passage_prompt"] = passage_prompt
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
@@ -108,10 +112,11 @@ def _write_cache(path: Path, ids: list[str], emb: torch.Tensor, metadata: dict[s
 
 
 class CorpusCache:
-    """Corpus embeddings by cache key (model fingerprint, max length, precision, corpus): in memory, and in `folder`
-    on disk when one is given (read always, written when `write`). A training run validates a model and later tests
-    the same weights (the base model at step 0, best/ at its step): the memory keeps the first model's embeddings
-    and the latest `keep` others, so neither is encoded twice. Views made with `view()` share one memory."""
+    """Corpus embeddings by cache key (model fingerprint, max length, precision, corpus, passage instruction): in
+    memory, and in `folder` on disk when one is given (read always, written when `write`). A training run validates
+    a model and later tests the same weights (the base model at step 0, best/ at its step): the memory keeps the
+    first model's embeddings and the latest `keep` others, so neither is encoded twice. Views made with `view()` share
+    one memory."""
 
     def __init__(self, folder: str | Path | None = None, *, write: bool = True, keep: int = 2,
                  max_bytes: int = 2**30, memory: dict | None = None):
@@ -163,11 +168,12 @@ class CorpusCache:
 def encode_corpus(embedder: Embedder, corpus: dict[str, str], *, batch_size: int = 64, max_length: int | None = None,
                   cache_dir: str | Path | CorpusCache | None = None, cpu_bf16: bool = False,
                   show_progress: bool | None = None) -> CorpusEmbeddings:
-    """Embeddings of every passage (no instruction), in `corpus` order.
+    """Embeddings of every passage, each with the model's passage instruction, in `corpus` order.
 
     With `cache_dir` (a folder, or a CorpusCache with memory), looks the embeddings up by a key that hashes the model
-    fingerprint, the effective max length, the precision and the corpus (ids and texts): in `{cache_dir}/{key}.safetensors`;
-    on a miss it encodes and writes that file. Without `cache_dir` nothing is hashed."""
+    fingerprint, the effective max length, the precision, the corpus (ids and texts) and the passage instruction (the
+    fingerprint leaves the tokenizer's prompts out): in `{cache_dir}/{key}.safetensors`; on a miss it encodes and
+    writes that file. Without `cache_dir` nothing is hashed."""
     ids = list(corpus)
     if not ids:
         raise UserError("the corpus is empty")
@@ -177,13 +183,14 @@ def encode_corpus(embedder: Embedder, corpus: dict[str, str], *, batch_size: int
     cache = cache_dir if isinstance(cache_dir, CorpusCache) or cache_dir is None else CorpusCache(cache_dir)
     if cache is not None:
         key = {"model": embedder.fingerprint(), "max_length": length,
-               "precision": encode_precision(embedder, cpu_bf16), "corpus": corpus_hash(ids, texts)}
+               "precision": encode_precision(embedder, cpu_bf16), "corpus": corpus_hash(ids, texts),
+               "passage_prompt": embedder.tokenizer.passage_prompt}
         stem = cache_key(**key)
         emb = cache.get(stem, ids, embedder.dim)
         if emb is not None:
             return CorpusEmbeddings(ids, emb, 0, len(ids), time.perf_counter() - start, cache.path(stem))
-    emb = embedder.encode(texts, batch_size=batch_size, max_length=length, as_numpy=False, cpu_bf16=cpu_bf16,
-                          show_progress=show_progress, description="encoding corpus")
+    emb = embedder.encode(texts, batch_size=batch_size, max_length=length, is_passage=True, as_numpy=False,
+                          cpu_bf16=cpu_bf16, show_progress=show_progress, description="encoding corpus")
     if cache is not None:
         meta = {k: str(v) for k, v in key.items()} | {"format": str(CACHE_FORMAT), "model_name": embedder.name}
         cache.put(stem, ids, emb, meta)

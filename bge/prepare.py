@@ -67,19 +67,22 @@ def check_data(cfg: TrainConfig, tasks: dict[str, Task], run_dir: Path) -> tuple
 NEW_QUERY_PROMPT = "query: "  # E5's prefix, for a model that states no instruction of its own (README: +1.7 SciFact)
 
 
-def load_student(cfg: TrainConfig, device: torch.device, retrieval: bool) -> tuple[Embedder, str]:
-    """(the model to train, the base's own query instruction). The model: --model as it is (a transformer, or a
-    saved BiLSTM with --arch bilstm), or with --arch bilstm a new BiLSTM that takes --model's tokenizer and word
-    embeddings; then --freeze-*, --grad-checkpointing and the dropout. Its queries take --query-prompt; 'auto' is
-    the model's own instruction, or, when training retrieval on a pretrained transformer that states none
-    (all-MiniLM-L6-v2), E5's `query: `: a marker that lets queries and passages part where the base embeds them alike."""
+def load_student(cfg: TrainConfig, device: torch.device, retrieval: bool) -> tuple[Embedder, str, str]:
+    """(the model to train, the base's own query instruction, the base's own passage instruction). The model:
+    --model as it is (a transformer, or a saved BiLSTM with --arch bilstm), or with --arch bilstm a new BiLSTM that
+    takes --model's tokenizer and word embeddings; then --freeze-*, --grad-checkpointing and the dropout. Its queries
+    take --query-prompt; 'auto' is the model's own instruction, or, when training retrieval on a pretrained
+    transformer that states none (all-MiniLM-L6-v2), E5's `query: `: a marker that lets queries and passages part
+    where the base embeds them alike. Its passages take --passage-prompt; 'auto' is the model's own (none for most)."""
     embedder = Embedder.load(cfg.model, device=device)
     tokenizer = embedder.tokenizer
-    own = tokenizer.query_prompt
+    own_query, own_passage = tokenizer.query_prompt, tokenizer.passage_prompt
     if cfg.query_prompt != "auto":
         tokenizer.query_prompt = cfg.query_prompt
     elif retrieval and cfg.arch == "bert" and not tokenizer.prompt_stated:  # measured on a pretrained transformer
         tokenizer.query_prompt = NEW_QUERY_PROMPT
+    if cfg.passage_prompt != "auto":
+        tokenizer.passage_prompt = cfg.passage_prompt
     if isinstance(embedder.model, BiLSTMEncoder) and cfg.arch != "bilstm":
         raise UserError(f"--model {cfg.model} is a BiLSTM; pass --arch bilstm to train it")
     if cfg.arch == "bilstm" and not isinstance(embedder.model, BiLSTMEncoder):
@@ -93,7 +96,7 @@ def load_student(cfg: TrainConfig, device: torch.device, retrieval: bool) -> tup
         console.print(f"frozen: {n:,} of {sum(p.numel() for p in embedder.model.parameters()):,} parameters")
     embedder.model.grad_checkpointing = cfg.grad_checkpointing
     embedder.model.set_dropout(cfg.hidden_dropout, cfg.attention_dropout)
-    return embedder, own
+    return embedder, own_query, own_passage
 
 
 def make_head(cfg: TrainConfig, tasks: dict[str, Task], dim: int, device: torch.device,

@@ -4,8 +4,9 @@ format) with a bi-encoder teacher's cosine similarities, for users without a rer
     python -m bge.score --teacher BAAI/bge-large-en-v1.5 --data mined.jsonl --out mined-scored.jsonl
     python train.py --data mined-scored.jsonl --corpus ../shared/data/scifact --kd-weight 1
 
-Queries are encoded with the teacher's own query instruction (or --query-prompt), passages without one. Every
-distinct passage is encoded once, through evaluate.py's embedding cache. All other fields of a line are kept.
+Queries are encoded with the teacher's own query instruction (or --query-prompt), passages with its own passage
+instruction (or --passage-prompt; most models have none). Every distinct passage is encoded once, through
+evaluate.py's embedding cache. All other fields of a line are kept.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training JSONL (query, pos, neg)")
     p.add_argument("--out", required=True, help="the JSONL to write, with pos_scores and neg_scores")
     p.add_argument("--query-prompt", default=None, help="query instruction for the teacher (default: its own)")
+    p.add_argument("--passage-prompt", default=None, help="passage instruction for the teacher (default: its own)")
     p.add_argument("--batch-size", type=Bounded(int, "[1, inf)"), default=64)
     p.add_argument("--max-length", type=Bounded(int, "[1, inf)"), default=None,
                    help="truncation length (default: the teacher's)")
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--out {a.out} is the --data file; scoring writes a new file (pass another --out)")
     began = time.perf_counter()
     examples, _ = load_examples(a.data)  # every bad line is reported before the teacher loads
-    teacher = Embedder.load(a.teacher, device=a.device)
+    teacher = Embedder.load(a.teacher, device=a.device, passage_prompt=a.passage_prompt)
     scores = teacher_scores(teacher, examples, batch_size=a.batch_size, max_length=a.max_length,
                             query_prompt=a.query_prompt, cache_dir=None if a.no_cache else a.cache_dir,
                             cpu_bf16=a.cpu_bf16)

@@ -199,13 +199,14 @@ class RetrievalTask(Task):
         self.mined = self.mining_groups()  # fixed now: the filled rows have negatives from here on
         rows = [i for _, r in self.mined for i in r]
         sets = [d.fingerprint() for d, _ in self.mined]
-        # the instruction is in the key because the base encodes the queries with it; the fingerprint leaves it out,
-        # as the corpus encodings it keys do not depend on it (an empty one adds nothing, so older keys stay valid;
-        # so does a run of --data alone, whose one set is keyed as it always was, and --mine-with's default)
+        # the instructions are in the key because the base encodes the queries and passages with them; the
+        # fingerprint leaves them out (an empty one adds nothing, so older keys stay valid; so does a run of --data
+        # alone, whose one set is keyed as it always was, and --mine-with's default)
         key = json.dumps([sets[0] if len(sets) == 1 else sets, base.fingerprint(), [self.train[i].qid for i in rows],
                           count, cfg.mine_range, cfg.mine_margin, cfg.seed, cfg.max_passage_length,
                           cfg.max_query_length, cpu_bf16, MINE_FORMAT]
                          + ([base.tokenizer.query_prompt] if base.tokenizer.query_prompt else [])
+                         + ([{"passage_prompt": base.tokenizer.passage_prompt}] if base.tokenizer.passage_prompt else [])
                          + ([cfg.mine_with] if cfg.mine_with != "model" else []))
         path = cache_folder(cfg) / f"mined-{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.json"
         cached = _read_mined(path, len(rows))
@@ -263,7 +264,8 @@ class RetrievalTask(Task):
                            positives=None if cfg.positives == "one" else [j for _, j in picked])
         prompt = tokenizer.query_prompt
         inputs = {"q": tokenizer.tokenize(batch.query_texts(prompt), max_length=cfg.max_query_length),
-                  "p": tokenizer.tokenize(batch.passage_texts(prompt), max_length=cfg.max_passage_length)}
+                  "p": tokenizer.tokenize(batch.passage_texts(prompt, tokenizer.passage_prompt),
+                                          max_length=cfg.max_passage_length)}
         teacher = self.teacher
         in_batch = (self.train[picked[0][0]].file or 0) not in self.no_in_batch_files  # a batch is of one file
 
@@ -419,7 +421,7 @@ class CorpusTask(Task):
         cfg = self.cfg
         batch = self._batch([self.example(self.train[k], k, epoch) for k in indices], epoch)
         inputs = {"q": tokenizer.tokenize(batch.query_texts(tokenizer.query_prompt), max_length=cfg.max_query_length),
-                  "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length)}
+                  "p": tokenizer.tokenize(batch.passages, max_length=cfg.max_passage_length, is_passage=True)}
         teacher = self.teacher
 
         def loss_fn(emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -437,7 +439,7 @@ class CorpusTask(Task):
         kw = dict(batch_size=cfg.eval_batch_size, as_numpy=False, show_progress=False, cpu_bf16=cpu_bf16)
         student = {"q": embedder.encode(batch.query_texts(embedder.tokenizer.query_prompt),
                                         max_length=cfg.max_query_length, **kw),
-                   "p": embedder.encode(batch.passages, max_length=cfg.max_passage_length, **kw)}
+                   "p": embedder.encode(batch.passages, max_length=cfg.max_passage_length, is_passage=True, **kw)}
         target = self.teacher.embed(batch, torch.device("cpu"))
         total = 0.0
         for start in range(0, n, cfg.batch_size):

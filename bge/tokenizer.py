@@ -1,5 +1,5 @@
 """Tokenizer glue: a Hugging Face `tokenizers` tokenizer plus what BGE needs around it
-(truncation, padding to a multiple of 8, and the query instruction applied to queries only)."""
+(truncation, padding to a multiple of 8, and the instructions: the query one on queries, the passage one on passages)."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,9 @@ QUERY_PROMPTS = {
     "en": "Represent this sentence for searching relevant passages: ",
     "zh": "为这个句子生成表示以用于检索相关文章：",
 }
+# the prompt names sentence-transformers' encode_document looks up, in its order (E5's "passage: ", nomic's
+# "search_document: ")
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
 PAD_TO_MULTIPLE = 8  # tensor-core and AVX-512 friendly shapes, and fewer distinct shapes for torch.compile
 
 
@@ -52,10 +55,11 @@ def _wordpiece_from_vocab(vocab: Path, lowercase: bool) -> HFTokenizer:
 
 
 class Tokenizer:
-    """Text -> padded (input_ids, attention_mask) tensors. Holds the default max length and query prompt."""
+    """Text -> padded (input_ids, attention_mask) tensors. Holds the default max length and the query and passage
+    prompts."""
 
     def __init__(self, tk: HFTokenizer, *, max_length: int, position_limit: int, query_prompt: str = "",
-                 pad_id: int = 0, hf_files: dict | None = None, source: Path | None = None):
+                 passage_prompt: str = "", pad_id: int = 0, hf_files: dict | None = None, source: Path | None = None):
         tk.no_padding()
         tk.no_truncation()
         self.tk = tk
@@ -63,6 +67,7 @@ class Tokenizer:
         self.position_limit = position_limit  # longest sequence the model's position table allows
         self.query_prompt = query_prompt
         self.prompt_stated = True  # False: nothing said which instruction queries take (bge.prepare picks one)
+        self.passage_prompt = passage_prompt
         self.pad_id = pad_id
         self.hf_files = hf_files or {}  # tokenizer_config.json / special_tokens_map.json, written back on save
         self.source = source
@@ -70,11 +75,12 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, position_limit: int, max_length: int | None = None,
-                    query_prompt: str | None = None, name: str = "") -> "Tokenizer":
+                    query_prompt: str | None = None, passage_prompt: str | None = None,
+                    name: str = "") -> "Tokenizer":
         """Load tokenizer.json (or build a WordPiece tokenizer from vocab.txt) and the sentence-transformers
-        settings: max_seq_length from sentence_bert_config.json, the query prompt from
-        config_sentence_transformers.json, else the instruction BAAI publishes for `name`, else none (and
-        `prompt_stated` False)."""
+        settings: max_seq_length from sentence_bert_config.json; from config_sentence_transformers.json the query
+        prompt (else the instruction BAAI publishes for `name`, else none and `prompt_stated` False) and the
+        passage prompt (the first of DOCUMENT_PROMPT_NAMES, else none). A prompt passed here overrides the folder's."""
         folder = Path(folder)
         tok_cfg = _read_json(folder / "tokenizer_config.json")
         special = _read_json(folder / "special_tokens_map.json")
@@ -87,10 +93,14 @@ class Tokenizer:
         st_cfg = _read_json(folder / "sentence_bert_config.json")
         if max_length is None:
             max_length = st_cfg.get("max_seq_length") or min(tok_cfg.get("model_max_length", 512), position_limit)
+        prompts = {}
+        if query_prompt is None or passage_prompt is None:
+            prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
         stated = query_prompt
         if stated is None:
-            prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
             stated = prompts.get("query", default_query_prompt(name or str(folder)))
+        if passage_prompt is None:
+            passage_prompt = next((prompts[k] for k in DOCUMENT_PROMPT_NAMES if k in prompts), "")
         pad = special.get("pad_token", tok_cfg.get("pad_token", "[PAD]"))
         pad = pad["content"] if isinstance(pad, dict) else pad
         pad_id = tk.token_to_id(pad)
@@ -98,7 +108,8 @@ class Tokenizer:
             raise UserError(f"{folder}: pad token {pad!r} is not in the vocabulary")
         files = {"tokenizer_config.json": tok_cfg, "special_tokens_map.json": special}
         tokenizer = cls(tk, max_length=min(max_length, position_limit), position_limit=position_limit,
-                        query_prompt=stated or "", pad_id=pad_id, hf_files=files, source=folder)
+                        query_prompt=stated or "", passage_prompt=passage_prompt or "", pad_id=pad_id,
+                        hf_files=files, source=folder)
         tokenizer.prompt_stated = stated is not None
         return tokenizer
 
@@ -111,11 +122,15 @@ class Tokenizer:
         return self._truncating[max_length]
 
     def tokenize(self, texts: list[str], *, max_length: int | None = None, is_query: bool = False,
-                 prompt: str | None = None) -> list[list[int]]:
-        """Token ids with [CLS]/[SEP], truncated to max_length; queries get the instruction prefix."""
+                 is_passage: bool = False, prompt: str | None = None) -> list[list[int]]:
+        """Token ids with [CLS]/[SEP], truncated to max_length; queries get the query prompt, passages the passage
+        prompt (either replaced by `prompt`), other texts (STS sentences, classification rows) none."""
+        if is_query and is_passage:
+            raise ValueError("a text is encoded as a query or as a passage, not both")
         max_length = min(max_length or self.max_length, self.position_limit)
-        if is_query:
-            prefix = self.query_prompt if prompt is None else prompt
+        if is_query or is_passage:
+            own = self.query_prompt if is_query else self.passage_prompt
+            prefix = own if prompt is None else prompt
             texts = [prefix + t for t in texts]
         return [e.ids for e in self._with_truncation(max_length).encode_batch(texts)]
 

@@ -76,7 +76,8 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
     tasks, _ = load_tasks(cfg, run_dir, write=info.main)
     has_val, probe = prepare.check_data(cfg, tasks, run_dir)
 
-    embedder, base_prompt = prepare.load_student(cfg, device, retrieval="retrieval" in tasks)
+    embedder, base_query_prompt, base_passage_prompt = prepare.load_student(cfg, device, retrieval="retrieval" in tasks)
+    base_prompts = base_query_prompt, base_passage_prompt  # the base's own instructions
     model, tokenizer = embedder.model, embedder.tokenizer
     matryoshka_dims = prepare.matryoshka_dims(cfg, model.dim)
     head = prepare.make_head(cfg, tasks, model.dim, device, info)  # --classification-loss head/both
@@ -136,7 +137,7 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
         score = scores["val/score"]
         log({"step": step, **scores})
         if step == 0:  # the base's scores, kept where they are the base's as its users have it
-            trainer["base_val"] = scores if tokenizer.query_prompt == base_prompt else None
+            trainer["base_val"] = scores if (tokenizer.query_prompt, tokenizer.passage_prompt) == base_prompts else None
         if not math.isnan(score) and (trainer["best"] is None or score > trainer["best"]):  # NaN: no ranking
             trainer.update(best=score, best_step=step, stale_evals=0, best_val=trainer["base_val"] if step == 0 else scores)
             with clock("export"):
@@ -149,17 +150,17 @@ def run(cfg: TrainConfig, explicit: set[str], command: str) -> TrainResult:
         return distributed.broadcast(cfg.patience > 0 and trainer["stale_evals"] >= cfg.patience, info)
 
     def export_best(step: int) -> None:
-        """best/; at step 0 the base model as its users have it, with its own query instruction: the untrained model
-        with an instruction it never learnt (`auto`'s `query: `) is neither what they had nor what training made, and
-        on data no step improves (PubMedQA) it tests below the base. Step 0 is validated with the run's instruction
-        all the same: that is where training starts, and the trained steps are judged against it."""
-        run_prompt = tokenizer.query_prompt
+        """best/; at step 0 the base model as its users have it, with its own instructions: the untrained model with
+        an instruction it never learnt (`auto`'s `query: `) is neither what they had nor what training made, and on
+        data no step improves (PubMedQA) it tests below the base. Step 0 is validated with the run's instructions all
+        the same: that is where training starts, and the trained steps are judged against it."""
+        run_prompts = tokenizer.query_prompt, tokenizer.passage_prompt
         if step == 0:
-            tokenizer.query_prompt = base_prompt
+            tokenizer.query_prompt, tokenizer.passage_prompt = base_prompts
         try:
             export(embedder, tasks, run_dir / "best")
         finally:
-            tokenizer.query_prompt = run_prompt
+            tokenizer.query_prompt, tokenizer.passage_prompt = run_prompts
 
     if trainer["step"] == 0 and trainer["best"] is None:
         evaluate_and_keep_best(0)  # the base model is the first candidate for best/

@@ -36,7 +36,7 @@ LEGACY_POOLING_KEYS = {**POOLING_MODES, "max": "pooling_mode_max_tokens",
                        "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
 UNSUPPORTED_POOLING = tuple(k for m, k in LEGACY_POOLING_KEYS.items() if m not in POOLING_MODES)
 BGE_CONFIG = "bge_config.json"  # our own architectures (the BiLSTM); HF ones have config.json
-TOKENIZER_KEYS = ("max_length", "query_prompt")  # kept in bge_config.json next to the architecture
+TOKENIZER_KEYS = ("max_length", "query_prompt", "passage_prompt")  # kept in bge_config.json next to the architecture
 
 
 def hf_names(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
@@ -149,11 +149,12 @@ def read_pooling(folder: Path) -> tuple[str, bool]:
 
 
 def load_model(folder: str | Path, *, name: str = "", max_length: int | None = None,
-               query_prompt: str | None = None) -> tuple[Encoder, Tokenizer]:
+               query_prompt: str | None = None, passage_prompt: str | None = None) -> tuple[Encoder, Tokenizer]:
     """Encoder and tokenizer from a folder holding config.json, model.safetensors and tokenizer files."""
     folder = Path(folder)
     if (folder / BGE_CONFIG).exists():
-        return load_bilstm(folder, name=name, max_length=max_length, query_prompt=query_prompt)
+        return load_bilstm(folder, name=name, max_length=max_length, query_prompt=query_prompt,
+                           passage_prompt=passage_prompt)
     hf = _read_json(folder / "config.json")
     if hf is None:
         raise UserError(f"{folder}: no config.json (is this a model folder?)")
@@ -163,7 +164,7 @@ def load_model(folder: str | Path, *, name: str = "", max_length: int | None = N
         model = Encoder(cfg)
     load_weights(model, read_safetensors(folder), str(folder))
     tokenizer = Tokenizer.from_folder(folder, position_limit=cfg.max_tokens, max_length=max_length,
-                                      query_prompt=query_prompt, name=name)
+                                      query_prompt=query_prompt, passage_prompt=passage_prompt, name=name)
     return model, tokenizer
 
 
@@ -185,8 +186,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 def write_sentence_transformers_files(folder: Path, dim: int, pooling: str, normalize: bool,
-                                      max_length: int, query_prompt: str) -> None:
-    """modules.json and friends. Without modules.json sentence-transformers silently mean-pools."""
+                                      max_length: int, query_prompt: str, passage_prompt: str) -> None:
+    """modules.json and friends. Without modules.json sentence-transformers silently mean-pools; the passage
+    prompt goes under "document", which encode_document applies."""
     modules = [{"idx": 0, "name": "0", "path": "", "type": ST_MODULES + "Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": ST_MODULES + "Pooling"}]
     if normalize:
@@ -198,7 +200,7 @@ def write_sentence_transformers_files(folder: Path, dim: int, pooling: str, norm
     _write_json(folder / "1_Pooling" / "config.json", pool_cfg)
     _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_length, "do_lower_case": False})
     _write_json(folder / "config_sentence_transformers.json",
-                {"prompts": {"query": query_prompt, "document": ""}, "default_prompt_name": None,
+                {"prompts": {"query": query_prompt, "document": passage_prompt}, "default_prompt_name": None,
                  "similarity_fn_name": "cosine"})
 
 
@@ -238,14 +240,14 @@ def save(model: Encoder | BiLSTMEncoder, tokenizer: Tokenizer, folder: str | Pat
         save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp, cfg.flavour)
         write_sentence_transformers_files(tmp, cfg.hidden_size, cfg.pooling, cfg.normalize,
-                                          tokenizer.max_length, tokenizer.query_prompt)
+                                          tokenizer.max_length, tokenizer.query_prompt, tokenizer.passage_prompt)
     replace_folder(tmp, folder)
     return folder
 
 
 # ---- the gated BiLSTM: our own format ---------------------------------------------------------------
 def load_bilstm(folder: Path, *, name: str = "", max_length: int | None = None,
-                query_prompt: str | None = None) -> tuple[BiLSTMEncoder, Tokenizer]:
+                query_prompt: str | None = None, passage_prompt: str | None = None) -> tuple[BiLSTMEncoder, Tokenizer]:
     """A BiLSTM and its tokenizer from a folder written by save_bilstm."""
     where = str(folder / BGE_CONFIG)
     saved = _read_json(folder / BGE_CONFIG)
@@ -273,18 +275,20 @@ def load_bilstm(folder: Path, *, name: str = "", max_length: int | None = None,
     tokenizer = Tokenizer.from_folder(
         folder, position_limit=cfg.max_tokens, name=name,
         max_length=max_length if max_length is not None else saved.get("max_length"),
-        query_prompt=query_prompt if query_prompt is not None else saved.get("query_prompt"))
+        query_prompt=query_prompt if query_prompt is not None else saved.get("query_prompt"),
+        passage_prompt=passage_prompt if passage_prompt is not None else saved.get("passage_prompt"))
     return model, tokenizer
 
 
 def save_bilstm(model: BiLSTMEncoder, tokenizer: Tokenizer, folder: str | Path) -> Path:
-    """bge_config.json (architecture, max length, query prompt), model.safetensors and the tokenizer files.
+    """bge_config.json (architecture, max length, prompts), model.safetensors and the tokenizer files.
     Only bge reads this folder: transformers and sentence-transformers have no such architecture."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     with writing(tmp, folder):
         _write_json(tmp / BGE_CONFIG, {"arch": "bilstm", **model.cfg.to_dict(), "max_length": tokenizer.max_length,
-                                       "query_prompt": tokenizer.query_prompt})
+                                       "query_prompt": tokenizer.query_prompt,
+                                       "passage_prompt": tokenizer.passage_prompt})
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp, "bert")

@@ -121,11 +121,13 @@ def test_flagembedding_types_size_the_group_and_instruct_symmetric_passages(tmp_
     b = make_batch(ex, list(range(6)), group_size=4, seed=0, epoch=0)
     sizes = Counter(b.owner.tolist())
     assert [sizes[i] for i in range(6)] == [2, 2, 4, 4, 4, 4]  # normal lines repeat their negatives, as FlagEmbedding
-    texts = b.passage_texts("Q: ")
+    texts = b.passage_texts("Q: ", "P: ")
     by_owner = lambda i: [t for t, o in zip(texts, b.owner.tolist()) if o == i]
     assert all(t.startswith("Same meaning: ") for t in by_owner(3)) and all(t.startswith("Q: ") for t in by_owner(4))
-    assert not any(t.startswith(("Q: ", "Same meaning: ")) for i in (0, 1, 2, 5) for t in by_owner(i))
+    assert all(t.startswith("P: ") and t.count(": ") == 1 for i in (0, 1, 2, 5) for t in by_owner(i))  # the passage one
     assert b.query_texts("Q: ")[3] == "Same meaning: q3" and b.passages == [t.split(": ")[-1] for t in texts]
+    plain = make_batch(ex, [0, 2, 5], group_size=4, seed=0, epoch=0)  # no symmetric line
+    assert plain.passage_texts("Q: ", "P: ") == ["P: " + t for t in plain.passages]
 
 
 def test_each_query_draws_one_of_its_positives_by_seed_epoch_and_index():

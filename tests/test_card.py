@@ -91,21 +91,27 @@ def test_a_card_written_before_the_end_says_so_and_a_run_without_test_set(tmp_pa
     assert "no held-out test set" in text and "had not finished" not in text
 
 
-@pytest.mark.parametrize("pooling, prompt", [("cls", "Represent this sentence: "), ("mean", "")])
-def test_usage_snippets_embed_as_bge_does(tmp_path, minilm_dir, pooling: str, prompt: str) -> None:
+@pytest.mark.parametrize("pooling, prompt, passage_prompt", [("cls", "Represent this sentence: ", ""),
+                                                             ("mean", "", "passage: ")])
+def test_usage_snippets_embed_as_bge_does(tmp_path, minilm_dir, pooling: str, prompt: str, passage_prompt: str) -> None:
     """The card's sentence-transformers and transformers snippets, run as written, give bge's embeddings."""
     base = make_tiny_model(tmp_path / "base", minilm_dir, pooling=pooling)
-    embedder = Embedder.load(str(base), device="cpu", query_prompt=prompt)
+    embedder = Embedder.load(str(base), device="cpu", query_prompt=prompt, passage_prompt=passage_prompt)
     folder = embedder.save(tmp_path / "export")
     text = (folder / "README.md").read_text().replace(card.MODEL_ID, str(folder))
+    said = ("Queries take the instruction `Represent this sentence: `; passages none." if prompt else
+            "Queries take no instruction; passages `passage: `.")
+    assert said in text
     blocks = dict(re.findall(r"### ([\w-]+)\n\n```python\n(.*?)```", text, re.S))
     assert set(blocks) == {"bge", "sentence-transformers", "transformers"}
-    query = "how do I stop my disc brakes squealing?"
+    query, passage = "how do I stop my disc brakes squealing?", "Squealing discs are usually contaminated pads."
     expected = embedder.encode([query], is_query=True)
+    expected_passage = embedder.encode([passage], is_passage=True)
     for lib in ("bge", "sentence-transformers"):
         scope: dict = {}
         exec(blocks[lib], scope)
         np.testing.assert_allclose(np.asarray(scope["q"]), expected, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(scope["d"]), expected_passage, atol=1e-5)
     scope = {}
     exec(blocks["transformers"], scope)
     np.testing.assert_allclose(scope["emb"].numpy(), expected, atol=1e-5)

@@ -101,6 +101,42 @@ def test_preload_takes_the_corpus_from_the_evaluation_cache(tmp_path, tiny_model
     assert other.preload(corpus, CorpusCache(tmp_path / "c")) == 0 and len(calls) == 1  # another length: encoded
 
 
+def test_the_teacher_embeds_passages_with_its_passage_instruction_and_preloads_them_so(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    from bge.batching import make_batch
+
+    model = load(str(tiny_model_dir), device="cpu", passage_prompt="passage: ")
+    corpus = {f"d{i}": f"passage number {i} says something about chains" for i in range(5)}
+    teacher = Teacher(model, max_query_length=16, max_passage_length=32)
+    teacher.preload(corpus, CorpusCache(None))
+    calls = []
+    real = Embedder.encode
+    monkeypatch.setattr(Embedder, "encode", lambda self, t, **kw: calls.append(list(t)) or real(self, t, **kw))
+    batch = make_batch([Example(f"q{i}", [t]) for i, t in enumerate(corpus.values())], list(range(5)), group_size=1,
+                       seed=0, epoch=0)
+    got = teacher.embed(batch, torch.device("cpu"))["p"]
+    assert calls == [batch.query_texts(model.tokenizer.query_prompt)]  # every passage was preloaded, prefixed
+    expected = real(model, ["passage: " + t for t in batch.passages], max_length=32, as_numpy=False)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_the_stage_gives_its_passages_the_passage_instruction(tmp_path, minilm_dir):
+    # the student's passages take its passage instruction, the teacher's take the teacher's own: a student that is
+    # the teacher embeds every held-out text exactly as the teacher does (mean pooling: a random model's CLS
+    # embedding barely tells a prefixed text from a bare one)
+    folder = make_tiny_model(tmp_path / "model", minilm_dir, pooling="mean")
+    model = load(str(folder), device="cpu", passage_prompt="Doc: ")
+    cfg = TrainConfig(seed=1, batch_size=4)
+    queries = [Example(f"query {i}", [f"passage {i} is about chains"]) for i in range(4)]
+    stage = CorpusTask([], queries, [], cfg)
+    stage.val = queries
+    stage.teacher = Teacher(model, max_query_length=cfg.max_query_length, max_passage_length=cfg.max_passage_length)
+    inputs, _ = stage.micro_batch(list(range(4)), 0, model.tokenizer, torch.device("cpu"))
+    decoded = {k: [model.tokenizer.tk.decode(ids, skip_special_tokens=True) for ids in v] for k, v in inputs.items()}
+    assert all(p.startswith("doc : passage") for p in decoded["p"]) and all(q.startswith("query") for q in decoded["q"])
+    assert stage.validate(model, False)["cosine"] > 1 - 1e-5
+
+
 def test_the_stage_comes_first_then_the_labelled_epochs_as_without_it(tmp_path):
     cfg = TrainConfig(seed=3)
     queries = [Example(f"query {i}", [f"passage {i}"]) for i in range(10)]

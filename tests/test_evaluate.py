@@ -2,6 +2,7 @@
 cache, query instructions, identical-id skipping, data detection and the CLI's output and errors."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import torch
 
 from bge import Embedder, UserError, malloc
 from bge.data import DataError, RetrievalData, STSData, load_beir, load_eval_data, load_sts
-from bge.evaluation import CorpusCache, encode_corpus, evaluate_retrieval, evaluate_sts, search
+from bge.evaluation import (CACHE_FORMAT, CorpusCache, corpus_hash, effective_max_length, encode_corpus,
+                            encode_precision, evaluate_retrieval, evaluate_sts, search)
 from bge.model import Encoder, ModelConfig
 from bge.tokenizer import Tokenizer
 from bge.weights import save
@@ -271,6 +273,28 @@ def test_query_prompt_reaches_queries_only(tiny, monkeypatch):
     assert queries == set(data.queries.values())
 
 
+def test_passage_prompt_reaches_every_passage_and_keys_the_cache(tiny, tmp_path):
+    """encode_corpus embeds the passages with the model's passage instruction; the cache never hands back what another
+    instruction made, and without one the key is the one cached files had before passage instructions existed."""
+    corpus, cache = toy_data().corpus, tmp_path / "cache"
+    ids, texts = list(corpus), list(corpus.values())
+    bare = encode_corpus(tiny, corpus, cache_dir=cache)
+    old = {"format": CACHE_FORMAT, "model": tiny.fingerprint(), "max_length": effective_max_length(tiny, None),
+           "precision": encode_precision(tiny, False), "corpus": corpus_hash(ids, texts)}
+    assert bare.cache_file.stem == hashlib.blake2b(json.dumps(old, sort_keys=True).encode(), digest_size=16).hexdigest()
+    tiny.tokenizer.passage_prompt = "passage: "
+    first = encode_corpus(tiny, corpus, cache_dir=cache)
+    assert first.n_encoded == 40 and (first.emb - bare.emb).abs().max() > 1e-3
+    assert torch.allclose(first.emb, torch.from_numpy(tiny.encode(["passage: " + t for t in texts])), atol=1e-6)
+    tiny.tokenizer.passage_prompt = "search_document: "
+    other = encode_corpus(tiny, corpus, cache_dir=cache)
+    assert other.n_encoded == 40 and (other.emb - first.emb).abs().max() > 1e-3
+    tiny.tokenizer.passage_prompt = "passage: "
+    again = encode_corpus(tiny, corpus, cache_dir=cache)
+    assert again.n_cached == 40 and torch.equal(again.emb, first.emb)
+    assert len(list(cache.glob("*.safetensors"))) == 3
+
+
 def test_per_line_prompts_from_a_training_file(tiny, monkeypatch):
     data = load_eval_data(FIXTURES / "flagembedding" / "only_1neg.jsonl")
     assert isinstance(data, RetrievalData) and data.prompts
@@ -377,6 +401,11 @@ def test_cli_two_models_one_table_and_json(tiny_dirs, tmp_path):
     r = run_cli("--model", a, "--data", data, "--cache-dir", cache, "--out", out)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["models"][0]["n_encoded"] == 0 and "cached" in r.stdout
+    # unless the passages take an instruction: then they are encoded with it
+    r = run_cli("--model", a, "--data", data, "--cache-dir", cache, "--out", out, "--passage-prompt", "P: ")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["models"][0]
+    assert row["n_encoded"] == 16 and row["passage_prompt"] == "P: "
 
 
 def test_cli_sts(tiny_dirs, tmp_path):

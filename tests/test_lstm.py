@@ -213,15 +213,18 @@ def test_from_encoder_copies_the_word_embeddings():
 
 def test_save_load_round_trip(tok, tmp_path):
     model = tiny(seed=3)
-    tok2 = Tokenizer.from_folder(tok.source, position_limit=512, max_length=100, query_prompt="query: ")
+    tok2 = Tokenizer.from_folder(tok.source, position_limit=512, max_length=100, query_prompt="query: ",
+                                 passage_prompt="passage: ")
     emb = Embedder(model, tok2, device="cpu")
     folder = emb.save(tmp_path / "lstm")
     assert not (folder / "config.json").exists()  # nothing that transformers would mistake for its own
     saved = json.loads((folder / "bge_config.json").read_text())
     assert saved["arch"] == "bilstm" and saved["max_length"] == 100 and saved["query_prompt"] == "query: "
+    assert saved["passage_prompt"] == "passage: "
     back = load(str(folder), device="cpu")
     assert isinstance(back.model, BiLSTMEncoder) and back.model.cfg == model.cfg
     assert back.tokenizer.max_length == 100 and back.tokenizer.query_prompt == "query: "
+    assert back.tokenizer.passage_prompt == "passage: "
     assert back.fingerprint() == emb.fingerprint()
     back.model.set_dropout(0.3)  # a training-only rate: the same embeddings, so the same fingerprint
     assert back.model.cfg.dropout == 0.3 != model.cfg.dropout and back.fingerprint() == emb.fingerprint()

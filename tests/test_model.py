@@ -99,26 +99,30 @@ def test_tiny_random_models_match_transformers(flavour, tmp_path):
         assert cfg.max_tokens == 8192
 
 
-@pytest.mark.parametrize("pooling,prompt", [("mean", ""), ("cls", QUERY_PROMPTS["en"])])
-def test_export_round_trip(minilm, tmp_path, pooling, prompt):
+@pytest.mark.parametrize("pooling,prompt,passage_prompt", [("mean", "", ""), ("cls", QUERY_PROMPTS["en"], "passage: ")])
+def test_export_round_trip(minilm, tmp_path, pooling, prompt, passage_prompt):
     model, tok = minilm
     model.eval()  # the comparison with transformers below calls the model directly: no dropout
-    model.cfg.pooling, tok.query_prompt = pooling, prompt
+    model.cfg.pooling, tok.query_prompt, tok.passage_prompt = pooling, prompt, passage_prompt
     try:
         emb = Embedder(model, tok, device="cpu")
         emb.save(tmp_path / "out")
         ours_q = torch.from_numpy(emb.encode(TEXTS, is_query=True))
+        ours_p = torch.from_numpy(emb.encode(TEXTS, is_passage=True))
         ours_d = torch.from_numpy(emb.encode(TEXTS))
     finally:
-        model.cfg.pooling, tok.query_prompt = "mean", ""
+        model.cfg.pooling, tok.query_prompt, tok.passage_prompt = "mean", "", ""
     out = tmp_path / "out"
     st = SentenceTransformer(str(out), device="cpu")
     theirs_d = torch.from_numpy(st.encode(TEXTS))
     theirs_q = torch.from_numpy(st.encode(TEXTS, prompt_name="query") if prompt else st.encode(TEXTS))
+    theirs_p = torch.from_numpy(st.encode_document(TEXTS))  # the first of "document", "passage", "corpus"
     assert F.cosine_similarity(ours_d, theirs_d).min() >= 0.99999
     assert F.cosine_similarity(ours_q, theirs_q).min() >= 0.99999
-    if prompt:  # the instruction really changed the query embeddings
+    assert F.cosine_similarity(ours_p, theirs_p).min() >= 0.99999
+    if prompt:  # the instructions really changed the query and passage embeddings
         assert F.cosine_similarity(ours_q, ours_d).min() < 0.999
+        assert F.cosine_similarity(ours_p, ours_d).min() < 0.999
     # transformers: same token states, and the pooler we never trained is carried through
     ids, mask = tok(TEXTS)
     with torch.no_grad():
@@ -128,6 +132,7 @@ def test_export_round_trip(minilm, tmp_path, pooling, prompt):
     # and our loader reads its own export back with the same pooling and prompt
     again = Embedder.load(str(out), device="cpu")
     assert again.model.cfg.pooling == pooling and again.tokenizer.query_prompt == prompt
+    assert again.tokenizer.passage_prompt == passage_prompt
     assert torch.allclose(torch.from_numpy(again.encode(TEXTS, is_query=True)), ours_q, atol=1e-6)
 
 
@@ -249,6 +254,36 @@ def test_tokenizer_padding_truncation_and_prompt(minilm):
     assert default_query_prompt("BAAI/bge-small-en-v1.5") == QUERY_PROMPTS["en"]
     assert default_query_prompt("BAAI--bge-large-zh-v1.5/main") == QUERY_PROMPTS["zh"]
     assert default_query_prompt("BAAI/bge-m3") == "" and default_query_prompt("all-MiniLM-L6-v2") is None
+
+
+@pytest.mark.parametrize("prompts, passage_prompt", [
+    ({"query": "q: ", "corpus": "c: ", "passage": "p: ", "document": "d: "}, "d: "),  # encode_document's order
+    ({"query": "q: ", "corpus": "c: ", "passage": "p: "}, "p: "),  # E5's name
+    ({"corpus": "c: "}, "c: "),
+    ({"query": "q: "}, ""),  # a query instruction alone: passages bare
+    (None, ""),
+])
+def test_passage_prompt_is_the_folders_document_prompt_and_reaches_passages_only(tiny_model_dir, tmp_path, prompts,
+                                                                                passage_prompt):
+    import shutil
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    st = {"prompts": prompts} if prompts is not None else {}
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(st))
+    tok = Tokenizer.from_folder(folder, position_limit=512)
+    assert tok.passage_prompt == passage_prompt
+    assert Tokenizer.from_folder(folder, position_limit=512, passage_prompt="x: ").passage_prompt == "x: "
+    assert Embedder.load(str(folder), device="cpu", passage_prompt="").tokenizer.passage_prompt == ""
+    tok.query_prompt, tok.passage_prompt = "question: ", "passage: "
+    bare = lambda prefix: tok.tokenize([prefix + "bike"])
+    assert tok.tokenize(["bike"], is_passage=True) == bare("passage: ")
+    assert tok.tokenize(["bike"], is_query=True) == bare("question: ")  # never both
+    assert tok.tokenize(["bike"]) == bare("")  # STS sentences and classification rows: none
+    assert tok.tokenize(["bike"], is_passage=True, prompt="") == bare("")
+    with pytest.raises(ValueError, match="not both"):
+        tok.tokenize(["bike"], is_query=True, is_passage=True)
+    embedder = Embedder.load(str(folder), device="cpu", passage_prompt="passage: ")
+    assert (embedder.encode(["bike"], is_passage=True) == embedder.encode(["passage: bike"])).all()
 
 
 def test_encode_keeps_input_order_and_batch_size_does_not_matter(minilm_dir):

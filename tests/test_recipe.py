@@ -230,6 +230,9 @@ def test_mined_negatives_are_never_positives_cached_and_share_the_base_encoding(
     train.main([*common, "--run-name", "lexical", "--mine-with", "bm25"])
     assert calls == ["model", "model", "bm25"] and len(list((tmp_path / "cache").glob("mined-*.json"))) == 3
     assert "ranked by BM25, filtered by the base model" in " ".join(capsys.readouterr().err.split())
+    # a passage instruction changes how the base encodes the corpus
+    train.main([*common, "--run-name", "passages", "--passage-prompt", "passage: "])
+    assert calls == ["model", "model", "bm25", "model"] and len(list((tmp_path / "cache").glob("mined-*.json"))) == 4
     with pytest.raises(UserError, match="--mine-range"):
         train.main([*common, "--run-name", "c", "--mine-range", "20-10"])
 

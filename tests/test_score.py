@@ -36,6 +36,18 @@ def test_scores_are_the_teachers_cosines_and_other_fields_stay(minilm_dir, tmp_p
     assert lines[2]["pos_scores"] != [9.0, 9.0] and "3linesscored" in squash(capsys.readouterr().err)
 
 
+def test_passage_prompt_reaches_the_teachers_passages(minilm_dir, tmp_path):
+    data, out = tmp_path / "train.jsonl", tmp_path / "scored.jsonl"
+    data.write_text(json.dumps(ROWS[0]) + "\n")
+    main(["--teacher", str(minilm_dir), "--data", str(data), "--out", str(out), "--no-cache",
+          "--passage-prompt", "passage: "])
+    line = json.loads(out.read_text())
+    teacher = Embedder.load(str(minilm_dir), device="cpu")
+    q = teacher.encode([ROWS[0]["query"]], is_query=True)[0]
+    expected = teacher.encode(["passage: " + t for t in ROWS[0]["pos"] + ROWS[0]["neg"]]) @ q
+    assert np.allclose(line["pos_scores"] + line["neg_scores"], expected, atol=1e-5)
+
+
 def test_bad_lines_fail_before_the_teacher_loads(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"query": "q"}\n')

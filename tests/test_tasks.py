@@ -407,8 +407,9 @@ def test_retrieval_batches_follow_flagembedding_types(tiny_model_dir, tmp_path):
     cfg, _ = parse_args(["--data", str(data), "--val-ratio", "0", "--test-ratio", "0", "--group-size", "4"])
     task = load_tasks(cfg, tmp_path)[0]["retrieval"]
     assert any("4 only_1neg, 4 symmetric_sts line(s)" in n for n in task.notes)
-    tok = Embedder.load(str(tiny_model_dir), device="cpu").tokenizer
+    tok = Embedder.load(str(tiny_model_dir), device="cpu", passage_prompt="Doc: ").tokenizer
     inputs, _ = task.micro_batch(list(range(8)), 0, tok, torch.device("cpu"))
     passages = [tok.tk.decode(ids, skip_special_tokens=True) for ids in inputs["p"]]
     assert len(passages) == 4 * 4 + 4 * 2  # symmetric_sts: group of 4; only_1neg: its positive and one negative
     assert sum(p.startswith("alike :") for p in passages) == 16  # the instruction on the symmetric lines' passages
+    assert sum(p.startswith("doc :") for p in passages) == 8  # the passage instruction on the others' only

@@ -368,8 +368,24 @@ def test_auto_query_prompt_is_the_models_own_or_e5s_prefix(tiny_model_dir, tmp_p
         st = folder / "config_sentence_transformers.json"
         st.write_text(json.dumps({"prompts": {"query": stated}}))
     cfg = TrainConfig(data="unused.jsonl", model=str(folder), query_prompt=flag, arch=arch)
-    embedder, own = prepare.load_student(cfg, torch.device("cpu"), retrieval=retrieval)
+    embedder, own, _ = prepare.load_student(cfg, torch.device("cpu"), retrieval=retrieval)
     assert (embedder.tokenizer.query_prompt, own) == (trained_with, stated or "")
+
+
+@pytest.mark.parametrize("flag, prompts, own, trained_with", [
+    ("auto", {}, "", ""),  # most models (BGE, all-MiniLM-L6-v2) state none: passages stay bare
+    ("auto", {"passage": "passage: "}, "passage: ", "passage: "),  # a model's own (E5's) is kept
+    ("", {"document": "search_document: "}, "search_document: ", ""),  # the flag wins
+    ("passage: ", {"document": "search_document: "}, "search_document: ", "passage: "),
+])
+def test_auto_passage_prompt_is_the_models_own(tiny_model_dir, tmp_path, flag, prompts, own, trained_with):
+    from bge import TrainConfig, prepare
+
+    folder = unstated(tiny_model_dir, tmp_path / "model")
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts}))
+    cfg = TrainConfig(data="unused.jsonl", model=str(folder), passage_prompt=flag)
+    embedder, _, base_own = prepare.load_student(cfg, torch.device("cpu"), retrieval=True)
+    assert (embedder.tokenizer.passage_prompt, base_own) == (trained_with, own)
 
 
 def test_best_at_step_0_is_the_base_with_its_own_instruction(data, tiny_model_dir, tmp_path, monkeypatch):
@@ -387,16 +403,44 @@ def test_best_at_step_0_is_the_base_with_its_own_instruction(data, tiny_model_di
 
     monkeypatch.setattr(task_types, "validation_scores", validation_scores)
     folder = unstated(tiny_model_dir, tmp_path / "model")
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"passage": "own: "}}))
     train.main(args(data, folder, tmp_path, "--max-steps", "2", "--eval-every", "1", "--explain", "0",
-                    "--run-name", "r", "--general-probe", str(EXAMPLE)))  # a probe whose queries take the instruction
+                    "--run-name", "r", "--general-probe", str(EXAMPLE),  # a probe whose queries take the instruction
+                    "--passage-prompt", "passage: "))
     assert seen == ["query: ", "query: ", "query: "]
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["best_step"] == 0 and results["fine_tuned"] == results["base"]
-    assert "base_query_prompt" not in results  # best/ and the base take the same (no) instruction
+    assert "base_query_prompt" not in results and "base_passage_prompt" not in results  # best/ is the base
     st = json.loads((tmp_path / "r" / "best" / "config_sentence_transformers.json").read_text())
-    assert st["prompts"]["query"] == ""
+    assert st["prompts"] == {"query": "", "document": "own: "}
     st = json.loads((tmp_path / "r" / "final" / "config_sentence_transformers.json").read_text())
-    assert st["prompts"]["query"] == "query: "
+    assert st["prompts"] == {"query": "query: ", "document": "passage: "}
+
+
+def test_passage_prompt_is_trained_and_exported_while_the_base_keeps_its_own(data, tiny_model_dir, tmp_path,
+                                                                            monkeypatch):
+    # best/ and final/ say "document": the run's passage instruction, which sentence-transformers' encode_document
+    # applies; every validation takes it (step 0 is where training starts); the base's test row is the base as its
+    # users have it, with its own (E5's "passage")
+    from bge import tasks as task_types
+
+    real, seen = task_types.validation_scores, []
+
+    def validation_scores(tasks, embedder, cpu_bf16, probe):
+        seen.append(embedder.tokenizer.passage_prompt)
+        return {**real(tasks, embedder, cpu_bf16, probe), "val/score": float(len(seen))}  # the last step wins
+
+    monkeypatch.setattr(task_types, "validation_scores", validation_scores)
+    folder = unstated(tiny_model_dir, tmp_path / "model")
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "", "passage": "own: "}}))
+    train.main(args(data, folder, tmp_path, "--max-steps", "2", "--eval-every", "1", "--explain", "0",
+                    "--run-name", "r", "--passage-prompt", "passage: "))
+    assert seen == ["passage: ", "passage: ", "passage: "]
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["best_step"] == 2 and results["base_passage_prompt"] == "own: " and "base_query_prompt" not in results
+    for role in ("best", "final"):
+        st = json.loads((tmp_path / "r" / role / "config_sentence_transformers.json").read_text())
+        assert st["prompts"] == {"query": "", "document": "passage: "}
 
 
 def tiny_config(data, model, out, **kw):

@@ -93,12 +93,9 @@ class Tokenizer:
         st_cfg = _read_json(folder / "sentence_bert_config.json")
         if max_length is None:
             max_length = st_cfg.get("max_seq_length") or min(tok_cfg.get("model_max_length", 512), position_limit)
-        prompts = {}
-        if query_prompt is None or passage_prompt is None:
-            prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
-        stated = query_prompt
-        if stated is None:
-            stated = prompts.get("query", default_query_prompt(name or str(folder)))
+        prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
+        stated = query_prompt if query_prompt is not None else prompts.get("query",
+                                                                            default_query_prompt(name or str(folder)))
         if passage_prompt is None:
             passage_prompt = next((prompts[k] for k in DOCUMENT_PROMPT_NAMES if k in prompts), "")
         pad = special.get("pad_token", tok_cfg.get("pad_token", "[PAD]"))
